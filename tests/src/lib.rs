@@ -1,0 +1,1 @@
+//! Cross-crate test support: helpers shared by the merge conformance and story tests.
