@@ -68,19 +68,21 @@ pub fn validate(
             }
         }
     }
-    let snapshot = Snapshot::read(&Reader::new(after, None)).map_err(not_an_order)?;
-    if author.role == Role::Device && snapshot.header.store != author.store {
-        return Err(PolicyViolation::ForeignStore);
-    }
+    let header = Header::read(&Reader::new(after, None)).map_err(not_an_order)?;
     if !before.get_heads().is_empty() {
         let old = Header::read(&Reader::new(before, None)).map_err(not_an_order)?;
-        if old != snapshot.header {
+        if old != header {
             return Err(PolicyViolation::ImmutableField("header".into()));
         }
     }
-    for change in &new_changes {
-        check_change(after, change, author, &snapshot)?;
+    if author.role == Role::Device && header.store != author.store {
+        return Err(PolicyViolation::ForeignStore);
     }
+    for change in &new_changes {
+        check_change(after, change, author, &header)?;
+    }
+    // Structure and types of the merged result, with the parser the view uses.
+    Snapshot::read(&Reader::new(after, None)).map_err(not_an_order)?;
     Ok(new_changes.len())
 }
 
@@ -113,7 +115,7 @@ fn check_change(
     after: &Automerge,
     change: &Change,
     author: &Author,
-    now: &Snapshot,
+    header: &Header,
 ) -> Result<(), PolicyViolation> {
     let deps = change.deps();
     let hash: ChangeHash = change.hash();
@@ -233,8 +235,9 @@ fn check_change(
             [keys::PAYMENTS, pid, rest @ ..] => {
                 let fresh = !seen.has(&[keys::PAYMENTS, pid])?;
                 match rest {
-                    [] if fresh => check_new_payment(&after_change, pid, now, &me, device_role)?,
+                    [] if fresh => check_new_payment(&after_change, pid, header, &me, device_role)?,
                     [] => return Err(PolicyViolation::EntryRewritten(path.join("."))),
+                    [keys::TRANSITIONS] if fresh => {}
                     [keys::TRANSITIONS, tid, ..] => {
                         let tpath = [keys::PAYMENTS, *pid, keys::TRANSITIONS, *tid];
                         if seen.has(&tpath)? {
@@ -288,7 +291,10 @@ fn check_change(
 fn deleted(path: &[String]) -> PolicyViolation {
     match path.first().map(String::as_str) {
         Some(keys::STATUS) => PolicyViolation::StatusRewritten(path.join(".")),
-        Some(k) if is_root_header(k) || is_root_container(k) || k == keys::NUMBER => {
+        Some(k)
+            if path.len() == 1
+                && (is_root_header(k) || is_root_container(k) || k == keys::NUMBER) =>
+        {
             PolicyViolation::ImmutableField(path.join("."))
         }
         _ => PolicyViolation::EntryRewritten(path.join(".")),
@@ -457,7 +463,7 @@ fn transition_state(
 fn check_new_payment(
     r: &Reader<'_>,
     pid: &str,
-    now: &Snapshot,
+    header: &Header,
     me: &str,
     device_role: bool,
 ) -> Result<(), PolicyViolation> {
@@ -477,7 +483,7 @@ fn check_new_payment(
         }
     }
     match r.opt_scalar(&obj, keys::CURRENCY).map_err(not_an_order)? {
-        Some(ScalarValue::Str(c)) if c.as_str() == now.header.currency.code() => {}
+        Some(ScalarValue::Str(c)) if c.as_str() == header.currency.code() => {}
         Some(ScalarValue::Str(c)) => return Err(PolicyViolation::InvalidCurrency(c.to_string())),
         _ => {
             return Err(PolicyViolation::WrongType {

@@ -137,13 +137,11 @@ impl StatusEntry {
         (self.status.class(), self.clock, self.id)
     }
 
-    /// The lattice join of two entries: the higher-ranked one.
+    /// The lattice join of two entries: the greater under [`Ord`] (rank, then status name, so
+    /// even two entries sharing an id, which honest writers never produce, join the same way on
+    /// every replica).
     pub fn join(self, other: Self) -> Self {
-        if other.rank() > self.rank() {
-            other
-        } else {
-            self
-        }
+        self.max(other)
     }
 }
 

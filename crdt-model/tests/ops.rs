@@ -1,4 +1,5 @@
 //! Local operations on one order: what a cashier can and cannot do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
