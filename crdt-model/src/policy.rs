@@ -170,7 +170,8 @@ fn check_change(
         let is_increment = matches!(patch.action, PatchAction::Increment { .. });
         if let Some(status) = seen.closed {
             let allowed = match p.as_slice() {
-                [keys::NUMBER] => !device_role,
+                // Judged below: only the relay, only once.
+                [keys::NUMBER] => true,
                 [keys::ACKS, ..] => true,
                 [keys::PAYMENTS, _pid, keys::TRANSITIONS, tid, ..] => {
                     let st = transition_state(&after_change, &p[..4])?;

@@ -88,7 +88,7 @@ pub struct PaymentView {
 /// Derived money figures, minor units of the order's currency. Never stored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
-    /// Sum of counted lines (for a closed order: as closed; late lines excluded).
+    /// Sum of counted lines (for a closed order: as closed; late lines excluded; 0 once Deleted).
     pub total: i64,
     /// Sum of captured payments (not refunded).
     pub paid: i64,
@@ -478,7 +478,13 @@ pub(crate) fn build(doc: &Automerge) -> Result<OrderView, ModelError> {
     }
     conflicts.sort_by(|a, b| a.subject.cmp(&b.subject));
 
-    let total = clamp(total);
+    // A deleted order owes nothing: its lines are listed but not charged, and any captured
+    // money shows as change due (to refund).
+    let total = if top.status == OrderStatus::Deleted {
+        0
+    } else {
+        clamp(total)
+    };
     let paid = clamp(paid);
     Ok(OrderView {
         id: now.header.id.to_string(),
