@@ -54,7 +54,9 @@ pub use ids::{
     Timestamp,
 };
 pub use money::{Currency, Money};
-pub use order::{FinalPayment, LineDraft, NewOrder, Order, PaymentDraft, Writer, device_of_actor};
+pub use order::{
+    CloseRelation, FinalPayment, LineDraft, NewOrder, Order, PaymentDraft, Writer, device_of_actor,
+};
 pub use payment::{PaymentKind, PaymentState};
 pub use policy::{Author, Role, validate};
 pub use status::{ActiveStatus, OrderStatus, StatusEntry, StatusLattice};

@@ -5,7 +5,7 @@
 //! keys they mean to change (no whole-struct reconcile), and entries go under fresh unique keys.
 
 use automerge::{
-    ActorId, Automerge, Change, ChangeHash, ObjId, ObjType, ROOT, ScalarValue,
+    ActorId, Automerge, Change, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue,
     transaction::{CommitOptions, Transactable, Transaction},
 };
 
@@ -61,6 +61,21 @@ pub fn device_of_actor(actor: &ActorId) -> Option<DeviceId> {
     }
     let id: [u8; 16] = bytes[..16].try_into().ok()?;
     Some(DeviceId(uuid::Uuid::from_bytes(id)))
+}
+
+/// Where a change stands relative to the change that closed the order (the winning
+/// Done/Deleted entry), from the change graph alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseRelation {
+    /// In the causal past of the close: part of the order as closed.
+    Before,
+    /// The change that wrote the winning terminal entry.
+    IsTheClose,
+    /// Neither before nor after: made without knowing of the close. Kept, flagged as late.
+    Concurrent,
+    /// Made by an author who had seen the order closed: only voids, refunds, acknowledgements
+    /// and the relay's number are allowed here.
+    After,
 }
 
 /// What a new order starts with.
@@ -242,6 +257,41 @@ impl Order {
     pub fn status(&self) -> Result<OrderStatus, ModelError> {
         let log = schema::read_status_log(&Reader::new(&self.doc, None), &self.roots.status)?;
         Ok(schema::lattice(&log).status())
+    }
+
+    /// How the change `hash` relates to the order's close, read from the change graph:
+    /// `None` while the order is open or if the change is unknown.
+    pub fn change_vs_close(&self, hash: &ChangeHash) -> Result<Option<CloseRelation>, ModelError> {
+        let log = schema::read_status_log(&Reader::new(&self.doc, None), &self.roots.status)?;
+        let Some((_, close)) = view::close_of(&self.doc, &log) else {
+            return Ok(None);
+        };
+        let Some(change) = self.doc.get_change_by_hash(hash) else {
+            return Ok(None);
+        };
+        if *hash == close {
+            return Ok(Some(CloseRelation::IsTheClose));
+        }
+        // Before: in the causal past of the close.
+        if self
+            .doc
+            .get_changes(std::slice::from_ref(&close))
+            .iter()
+            .all(|c| c.hash() != *hash)
+        {
+            return Ok(Some(CloseRelation::Before));
+        }
+        // After: its author had seen a terminal status.
+        let r = Reader::new(&self.doc, Some(change.deps()));
+        let seen = match Roots::read(&r) {
+            Ok(roots) => schema::lattice(&schema::read_status_log(&r, &roots.status)?),
+            Err(_) => return Ok(Some(CloseRelation::Concurrent)),
+        };
+        Ok(Some(if seen.is_terminal() {
+            CloseRelation::After
+        } else {
+            CloseRelation::Concurrent
+        }))
     }
 
     /// The hydrated read-only view with totals, late edits and conflicts.

@@ -149,3 +149,50 @@ fn edits_write_only_the_ops_they_mean() {
     o.set_note(at, lines[9], "no ice").unwrap();
     assert_eq!(ops_of_last(&o), 1);
 }
+
+/// The change graph tells a change made after seeing the close from one made concurrently.
+#[test]
+fn changes_are_classified_against_the_close() {
+    let mut a = Term::new(1);
+    let mut b = Term::new(2);
+    let mut oa = a.create();
+    let first = oa.heads()[0];
+    let mut ob = b.replica(&oa);
+    let at = a.tick();
+    let cash = PaymentDraft {
+        kind: PaymentKind::Cash,
+        amount: 1,
+        reference: String::new(),
+    };
+    let p = oa
+        .complete_sale(at, &mut a.rng, Some(FinalPayment::New(cash)))
+        .unwrap()
+        .unwrap();
+    let close = oa.heads()[0];
+    let at = a.tick();
+    oa.refund_payment(at, &mut a.rng, p).unwrap();
+    let after = oa.heads()[0];
+    b.add_line(&mut ob, "Late", 100, 1);
+    let concurrent = ob.heads()[0];
+    sync(&mut oa, &mut ob);
+    assert_eq!(
+        oa.change_vs_close(&first).unwrap(),
+        Some(CloseRelation::Before)
+    );
+    assert_eq!(
+        oa.change_vs_close(&close).unwrap(),
+        Some(CloseRelation::IsTheClose)
+    );
+    assert_eq!(
+        oa.change_vs_close(&after).unwrap(),
+        Some(CloseRelation::After)
+    );
+    assert_eq!(
+        oa.change_vs_close(&concurrent).unwrap(),
+        Some(CloseRelation::Concurrent)
+    );
+    assert_eq!(
+        ob.change_vs_close(&concurrent).unwrap(),
+        Some(CloseRelation::Concurrent)
+    );
+}
