@@ -101,6 +101,9 @@ pub enum ModelError {
     /// The relay's policy refused a change.
     #[error(transparent)]
     Policy(#[from] PolicyViolation),
+    /// A protocol frame did not decode.
+    #[error("malformed frame: {0}")]
+    Frame(String),
     /// Encoding or decoding JSON failed.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),

@@ -47,6 +47,7 @@ pub mod policy;
 pub mod schema;
 pub mod status;
 pub mod view;
+pub mod wire;
 
 pub use error::{ModelError, PolicyViolation};
 pub use ids::{

@@ -1,6 +1,25 @@
-//! `relay-server`: the WebSocket relay that validates, persists and fans out orders.
+//! `relay-server`: the WebSocket relay that validates, persists and fans out orders — the single
+//! source of truth.
 //!
-//! Not built yet (see issue 3). It depends on [`crdt_model`] only.
+//! # Layout
+//! * [`store`]: redb persistence (orders as snapshot + change tail, numbers, feed, devices).
+//! * [`hub`]: documents in memory, sync states, policy checks, group commit, receipts, fan-out.
+//! * `conn`: one device connection (handshake, frames, rate limit, feed catch-up).
+//! * [`server`]: the HTTP router (WebSocket upgrade, back-office API, health, metrics), auth,
+//!   limits and graceful shutdown.
+//! * [`metrics`]: Prometheus text metrics.
+//!
+//! It depends on [`crdt_model`] only; the protocol is `crdt_model::wire` (see `docs/protocol.md`).
+
+mod conn;
+pub mod error;
+pub mod hub;
+pub mod metrics;
+pub mod server;
+pub mod store;
+
+pub use error::RelayError;
+pub use server::{RelayConfig, RunningRelay, run, spawn};
 
 /// The model crate this relay builds on, re-exported for tools and tests.
 pub use crdt_model;

@@ -1,10 +1,308 @@
-//! `relay-server` binary. The relay itself is issue 3; until it lands this binary says so.
+//! `relay-server` command line: serve, provision devices and tokens, back up, check.
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    println!(
-        "relay-server {}: not built yet (issue 3). Arguments received: {:?}",
-        env!("CARGO_PKG_VERSION"),
-        args
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use relay_server::hub::{HubConfig, now_ms};
+use relay_server::store::RelayStore;
+use relay_server::{RelayConfig, RelayError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The POS relay: validates, persists (redb) and fans out orders.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve devices (WebSocket at /v1/sync) and the back-office HTTP API on one port.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "RELAY_LISTEN", default_value = "127.0.0.1:7400")]
+        listen: SocketAddr,
+        /// Data directory (created if missing).
+        #[arg(long, env = "RELAY_DATA", default_value = "relay-data")]
+        data: PathBuf,
+        /// Document worker tasks.
+        #[arg(long, env = "RELAY_WORKERS", default_value_t = 2)]
+        workers: usize,
+        /// Orders kept in memory; idle ones beyond this are dropped and reloaded on demand.
+        #[arg(long, env = "RELAY_CACHE_ORDERS", default_value_t = 10_000)]
+        cache_orders: usize,
+        /// Concurrent device connections.
+        #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 20_000)]
+        max_connections: usize,
+        /// Largest WebSocket message, bytes.
+        #[arg(long, env = "RELAY_MAX_FRAME_BYTES", default_value_t = crdt_model_max_frame())]
+        max_frame_bytes: usize,
+        /// Frames per second one connection may send (burst twice that).
+        #[arg(long, env = "RELAY_RATE", default_value_t = 2_000)]
+        rate: u32,
+    },
+    /// Provision and manage devices.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+        /// Data directory.
+        #[arg(long, env = "RELAY_DATA", default_value = "relay-data", global = true)]
+        data: PathBuf,
+    },
+    /// Create a back-office token (admin, or limited to one store).
+    Token {
+        /// Limit the token to this store.
+        #[arg(long)]
+        store: Option<String>,
+        /// A name to recognise the token by.
+        #[arg(long)]
+        name: String,
+        /// Data directory.
+        #[arg(long, env = "RELAY_DATA", default_value = "relay-data")]
+        data: PathBuf,
+    },
+    /// Take a consistent copy of the data. Works while the relay serves (through its admin API,
+    /// with --relay and --token) or on a stopped relay's data directory.
+    Backup {
+        /// The backup file to create (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+        /// Data directory (stopped relay).
+        #[arg(long, env = "RELAY_DATA", default_value = "relay-data")]
+        data: PathBuf,
+        /// Address of a running relay, e.g. 127.0.0.1:7400.
+        #[arg(long)]
+        relay: Option<SocketAddr>,
+        /// Admin token for --relay.
+        #[arg(long, env = "RELAY_ADMIN_TOKEN")]
+        token: Option<String>,
+    },
+    /// Verify a data directory: every order loads and passes the model's checks.
+    Check {
+        /// Data directory.
+        #[arg(long, env = "RELAY_DATA", default_value = "relay-data")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceCommand {
+    /// Provision a device; prints its token once (only a hash is stored).
+    Add {
+        /// The store the device belongs to.
+        #[arg(long)]
+        store: String,
+        /// A name to recognise the device by.
+        #[arg(long)]
+        name: String,
+    },
+    /// List devices.
+    List {
+        /// Only this store's.
+        #[arg(long)]
+        store: Option<String>,
+    },
+    /// Revoke a device's token.
+    Revoke {
+        /// Device id.
+        device: String,
+    },
+}
+
+const fn crdt_model_max_frame() -> usize {
+    crdt_model::wire::MAX_FRAME_BYTES
+}
+
+fn open(data: &Path) -> Result<RelayStore> {
+    match RelayStore::open(data) {
+        Ok(s) => Ok(s),
+        Err(RelayError::Locked(p)) => bail!(
+            "{} is in use by a running relay. Stop it, or use its HTTP admin API \
+             (POST /v1/admin/devices, POST /v1/admin/backup) with an admin token",
+            p.display()
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            listen,
+            data,
+            workers,
+            cache_orders,
+            max_connections,
+            max_frame_bytes,
+            rate,
+        } => {
+            let config = RelayConfig {
+                data,
+                hub: HubConfig {
+                    workers,
+                    cache_orders,
+                },
+                max_frame_bytes,
+                max_connections,
+                rate_per_sec: rate,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(serve(config, listen))
+        }
+        Command::Device { command, data } => {
+            let store = open(&data)?;
+            match command {
+                DeviceCommand::Add { store: s, name } => {
+                    let sid = crdt_model::StoreId::new(s)?;
+                    let (rec, token) = store.add_device(&sid, &name, now_ms())?;
+                    println!(
+                        "device {} ({}) in store {}",
+                        rec.device, rec.name, rec.store
+                    );
+                    println!("token (shown once): {token}");
+                }
+                DeviceCommand::List { store: s } => {
+                    let filter = s.map(crdt_model::StoreId::new).transpose()?;
+                    for d in store.list_devices(filter.as_ref())? {
+                        let state = if d.revoked { "revoked" } else { "active" };
+                        println!("{}  {:<16} {:<24} {state}", d.device, d.store, d.name);
+                    }
+                }
+                DeviceCommand::Revoke { device } => {
+                    store.revoke_device(device.parse()?)?;
+                    println!("revoked {device}");
+                }
+            }
+            Ok(())
+        }
+        Command::Token {
+            store: s,
+            name,
+            data,
+        } => {
+            let store = open(&data)?;
+            let sid = s.map(crdt_model::StoreId::new).transpose()?;
+            let token = store.add_admin_token(sid.as_ref(), &name, now_ms())?;
+            println!("token (shown once): {token}");
+            Ok(())
+        }
+        Command::Backup {
+            to,
+            data,
+            relay,
+            token,
+        } => match relay {
+            Some(addr) => {
+                let token =
+                    token.context("--token (or RELAY_ADMIN_TOKEN) is required with --relay")?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let body = serde_json::json!({ "to": to }).to_string();
+                let answer =
+                    runtime.block_on(http_post(addr, "/v1/admin/backup", &token, &body))?;
+                println!("{answer}");
+                Ok(())
+            }
+            None => {
+                let n = open(&data)?.backup_to(&to)?;
+                println!("backed up {n} orders to {}", to.display());
+                Ok(())
+            }
+        },
+        Command::Check { data } => {
+            let report = open(&data)?.check()?;
+            for w in &report.warnings {
+                println!("warning: {w}");
+            }
+            for e in &report.errors {
+                println!("error: {e}");
+            }
+            println!(
+                "{} orders checked, {} errors, {} warnings",
+                report.orders,
+                report.errors.len(),
+                report.warnings.len()
+            );
+            if report.errors.is_empty() {
+                Ok(())
+            } else {
+                bail!("data directory has errors")
+            }
+        }
+    }
+}
+
+async fn serve(config: RelayConfig, listen: SocketAddr) -> Result<()> {
+    let store = Arc::new(open(&config.data)?);
+    if store.list_devices(None)?.is_empty() && !store.has_admin_token()? {
+        let token = store.add_admin_token(None, "initial", now_ms())?;
+        eprintln!("First start: created an admin token (shown once): {token}");
+        eprintln!(
+            "Provision a terminal with: relay-server device add --store STORE --name NAME (relay stopped),"
+        );
+        eprintln!("or POST /v1/admin/devices with the admin token while it runs.");
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    relay_server::server::serve_store(config, store, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+/// A minimal HTTP/1.1 POST for the CLI's admin calls to a local relay.
+async fn http_post(addr: SocketAddr, path: &str, token: &str, body: &str) -> Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot reach relay at {addr}"))?;
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
+    s.write_all(req.as_bytes()).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "relay answered: {}\n{body}",
+            head.lines().next().unwrap_or("")
+        );
+    }
+    Ok(body.to_owned())
 }

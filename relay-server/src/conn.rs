@@ -1,0 +1,271 @@
+//! One device connection: the `hello`/`welcome` handshake, frame decoding, rate limiting, the
+//! feed catch-up, and the loop that moves frames between the socket and the hub.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use automerge::sync;
+use axum::extract::ws::{Message, WebSocket};
+use crdt_model::wire::{ClientFrame, PROTOCOL_MAJOR, RelayFrame, Version, codes};
+use crdt_model::{DeviceId, OrderId, StoreId};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::hub::{OUTBOX_CAPACITY, Peer, feed_entry};
+use crate::server::AppState;
+
+/// How long a device has to send `hello` after the upgrade.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Feed entries per `feed` frame during catch-up.
+const FEED_PAGE: usize = 500;
+
+/// A token bucket: `rate` frames per second with a burst of `2 * rate`.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self {
+            rate,
+            tokens: rate * 2.0,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
+            .min(self.rate * 2.0);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn send(ws: &mut WebSocket, state: &AppState, frame: &RelayFrame) -> bool {
+    state.metrics.frames_out.fetch_add(1, Ordering::Relaxed);
+    ws.send(Message::Binary(frame.encode().into()))
+        .await
+        .is_ok()
+}
+
+async fn fail(mut ws: WebSocket, state: &AppState, code: &str, message: String) {
+    state
+        .metrics
+        .protocol_errors
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::info!(code, %message, "closing connection");
+    let _ = send(&mut ws, state, &RelayFrame::error(code, message, true)).await;
+    let _ = ws.close().await;
+}
+
+/// Runs one authenticated device connection until it closes.
+pub(crate) async fn serve(
+    mut ws: WebSocket,
+    device: DeviceId,
+    store: StoreId,
+    state: AppState,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, ws.recv()).await {
+        Ok(Some(Ok(Message::Binary(b)))) => ClientFrame::decode(&b),
+        Ok(Some(Ok(_))) => {
+            return fail(
+                ws,
+                &state,
+                codes::MALFORMED_FRAME,
+                "expected a binary hello frame".into(),
+            )
+            .await;
+        }
+        _ => return fail(ws, &state, codes::PROTOCOL_VIOLATION, "no hello".into()).await,
+    };
+    state.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+    let (claimed, since) = match first {
+        Ok(ClientFrame::Hello {
+            protocol,
+            device: claimed,
+            feed_since,
+            ..
+        }) => {
+            if protocol.major != PROTOCOL_MAJOR {
+                let msg = format!(
+                    "this relay speaks protocol {PROTOCOL_MAJOR}.x, not {}.{}",
+                    protocol.major, protocol.minor
+                );
+                return fail(ws, &state, codes::UNSUPPORTED_VERSION, msg).await;
+            }
+            (claimed, feed_since)
+        }
+        Ok(_) => {
+            return fail(
+                ws,
+                &state,
+                codes::PROTOCOL_VIOLATION,
+                "the first frame must be hello".into(),
+            )
+            .await;
+        }
+        Err(e) => return fail(ws, &state, codes::MALFORMED_FRAME, e.to_string()).await,
+    };
+    if claimed != device.to_string() {
+        return fail(
+            ws,
+            &state,
+            codes::WRONG_DEVICE,
+            "hello names another device than the token".into(),
+        )
+        .await;
+    }
+    let feed_seq = {
+        let st = Arc::clone(&state.store);
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || st.feed_head(&s))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0)
+    };
+    let welcome = RelayFrame::Welcome {
+        protocol: Version::CURRENT,
+        relay: state.hub.relay_id().to_string(),
+        store: store.to_string(),
+        feed_seq,
+    };
+    if !send(&mut ws, &state, &welcome).await {
+        return;
+    }
+    let (tx, mut outbox) = mpsc::channel(OUTBOX_CAPACITY);
+    let peer = state.hub.connect(device, store.clone(), tx);
+    tracing::info!(%device, %store, conn = peer.conn, "device connected");
+    tokio::spawn(catch_up(Arc::clone(&peer), state.clone(), since));
+    run(&mut ws, &peer, &state, &mut outbox, &mut shutdown).await;
+    state.hub.disconnect(&peer).await;
+    let _ = ws.close().await;
+    tracing::info!(%device, conn = peer.conn, "device disconnected");
+}
+
+/// Sends every feed entry after `since`, in pages.
+async fn catch_up(peer: Arc<Peer>, state: AppState, mut since: u64) {
+    loop {
+        let st = Arc::clone(&state.store);
+        let s = peer.store.clone();
+        let page = tokio::task::spawn_blocking(move || st.feed_since(&s, since, FEED_PAGE)).await;
+        let records = match page {
+            Ok(Ok(r)) => r,
+            _ => {
+                peer.send(RelayFrame::error(
+                    codes::STORAGE,
+                    "feed catch-up failed; reconnect to retry",
+                    false,
+                ));
+                return;
+            }
+        };
+        let Some(last) = records.last() else { return };
+        since = last.seq;
+        let full = records.len() == FEED_PAGE;
+        peer.send(RelayFrame::Feed {
+            entries: records.iter().map(|r| feed_entry(&r.meta)).collect(),
+        });
+        if !full || peer.is_closed() {
+            return;
+        }
+    }
+}
+
+async fn run(
+    ws: &mut WebSocket,
+    peer: &Arc<Peer>,
+    state: &AppState,
+    outbox: &mut mpsc::Receiver<RelayFrame>,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let mut limit = RateLimit::new(state.config.rate_per_sec);
+    loop {
+        tokio::select! {
+            incoming = ws.next() => {
+                let bytes = match incoming {
+                    Some(Ok(Message::Binary(b))) => b,
+                    Some(Ok(Message::Text(_))) => {
+                        let _ = send(ws, state, &RelayFrame::error(codes::MALFORMED_FRAME, "text messages are not frames", true)).await;
+                        state.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Some(Ok(Message::Close(_))) | None => return,
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => {
+                        let msg = e.to_string();
+                        if msg.contains("too long") || msg.contains("too big") || msg.contains("size") {
+                            let _ = send(ws, state, &RelayFrame::error(codes::FRAME_TOO_LARGE, msg, true)).await;
+                        }
+                        state.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                };
+                state.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+                if !limit.allow() {
+                    peer.send(RelayFrame::error(codes::RATE_LIMITED, "too many frames; slow down", false));
+                    continue;
+                }
+                match ClientFrame::decode(&bytes) {
+                    Ok(ClientFrame::Sync { order, data }) => {
+                        let Ok(order_id) = order.parse::<OrderId>() else {
+                            peer.send(RelayFrame::error(codes::BAD_ORDER_ID, format!("bad order id {order:?}"), false));
+                            continue;
+                        };
+                        match sync::Message::decode(&data) {
+                            Ok(msg) => {
+                                if state.hub.sync(peer, order_id, msg).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => peer.send(RelayFrame::error(codes::BAD_SYNC_MESSAGE, format!("order {order}: {e}"), false)),
+                        }
+                    }
+                    Ok(ClientFrame::Ping { nonce }) => peer.send(RelayFrame::Pong { nonce }),
+                    Ok(ClientFrame::Pong { .. }) => {}
+                    Ok(ClientFrame::Bye) => return,
+                    Ok(ClientFrame::Hello { .. }) => {
+                        let _ = send(ws, state, &RelayFrame::error(codes::PROTOCOL_VIOLATION, "hello sent twice", true)).await;
+                        state.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = send(ws, state, &RelayFrame::error(codes::MALFORMED_FRAME, e.to_string(), true)).await;
+                        state.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+            Some(frame) = outbox.recv() => {
+                if !send(ws, state, &frame).await {
+                    return;
+                }
+            }
+            () = peer.kill.notified() => {
+                tracing::warn!(conn = peer.conn, "connection too slow; closing");
+                return;
+            }
+            _ = shutdown.changed() => {
+                // The hub has flushed its commits: deliver the receipts still queued, then go.
+                while let Ok(frame) = outbox.try_recv() {
+                    if !send(ws, state, &frame).await {
+                        return;
+                    }
+                }
+                let _ = send(ws, state, &RelayFrame::Bye).await;
+                return;
+            }
+        }
+    }
+}

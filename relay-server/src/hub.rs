@@ -1,0 +1,998 @@
+//! The hub: documents in memory, their per-connection sync states, group commit and fan-out.
+//!
+//! Orders are sharded over a few worker tasks by order id; a worker owns its documents outright,
+//! so no document is ever locked. Per document it keeps
+//!
+//! * `committed`: exactly what redb holds. Outgoing sync messages are generated from it only, so
+//!   nothing reaches another party before it is durable;
+//! * `working`: `committed` plus changes accepted by the policy and queued for commit. Incoming
+//!   messages are applied to a fork of `working`, judged, and adopted only on acceptance.
+//!
+//! Accepted changes go to the committer thread, which folds every queued write into one redb
+//! transaction (group commit). When it reports back, the worker moves the changes into
+//! `committed`, sends the durable receipt to the connections whose changes they were, sync
+//! messages to every connection following the order, and a feed entry to every connection of
+//! the store.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{Automerge, Change, ChangeHash};
+use crdt_model::wire::{FeedEntry, RelayFrame, codes, heads_to_wire};
+use crdt_model::{
+    Author, DeviceId, Entropy, Order, OrderId, OrderNumber, OrderStatus, OrderView, Role, StoreId,
+    Timestamp, Writer, validate,
+};
+use serde_bytes::ByteBuf;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::error::RelayError;
+use crate::metrics::Metrics;
+use crate::store::{CommitOutcome, OrderMeta, OrderWrite, RelayStore};
+
+/// Identifies one WebSocket connection.
+pub type ConnId = u64;
+
+/// How many tail changes an order may accumulate before it is compacted into a snapshot.
+const COMPACT_EVERY: u32 = 64;
+/// Frames queued for one connection before it is considered too slow and closed.
+pub const OUTBOX_CAPACITY: usize = 4096;
+
+/// Tunables of the hub.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// Worker tasks (document shards).
+    pub workers: usize,
+    /// Orders kept in memory across all workers; idle ones beyond this are dropped.
+    pub cache_orders: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            cache_orders: 10_000,
+        }
+    }
+}
+
+/// The relay's wall clock in milliseconds (the model takes time as an argument).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// OS randomness for the relay's own entries.
+#[derive(Debug, Default)]
+pub struct OsEntropy;
+
+impl Entropy for OsEntropy {
+    fn next_u64(&mut self) -> u64 {
+        // getrandom fails only on platforms without an entropy source; fall back to the clock
+        // mixed with a counter so ids stay unique even then.
+        static FALLBACK: AtomicU64 = AtomicU64::new(0);
+        getrandom::u64().unwrap_or_else(|_| {
+            (now_ms() as u64).rotate_left(17) ^ FALLBACK.fetch_add(0x9E37_79B9, Ordering::Relaxed)
+        })
+    }
+}
+
+/// A connected, authenticated device, as the hub sees it.
+#[derive(Debug)]
+pub struct Peer {
+    /// The connection.
+    pub conn: ConnId,
+    /// The device the token belongs to.
+    pub device: DeviceId,
+    /// Its store.
+    pub store: StoreId,
+    outbox: mpsc::Sender<RelayFrame>,
+    closed: AtomicBool,
+    /// Woken when the hub gives up on the connection (outbox overflow).
+    pub kill: Notify,
+}
+
+impl Peer {
+    /// Queues a frame for the connection. A connection that cannot keep up is closed rather
+    /// than letting its queue grow without bound.
+    pub fn send(&self, frame: RelayFrame) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.outbox.try_send(frame).is_err() {
+            self.closed.store(true, Ordering::Relaxed);
+            self.kill.notify_one();
+        }
+    }
+
+    /// Whether the hub gave up on this connection.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+}
+
+/// Connections by store, for the feed.
+#[derive(Debug, Default)]
+struct Registry {
+    by_store: RwLock<HashMap<StoreId, HashMap<ConnId, Arc<Peer>>>>,
+}
+
+impl Registry {
+    fn add(&self, peer: &Arc<Peer>) {
+        if let Ok(mut m) = self.by_store.write() {
+            m.entry(peer.store.clone())
+                .or_default()
+                .insert(peer.conn, Arc::clone(peer));
+        }
+    }
+
+    fn remove(&self, peer: &Peer) {
+        if let Ok(mut m) = self.by_store.write()
+            && let Some(conns) = m.get_mut(&peer.store)
+        {
+            conns.remove(&peer.conn);
+            if conns.is_empty() {
+                m.remove(&peer.store);
+            }
+        }
+    }
+
+    fn broadcast(&self, store: &StoreId, frame: &RelayFrame) {
+        if let Ok(m) = self.by_store.read()
+            && let Some(conns) = m.get(store)
+        {
+            for p in conns.values() {
+                p.send(frame.clone());
+            }
+        }
+    }
+}
+
+/// Feed entry for stored order metadata.
+pub fn feed_entry(meta: &OrderMeta) -> FeedEntry {
+    FeedEntry {
+        seq: meta.feed_seq,
+        order: meta.order.to_string(),
+        number: Some(meta.number.0),
+        status: meta.status.as_str().to_owned(),
+        heads: meta
+            .heads
+            .iter()
+            .map(|h| ByteBuf::from(h.to_vec()))
+            .collect(),
+    }
+}
+
+type ViewReply = oneshot::Sender<Result<OrderView, RelayError>>;
+
+enum WorkerMsg {
+    Sync {
+        peer: Arc<Peer>,
+        order: OrderId,
+        msg: sync::Message,
+    },
+    BackOffice {
+        order: OrderId,
+        store: Option<StoreId>,
+        status: OrderStatus,
+        reply: ViewReply,
+    },
+    Disconnect {
+        conn: ConnId,
+    },
+    Flush {
+        reply: oneshot::Sender<()>,
+    },
+    Stop,
+}
+
+struct Committed {
+    order: OrderId,
+    result: Result<CommitOutcome, String>,
+    seconds: f64,
+}
+
+struct CommitJob {
+    write: OrderWrite,
+    done: mpsc::UnboundedSender<Committed>,
+}
+
+/// The committer: one thread that turns every queued write into one redb transaction.
+type CommitterHandle = Option<std::thread::JoinHandle<()>>;
+
+fn spawn_committer(
+    store: Arc<RelayStore>,
+    metrics: Arc<Metrics>,
+) -> (std::sync::mpsc::Sender<CommitJob>, CommitterHandle) {
+    let (tx, rx) = std::sync::mpsc::channel::<CommitJob>();
+    let spawned = std::thread::Builder::new()
+        .name("relay-committer".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut jobs = vec![first];
+                while jobs.len() < 4096 {
+                    match rx.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+                let writes: Vec<OrderWrite> = jobs.iter().map(|j| j.write.clone()).collect();
+                let started = Instant::now();
+                let result = store.commit(&writes);
+                let seconds = started.elapsed().as_secs_f64();
+                match result {
+                    Ok(outcomes) => {
+                        metrics.commits.fetch_add(1, Ordering::Relaxed);
+                        metrics.observe_commit(seconds);
+                        for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                            let _ = job.done.send(Committed {
+                                order: job.write.order,
+                                result: Ok(outcome),
+                                seconds,
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, writes = jobs.len(), "group commit failed");
+                        for job in jobs {
+                            let _ = job.done.send(Committed {
+                                order: job.write.order,
+                                result: Err(e.to_string()),
+                                seconds,
+                            });
+                        }
+                    }
+                }
+            }
+        });
+    let handle = match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the committer thread");
+            None
+        }
+    };
+    (tx, handle)
+}
+
+/// A write queued for commit, and who waits for it.
+struct Inflight {
+    changes: Vec<Change>,
+    origins: Vec<Arc<Peer>>,
+    reply: Option<ViewReply>,
+}
+
+struct PeerDoc {
+    peer: Arc<Peer>,
+    state: sync::State,
+    last_receipt: Vec<ChangeHash>,
+}
+
+struct DocState {
+    committed: Automerge,
+    working: Automerge,
+    meta: Option<OrderMeta>,
+    store: Option<StoreId>,
+    peers: HashMap<ConnId, PeerDoc>,
+    inflight: VecDeque<Inflight>,
+    tail_len: u32,
+    poisoned: bool,
+    last_used: u64,
+}
+
+impl DocState {
+    fn empty() -> Self {
+        Self {
+            committed: Automerge::new(),
+            working: Automerge::new(),
+            meta: None,
+            store: None,
+            peers: HashMap::new(),
+            inflight: VecDeque::new(),
+            tail_len: 0,
+            poisoned: false,
+            last_used: 0,
+        }
+    }
+
+    fn exists(&self) -> bool {
+        !self.working.get_heads().is_empty()
+    }
+}
+
+struct Worker {
+    docs: HashMap<OrderId, DocState>,
+    conn_docs: HashMap<ConnId, HashSet<OrderId>>,
+    store: Arc<RelayStore>,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    writer: Writer,
+    relay_author: Author,
+    commits: std::sync::mpsc::Sender<CommitJob>,
+    done_tx: mpsc::UnboundedSender<Committed>,
+    capacity: usize,
+    tick: u64,
+    flush_waiters: Vec<oneshot::Sender<()>>,
+    stopping: bool,
+}
+
+impl Worker {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<WorkerMsg>,
+        mut done_rx: mpsc::UnboundedReceiver<Committed>,
+    ) {
+        loop {
+            tokio::select! {
+                biased;
+                Some(c) = done_rx.recv() => self.on_committed(c),
+                msg = rx.recv() => match msg {
+                    Some(m) => self.on_msg(m).await,
+                    None => break,
+                },
+            }
+            self.release_flush_waiters();
+            if self.stopping {
+                break;
+            }
+        }
+        // Drain commits still in flight so their receipts go out before the worker stops.
+        while self.docs.values().any(|d| !d.inflight.is_empty()) {
+            match done_rx.recv().await {
+                Some(c) => self.on_committed(c),
+                None => break,
+            }
+        }
+        self.release_flush_waiters();
+    }
+
+    fn release_flush_waiters(&mut self) {
+        if !self.flush_waiters.is_empty() && self.docs.values().all(|d| d.inflight.is_empty()) {
+            for w in self.flush_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    async fn on_msg(&mut self, msg: WorkerMsg) {
+        match msg {
+            WorkerMsg::Sync { peer, order, msg } => self.on_sync(peer, order, msg).await,
+            WorkerMsg::BackOffice {
+                order,
+                store,
+                status,
+                reply,
+            } => {
+                self.on_back_office(order, store, status, reply).await;
+            }
+            WorkerMsg::Disconnect { conn } => {
+                for order in self.conn_docs.remove(&conn).unwrap_or_default() {
+                    if let Some(d) = self.docs.get_mut(&order) {
+                        d.peers.remove(&conn);
+                    }
+                }
+            }
+            WorkerMsg::Flush { reply } => self.flush_waiters.push(reply),
+            WorkerMsg::Stop => self.stopping = true,
+        }
+    }
+
+    /// The document for `order`, loaded from redb on a miss. `None`: the relay has never stored
+    /// it (an empty state is inserted so a first sync can create it).
+    async fn doc(&mut self, order: OrderId) -> Result<&mut DocState, RelayError> {
+        self.tick += 1;
+        if !self.docs.contains_key(&order) {
+            self.evict_if_full();
+            let store = Arc::clone(&self.store);
+            let loaded = tokio::task::spawn_blocking(move || store.load_order(order))
+                .await
+                .map_err(|e| RelayError::Storage(e.to_string()))??;
+            let mut state = DocState::empty();
+            if let Some(stored) = loaded {
+                let mut doc = Automerge::load(&stored.snapshot)
+                    .map_err(|e| RelayError::Corrupt(format!("order {order}: {e}")))?;
+                for change in &stored.tail {
+                    doc.load_incremental(change)
+                        .map_err(|e| RelayError::Corrupt(format!("order {order}: {e}")))?;
+                }
+                state.committed = doc.clone();
+                state.working = doc;
+                state.store = Some(stored.meta.store.clone());
+                state.tail_len = stored.meta.tail_len;
+                state.meta = Some(stored.meta);
+            }
+            self.docs.insert(order, state);
+            self.metrics
+                .orders_in_memory
+                .fetch_add(1, Ordering::Relaxed);
+            self.ensure_number(order);
+        }
+        let tick = self.tick;
+        let d = self
+            .docs
+            .get_mut(&order)
+            .ok_or_else(|| RelayError::NotFound(order.to_string()))?;
+        d.last_used = tick;
+        Ok(d)
+    }
+
+    /// Drops idle orders (nothing in flight) beyond the cache capacity, oldest first.
+    fn evict_if_full(&mut self) {
+        if self.docs.len() < self.capacity {
+            return;
+        }
+        let mut idle: Vec<(u64, OrderId)> = self
+            .docs
+            .iter()
+            .filter(|(_, d)| d.inflight.is_empty())
+            .map(|(id, d)| (d.last_used, *id))
+            .collect();
+        idle.sort_unstable();
+        let drop_n = (self.docs.len() + 1)
+            .saturating_sub(self.capacity)
+            .max(self.capacity / 10)
+            .min(idle.len());
+        for (_, id) in idle.into_iter().take(drop_n) {
+            if let Some(d) = self.docs.remove(&id) {
+                for conn in d.peers.keys() {
+                    if let Some(set) = self.conn_docs.get_mut(conn) {
+                        set.remove(&id);
+                    }
+                }
+                self.metrics
+                    .orders_in_memory
+                    .fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn on_sync(&mut self, peer: Arc<Peer>, order: OrderId, msg: sync::Message) {
+        let metrics = Arc::clone(&self.metrics);
+        let relay_actor = self.writer.actor.clone();
+        if let Err(e) = self.doc(order).await {
+            tracing::error!(%order, error = %e, "cannot load order");
+            peer.send(RelayFrame::error(
+                codes::STORAGE,
+                format!("cannot load order {order}"),
+                false,
+            ));
+            return;
+        }
+        let conn = peer.conn;
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        if d.poisoned {
+            peer.send(RelayFrame::error(
+                codes::STORAGE,
+                "order is recovering from a storage error; retry",
+                false,
+            ));
+            return;
+        }
+        if let Some(store) = &d.store
+            && *store != peer.store
+        {
+            peer.send(RelayFrame::Unavailable {
+                order: order.to_string(),
+            });
+            return;
+        }
+        let has_changes = !msg.changes.is_empty();
+        // A device asking for an order nobody has (it has none of it either): unavailable. A
+        // device announcing heads of an order the relay lacks is creating it: sync normally.
+        if !d.exists() && !has_changes && msg.heads.is_empty() {
+            peer.send(RelayFrame::Unavailable {
+                order: order.to_string(),
+            });
+            return;
+        }
+        self.conn_docs.entry(conn).or_default().insert(order);
+        let pd = d.peers.entry(conn).or_insert_with(|| PeerDoc {
+            peer: Arc::clone(&peer),
+            state: sync::State::new(),
+            last_receipt: Vec::new(),
+        });
+        if !has_changes {
+            if let Err(e) = d.committed.receive_sync_message(&mut pd.state, msg) {
+                peer.send(RelayFrame::error(
+                    codes::BAD_SYNC_MESSAGE,
+                    e.to_string(),
+                    false,
+                ));
+                return;
+            }
+            Self::reply(&metrics, order, d, conn);
+            return;
+        }
+        let mut fork = d.working.fork();
+        if let Err(e) = fork.receive_sync_message(&mut pd.state, msg) {
+            pd.state = sync::State::new();
+            peer.send(RelayFrame::error(
+                codes::BAD_SYNC_MESSAGE,
+                e.to_string(),
+                false,
+            ));
+            return;
+        }
+        let before_heads = d.working.get_heads();
+        let new_changes = fork.get_changes(&before_heads);
+        if new_changes.is_empty() {
+            // Everything was known already (a retry). If some of it is still being committed,
+            // this connection waits for that commit's receipt too.
+            match d.inflight.back_mut() {
+                Some(last) => last.origins.push(Arc::clone(&peer)),
+                None => Self::reply(&metrics, order, d, conn),
+            }
+            return;
+        }
+        let author = Author {
+            device: peer.device,
+            store: peer.store.clone(),
+            role: Role::Device,
+        };
+        if let Err(violation) = validate(&d.working, &fork, &author) {
+            if violation == crdt_model::PolicyViolation::ForeignStore {
+                // Another store's order: the same answer as for an order that does not exist.
+                pd.state = sync::State::new();
+                peer.send(RelayFrame::Unavailable {
+                    order: order.to_string(),
+                });
+                return;
+            }
+            let hashes: Vec<ChangeHash> = new_changes.iter().map(Change::hash).collect();
+            tracing::warn!(%order, device = %peer.device, code = violation.code(), reason = %violation, "changes rejected");
+            metrics.rejected(violation.code());
+            pd.state = sync::State::new();
+            peer.send(RelayFrame::Rejected {
+                order: order.to_string(),
+                code: violation.code().to_owned(),
+                message: violation.to_string(),
+                changes: heads_to_wire(&hashes),
+            });
+            return;
+        }
+        d.working = fork.with_actor(relay_actor);
+        metrics.receipts_pending.fetch_add(1, Ordering::Relaxed);
+        self.enqueue(order, new_changes, vec![peer], None);
+    }
+
+    /// Sends what the peer is missing from the committed document, and a receipt if the
+    /// committed heads moved since the last one it got.
+    fn reply(metrics: &Metrics, order: OrderId, d: &mut DocState, conn: ConnId) {
+        let heads = d.committed.get_heads();
+        let Some(pd) = d.peers.get_mut(&conn) else {
+            return;
+        };
+        if let Some(m) = d.committed.generate_sync_message(&mut pd.state) {
+            pd.peer.send(RelayFrame::Sync {
+                order: order.to_string(),
+                data: ByteBuf::from(m.encode()),
+            });
+        }
+        if pd.last_receipt != heads && !heads.is_empty() {
+            pd.peer.send(RelayFrame::Receipt {
+                order: order.to_string(),
+                heads: heads_to_wire(&heads),
+            });
+            metrics.receipts_sent.fetch_add(1, Ordering::Relaxed);
+            pd.last_receipt = heads;
+        }
+    }
+
+    /// Queues `changes` (already in `working`) for the next group commit.
+    fn enqueue(
+        &mut self,
+        order: OrderId,
+        changes: Vec<Change>,
+        origins: Vec<Arc<Peer>>,
+        reply: Option<ViewReply>,
+    ) {
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        let status = match Order::from_doc(d.working.clone(), self.writer.clone())
+            .and_then(|o| o.status())
+        {
+            Ok(s) => s,
+            Err(e) => {
+                // The policy accepted the document, so it parses; if not, refuse loudly.
+                tracing::error!(%order, error = %e, "accepted document does not parse");
+                for p in &origins {
+                    p.send(RelayFrame::error(codes::STORAGE, "internal error", false));
+                }
+                return;
+            }
+        };
+        let store = match &d.store {
+            Some(s) => s.clone(),
+            None => match Order::from_doc(d.working.clone(), self.writer.clone()) {
+                Ok(o) => o.store().clone(),
+                Err(_) => return,
+            },
+        };
+        d.store = Some(store.clone());
+        let mut raw = Vec::with_capacity(changes.len());
+        for c in &changes {
+            raw.push(c.raw_bytes().to_vec());
+        }
+        let n = u32::try_from(changes.len()).unwrap_or(u32::MAX);
+        let compacted = if d.tail_len.saturating_add(n) > COMPACT_EVERY {
+            d.tail_len = 0;
+            Some(d.working.save())
+        } else {
+            d.tail_len = d.tail_len.saturating_add(n);
+            None
+        };
+        let write = OrderWrite {
+            order,
+            store,
+            changes: raw,
+            compacted,
+            status,
+            heads: d.working.get_heads().iter().map(|h| h.0).collect(),
+            at: now_ms(),
+        };
+        d.inflight.push_back(Inflight {
+            changes,
+            origins,
+            reply,
+        });
+        let job = CommitJob {
+            write,
+            done: self.done_tx.clone(),
+        };
+        if self.commits.send(job).is_err() {
+            tracing::error!("committer is gone");
+        }
+    }
+
+    fn on_committed(&mut self, c: Committed) {
+        let order = c.order;
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        let Some(inflight) = d.inflight.pop_front() else {
+            return;
+        };
+        let outcome = match c.result {
+            Ok(o) => o,
+            Err(e) => {
+                // Nothing of this write is on disk. Later queued writes may build on it, so the
+                // in-memory state is dropped once the queue drains and reloaded from disk.
+                d.poisoned = true;
+                for p in &inflight.origins {
+                    p.send(RelayFrame::error(
+                        codes::STORAGE,
+                        format!("commit failed: {e}"),
+                        false,
+                    ));
+                }
+                self.metrics
+                    .receipts_pending
+                    .fetch_sub(inflight.origins.len() as i64, Ordering::Relaxed);
+                if let Some(r) = inflight.reply {
+                    let _ = r.send(Err(RelayError::Storage(e)));
+                }
+                if d.inflight.is_empty() {
+                    self.docs.remove(&order);
+                    self.metrics
+                        .orders_in_memory
+                        .fetch_sub(1, Ordering::Relaxed);
+                }
+                return;
+            }
+        };
+        tracing::debug!(%order, changes = inflight.changes.len(), seconds = c.seconds, "committed");
+        if let Err(e) = d.committed.apply_changes(inflight.changes.iter().cloned()) {
+            tracing::error!(%order, error = %e, "cannot apply committed changes in memory");
+        }
+        self.metrics
+            .changes_accepted
+            .fetch_add(inflight.changes.len() as u64, Ordering::Relaxed);
+        let heads = d.committed.get_heads();
+        for p in &inflight.origins {
+            if let Some(pd) = d.peers.get_mut(&p.conn) {
+                pd.last_receipt = heads.clone();
+            }
+            p.send(RelayFrame::Receipt {
+                order: order.to_string(),
+                heads: heads_to_wire(&heads),
+            });
+            self.metrics.receipts_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics
+            .receipts_pending
+            .fetch_sub(inflight.origins.len() as i64, Ordering::Relaxed);
+        for pd in d.peers.values_mut() {
+            if let Some(m) = d.committed.generate_sync_message(&mut pd.state) {
+                pd.peer.send(RelayFrame::Sync {
+                    order: order.to_string(),
+                    data: ByteBuf::from(m.encode()),
+                });
+            }
+        }
+        if let Some(r) = inflight.reply {
+            let view =
+                Order::from_doc(d.committed.clone(), self.writer.clone()).and_then(|o| o.view());
+            let _ = r.send(view.map_err(RelayError::from));
+        }
+        let store = outcome.meta.store.clone();
+        self.registry.broadcast(
+            &store,
+            &RelayFrame::Feed {
+                entries: vec![feed_entry(&outcome.meta)],
+            },
+        );
+        let newly = outcome.newly_numbered;
+        d.meta = Some(outcome.meta);
+        if newly {
+            self.ensure_number(order);
+        }
+    }
+
+    /// Writes the stored number into the document if it is not there yet (after the first
+    /// commit, or after a restart that came between the first commit and this change).
+    fn ensure_number(&mut self, order: OrderId) {
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        let Some(number) = d.meta.as_ref().map(|m| m.number) else {
+            return;
+        };
+        let mut o = match Order::from_doc(std::mem::take(&mut d.working), self.writer.clone()) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(%order, error = %e, "stored order does not parse");
+                return;
+            }
+        };
+        let before = o.heads();
+        let result = o.assign_number(Timestamp(now_ms()), OrderNumber(number.0));
+        let changes = o.doc().get_changes(&before);
+        d.working = o.into_doc();
+        match result {
+            Ok(true) => self.enqueue(order, changes, Vec::new(), None),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(%order, error = %e, "order carries another number than stored")
+            }
+        }
+    }
+
+    async fn on_back_office(
+        &mut self,
+        order: OrderId,
+        store: Option<StoreId>,
+        status: OrderStatus,
+        reply: ViewReply,
+    ) {
+        let writer = self.writer.clone();
+        let author = self.relay_author.clone();
+        let d = match self.doc(order).await {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let visible = d.exists()
+            && d.meta.is_some()
+            && store.as_ref().is_none_or(|s| d.store.as_ref() == Some(s));
+        if !visible {
+            let _ = reply.send(Err(RelayError::NotFound(format!("order {order}"))));
+            return;
+        }
+        let mut o = match Order::from_doc(d.working.clone(), writer) {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        let before = o.heads();
+        if let Err(e) = o.set_status_any(Timestamp(now_ms()), &mut OsEntropy, status) {
+            let _ = reply.send(Err(e.into()));
+            return;
+        }
+        let mut author = author;
+        author.store = o.store().clone();
+        if let Err(v) = validate(&d.working, o.doc(), &author) {
+            let _ = reply.send(Err(crdt_model::ModelError::from(v).into()));
+            return;
+        }
+        let changes = o.doc().get_changes(&before);
+        d.working = o.into_doc();
+        self.enqueue(order, changes, Vec::new(), Some(reply));
+    }
+}
+
+/// Handle to the hub, cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    workers: Vec<mpsc::Sender<WorkerMsg>>,
+    registry: Arc<Registry>,
+    next_conn: AtomicU64,
+    metrics: Arc<Metrics>,
+    relay: DeviceId,
+    handles: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    committer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Hub {
+    /// Starts the committer thread and the worker tasks (on the current tokio runtime).
+    pub fn start(
+        store: Arc<RelayStore>,
+        metrics: Arc<Metrics>,
+        config: &HubConfig,
+    ) -> Result<Self, RelayError> {
+        let identity = store.identity()?;
+        let writer = Writer::new(identity.device, identity.epoch);
+        let (commits, committer) = spawn_committer(Arc::clone(&store), Arc::clone(&metrics));
+        let registry = Arc::new(Registry::default());
+        let n = config.workers.max(1);
+        let capacity = (config.cache_orders / n).max(16);
+        let mut workers = Vec::with_capacity(n);
+        let mut handles = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (tx, rx) = mpsc::channel(4096);
+            let (done_tx, done_rx) = mpsc::unbounded_channel();
+            let w = Worker {
+                docs: HashMap::new(),
+                conn_docs: HashMap::new(),
+                store: Arc::clone(&store),
+                metrics: Arc::clone(&metrics),
+                registry: Arc::clone(&registry),
+                writer: writer.clone(),
+                relay_author: Author {
+                    device: identity.device,
+                    store: StoreId::new("relay").map_err(RelayError::from)?,
+                    role: Role::Relay,
+                },
+                commits: commits.clone(),
+                done_tx,
+                capacity,
+                tick: 0,
+                flush_waiters: Vec::new(),
+                stopping: false,
+            };
+            handles.push(tokio::spawn(w.run(rx, done_rx)));
+            workers.push(tx);
+        }
+        Ok(Self {
+            inner: Arc::new(HubInner {
+                workers,
+                registry,
+                next_conn: AtomicU64::new(1),
+                metrics,
+                relay: identity.device,
+                handles: std::sync::Mutex::new(handles),
+                committer: std::sync::Mutex::new(committer),
+            }),
+        })
+    }
+
+    /// The relay's own device id.
+    pub fn relay_id(&self) -> DeviceId {
+        self.inner.relay
+    }
+
+    fn worker(&self, order: &OrderId) -> &mpsc::Sender<WorkerMsg> {
+        let b = order.as_bytes();
+        let idx = (u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
+            % self.inner.workers.len() as u64) as usize;
+        &self.inner.workers[idx]
+    }
+
+    /// Registers a connection of `device` (store `store`); frames for it go to `outbox`.
+    pub fn connect(
+        &self,
+        device: DeviceId,
+        store: StoreId,
+        outbox: mpsc::Sender<RelayFrame>,
+    ) -> Arc<Peer> {
+        let peer = Arc::new(Peer {
+            conn: self.inner.next_conn.fetch_add(1, Ordering::Relaxed),
+            device,
+            store,
+            outbox,
+            closed: AtomicBool::new(false),
+            kill: Notify::new(),
+        });
+        self.inner.registry.add(&peer);
+        self.inner
+            .metrics
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+        peer
+    }
+
+    /// Forgets a connection everywhere.
+    pub async fn disconnect(&self, peer: &Peer) {
+        self.inner.registry.remove(peer);
+        self.inner
+            .metrics
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+        for w in &self.inner.workers {
+            let _ = w.send(WorkerMsg::Disconnect { conn: peer.conn }).await;
+        }
+    }
+
+    /// Hands one sync message to the order's worker (waits if the worker is saturated).
+    pub async fn sync(
+        &self,
+        peer: &Arc<Peer>,
+        order: OrderId,
+        msg: sync::Message,
+    ) -> Result<(), RelayError> {
+        self.worker(&order)
+            .send(WorkerMsg::Sync {
+                peer: Arc::clone(peer),
+                order,
+                msg,
+            })
+            .await
+            .map_err(|_| RelayError::ShuttingDown)
+    }
+
+    /// A back-office status change, authored by the relay, applied through the lattice and
+    /// committed before the answer. `store` restricts it to one store's orders.
+    pub async fn set_status(
+        &self,
+        order: OrderId,
+        store: Option<StoreId>,
+        status: OrderStatus,
+    ) -> Result<OrderView, RelayError> {
+        let (reply, rx) = oneshot::channel();
+        self.worker(&order)
+            .send(WorkerMsg::BackOffice {
+                order,
+                store,
+                status,
+                reply,
+            })
+            .await
+            .map_err(|_| RelayError::ShuttingDown)?;
+        rx.await.map_err(|_| RelayError::ShuttingDown)?
+    }
+
+    /// Stops the workers (after their in-flight commits) and the committer, releasing the store.
+    pub async fn shutdown(&self) {
+        for w in &self.inner.workers {
+            let _ = w.send(WorkerMsg::Stop).await;
+        }
+        let handles: Vec<_> = self
+            .inner
+            .handles
+            .lock()
+            .map(|mut h| h.drain(..).collect())
+            .unwrap_or_default();
+        for h in handles {
+            let _ = h.await;
+        }
+        let committer = self.inner.committer.lock().ok().and_then(|mut c| c.take());
+        if let Some(c) = committer {
+            let _ = tokio::task::spawn_blocking(move || c.join()).await;
+        }
+    }
+
+    /// Waits until every accepted change has been committed and receipted.
+    pub async fn flush(&self) {
+        for w in &self.inner.workers {
+            let (reply, rx) = oneshot::channel();
+            if w.send(WorkerMsg::Flush { reply }).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+}

@@ -1,0 +1,556 @@
+//! The HTTP side: the router (WebSocket upgrade at `/v1/sync`, the back-office API, health and
+//! metrics), authentication, connection limits and graceful shutdown.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use automerge::{Automerge, ChangeHash, PatchAction, Prop};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use crdt_model::{DeviceId, Order, OrderId, OrderStatus, StoreId, Writer, device_of_actor};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::error::RelayError;
+use crate::hub::{Hub, HubConfig};
+use crate::metrics::Metrics;
+use crate::store::{Principal, RelayStore, StatusFilter};
+
+/// Everything `serve` needs.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Data directory (holds `relay.redb`).
+    pub data: PathBuf,
+    /// Hub tunables.
+    pub hub: HubConfig,
+    /// Largest WebSocket message accepted, bytes.
+    pub max_frame_bytes: usize,
+    /// Concurrent device connections.
+    pub max_connections: usize,
+    /// Frames per second a connection may send (burst twice that).
+    pub rate_per_sec: u32,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            data: PathBuf::from("relay-data"),
+            hub: HubConfig::default(),
+            max_frame_bytes: crdt_model::wire::MAX_FRAME_BYTES,
+            max_connections: 20_000,
+            rate_per_sec: 2_000,
+        }
+    }
+}
+
+/// Shared state of the HTTP handlers and connections.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) store: Arc<RelayStore>,
+    pub(crate) hub: Hub,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) config: Arc<RelayConfig>,
+    connections: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A JSON error with a stable code.
+#[derive(Debug)]
+struct ApiError(StatusCode, &'static str, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            Json(json!({ "error": { "code": self.1, "message": self.2 } })),
+        )
+            .into_response()
+    }
+}
+
+impl From<RelayError> for ApiError {
+    fn from(e: RelayError) -> Self {
+        use crdt_model::ModelError as M;
+        match &e {
+            RelayError::Unauthorized => {
+                Self(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+            }
+            RelayError::NotFound(_) => Self(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            RelayError::Invalid(_) => Self(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
+            RelayError::ShuttingDown => Self(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                e.to_string(),
+            ),
+            RelayError::Model(M::OrderClosed { .. }) => {
+                Self(StatusCode::CONFLICT, "order_closed", e.to_string())
+            }
+            RelayError::Model(M::Policy(v)) => {
+                Self(StatusCode::UNPROCESSABLE_ENTITY, v.code(), e.to_string())
+            }
+            RelayError::Model(_) => Self(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
+            _ => Self(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        }
+    }
+}
+
+fn bearer(headers: &HeaderMap, query: &BTreeMap<String, String>) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+        .or_else(|| query.get("token").cloned())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RelayError> + Send + 'static,
+) -> Result<T, RelayError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RelayError::Storage(e.to_string()))?
+}
+
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &BTreeMap<String, String>,
+) -> Result<Principal, ApiError> {
+    let Some(token) = bearer(headers, query) else {
+        state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        return Err(RelayError::Unauthorized.into());
+    };
+    let store = Arc::clone(&state.store);
+    blocking(move || store.authenticate(&token))
+        .await
+        .map_err(|e| {
+            state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            e.into()
+        })
+}
+
+/// The back-office scope of a principal: `Ok(None)` for a global admin, `Ok(Some(store))` for a
+/// store admin; devices are refused on the HTTP API.
+fn back_office(p: &Principal) -> Result<Option<StoreId>, ApiError> {
+    match p {
+        Principal::Admin => Ok(None),
+        Principal::StoreAdmin { store } => Ok(Some(store.clone())),
+        Principal::Device { .. } => Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "device tokens cannot use the back-office API".into(),
+        )),
+    }
+}
+
+async fn ws_upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<BTreeMap<String, String>>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let (device, store) = match authenticate(&state, &headers, &query).await? {
+        Principal::Device { device, store } => (device, store),
+        _ => {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "only device tokens may sync".into(),
+            ));
+        }
+    };
+    let Ok(permit) = Arc::clone(&state.connections).try_acquire_owned() else {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "connection limit reached".into(),
+        ));
+    };
+    let max = state.config.max_frame_bytes;
+    let shutdown = state.shutdown.clone();
+    Ok(upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |ws| async move {
+            crate::conn::serve(ws, device, store, state, shutdown).await;
+            drop(permit);
+        }))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+    since: Option<u64>,
+    limit: Option<usize>,
+    token: Option<String>,
+}
+
+#[derive(Serialize)]
+struct OrderSummary {
+    id: String,
+    number: u64,
+    status: OrderStatus,
+    heads: Vec<String>,
+    created_at: i64,
+    updated_at: i64,
+    feed_seq: u64,
+}
+
+async fn list_orders(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(store): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut tq = BTreeMap::new();
+    if let Some(t) = q.token.clone() {
+        tq.insert("token".to_owned(), t);
+    }
+    let scope = back_office(&authenticate(&state, &headers, &tq).await?)?;
+    let store = StoreId::new(store).map_err(RelayError::from)?;
+    if scope.as_ref().is_some_and(|s| *s != store) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "token is for another store".into(),
+        ));
+    }
+    let filter = match q.status.as_deref() {
+        None | Some("any") => StatusFilter::Any,
+        Some("active") => StatusFilter::Active,
+        Some("done") => StatusFilter::Done,
+        Some("deleted") => StatusFilter::Deleted,
+        Some(other) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("unknown status filter {other:?}"),
+            ));
+        }
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let since = q.since.unwrap_or(0);
+    let st = Arc::clone(&state.store);
+    let metas = blocking(move || st.list_orders(&store, filter, since, limit)).await?;
+    let next = metas.last().map(|m| m.feed_seq);
+    let orders: Vec<OrderSummary> = metas
+        .into_iter()
+        .map(|m| OrderSummary {
+            id: m.order.to_string(),
+            number: m.number.0,
+            status: m.status,
+            heads: m.heads.iter().map(|h| ChangeHash(*h).to_string()).collect(),
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+            feed_seq: m.feed_seq,
+        })
+        .collect();
+    Ok(Json(json!({ "orders": orders, "next_since": next })))
+}
+
+/// Loads an order the principal may see; another store's order is "not found".
+async fn load_visible(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &BTreeMap<String, String>,
+    id: &str,
+) -> Result<(Automerge, Writer), ApiError> {
+    let scope = back_office(&authenticate(state, headers, query).await?)?;
+    let order: OrderId = id
+        .parse()
+        .map_err(|_| ApiError(StatusCode::NOT_FOUND, "not_found", format!("order {id}")))?;
+    let st = Arc::clone(&state.store);
+    let stored = blocking(move || st.load_order(order)).await?;
+    let Some(stored) = stored.filter(|s| scope.as_ref().is_none_or(|sc| *sc == s.meta.store))
+    else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("order {id}"),
+        ));
+    };
+    let mut doc =
+        Automerge::load(&stored.snapshot).map_err(|e| RelayError::Corrupt(e.to_string()))?;
+    for c in &stored.tail {
+        doc.load_incremental(c)
+            .map_err(|e| RelayError::Corrupt(e.to_string()))?;
+    }
+    Ok((doc, Writer::new(state.hub.relay_id(), 0)))
+}
+
+async fn get_order(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Json<crdt_model::OrderView>, ApiError> {
+    let (doc, writer) = load_visible(&state, &headers, &query, &id).await?;
+    let view = Order::from_doc(doc, writer)
+        .and_then(|o| o.view())
+        .map_err(RelayError::from)?;
+    Ok(Json(view))
+}
+
+#[derive(Serialize)]
+struct HistoryEntry {
+    hash: String,
+    actor: String,
+    device: Option<DeviceId>,
+    seq: u64,
+    time: i64,
+    deps: Vec<String>,
+    ops: usize,
+    changed: Vec<String>,
+}
+
+async fn get_history(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (doc, _) = load_visible(&state, &headers, &query, &id).await?;
+    let history: Vec<HistoryEntry> =
+        doc.get_changes(&[])
+            .iter()
+            .map(|c| {
+                let mut changed: Vec<String> =
+                    doc.diff(c.deps(), &[c.hash()])
+                        .into_iter()
+                        .map(|p| {
+                            let mut path: Vec<String> = p
+                                .path
+                                .iter()
+                                .map(|(_, prop)| match prop {
+                                    Prop::Map(k) => k.clone(),
+                                    Prop::Seq(i) => i.to_string(),
+                                })
+                                .collect();
+                            match &p.action {
+                                PatchAction::PutMap { key, .. }
+                                | PatchAction::DeleteMap { key } => path.push(key.clone()),
+                                PatchAction::Increment {
+                                    prop: Prop::Map(k), ..
+                                } => path.push(k.clone()),
+                                _ => {}
+                            }
+                            path.join(".")
+                        })
+                        .collect();
+                changed.dedup();
+                changed.truncate(50);
+                HistoryEntry {
+                    hash: c.hash().to_string(),
+                    actor: c.actor_id().to_hex_string(),
+                    device: device_of_actor(c.actor_id()),
+                    seq: c.seq(),
+                    time: c.timestamp(),
+                    deps: c.deps().iter().map(ToString::to_string).collect(),
+                    ops: c.len(),
+                    changed,
+                }
+            })
+            .collect();
+    Ok(Json(json!({ "order": id, "changes": history })))
+}
+
+#[derive(Deserialize)]
+struct StatusBody {
+    status: OrderStatus,
+}
+
+async fn post_status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+    Json(body): Json<StatusBody>,
+) -> Result<Json<crdt_model::OrderView>, ApiError> {
+    let scope = back_office(&authenticate(&state, &headers, &query).await?)?;
+    let order: OrderId = id
+        .parse()
+        .map_err(|_| ApiError(StatusCode::NOT_FOUND, "not_found", format!("order {id}")))?;
+    Ok(Json(state.hub.set_status(order, scope, body.status).await?))
+}
+
+#[derive(Deserialize)]
+struct NewDevice {
+    store: String,
+    name: String,
+}
+
+async fn add_device(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<BTreeMap<String, String>>,
+    Json(body): Json<NewDevice>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if back_office(&authenticate(&state, &headers, &query).await?)?.is_some() {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only an admin token may provision devices".into(),
+        ));
+    }
+    let store = StoreId::new(body.store).map_err(RelayError::from)?;
+    let st = Arc::clone(&state.store);
+    let (rec, token) =
+        blocking(move || st.add_device(&store, &body.name, crate::hub::now_ms())).await?;
+    Ok(Json(
+        json!({ "device": rec.device, "store": rec.store, "name": rec.name, "token": token }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct BackupBody {
+    to: PathBuf,
+}
+
+async fn backup(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<BTreeMap<String, String>>,
+    Json(body): Json<BackupBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if back_office(&authenticate(&state, &headers, &query).await?)?.is_some() {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only an admin token may take backups".into(),
+        ));
+    }
+    let st = Arc::clone(&state.store);
+    let to = body.to.clone();
+    let orders = blocking(move || st.backup_to(&to)).await?;
+    Ok(Json(json!({ "backup": body.to, "orders": orders })))
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/sync", get(ws_upgrade))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/stores/{store}/orders", get(list_orders))
+        .route("/v1/orders/{id}", get(get_order))
+        .route("/v1/orders/{id}/history", get(get_history))
+        .route("/v1/orders/{id}/status", post(post_status))
+        .route("/v1/admin/devices", post(add_device))
+        .route("/v1/admin/backup", post(backup))
+        .with_state(state)
+}
+
+/// A running relay: its address and a way to stop it.
+pub struct RunningRelay {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), RelayError>>,
+}
+
+impl RunningRelay {
+    /// Stops gracefully (flushes commits, says `bye` to devices) and waits for the end.
+    pub async fn stop(mut self) -> Result<(), RelayError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task
+            .await
+            .map_err(|e| RelayError::Storage(e.to_string()))?
+    }
+}
+
+/// Opens the data directory and serves on `listener` until `shutdown` resolves; then stops
+/// accepting, flushes every accepted change to disk, sends `bye` to devices and returns.
+pub async fn run(
+    config: RelayConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RelayError> {
+    let store = Arc::new(RelayStore::open(&config.data)?);
+    serve_store(config, store, listener, shutdown).await
+}
+
+/// Like [`run`] with an already opened store.
+pub async fn serve_store(
+    config: RelayConfig,
+    store: Arc<RelayStore>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RelayError> {
+    let metrics = Arc::new(Metrics::default());
+    let hub = Hub::start(Arc::clone(&store), Arc::clone(&metrics), &config.hub)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let state = AppState {
+        store,
+        hub: hub.clone(),
+        metrics,
+        connections: Arc::new(Semaphore::new(config.max_connections)),
+        config: Arc::new(config),
+        shutdown: stop_rx,
+    };
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, relay = %hub.relay_id(), "relay serving");
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = router(state.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop_rx.await;
+            })
+            .await
+    });
+    shutdown.await;
+    tracing::info!("shutting down: flushing commits");
+    hub.flush().await;
+    let _ = stop_tx.send(true);
+    let _ = http_stop_tx.send(());
+    // Upgraded connections are not HTTP connections any more: wait for them to say bye.
+    let max = state.config.max_connections as u32;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        state.connections.acquire_many(max),
+    )
+    .await;
+    hub.flush().await;
+    hub.shutdown().await;
+    match server.await {
+        Ok(r) => r.map_err(RelayError::Io),
+        Err(e) => Err(RelayError::Storage(e.to_string())),
+    }
+}
+
+/// Binds `addr` and runs a relay in the background; for tests and embedding.
+pub async fn spawn(config: RelayConfig, addr: &str) -> Result<RunningRelay, RelayError> {
+    let listener = TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run(config, listener, async move {
+        let _ = rx.await;
+    }));
+    Ok(RunningRelay {
+        addr,
+        stop: Some(stop),
+        task,
+    })
+}

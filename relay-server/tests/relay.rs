@@ -1,0 +1,535 @@
+//! The relay end to end over real sockets: handshake, sync, durable receipts, rejections, store
+//! isolation, numbering, fan-out, feed, restart and the HTTP API.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use automerge::ReadDoc;
+use automerge::sync::{self, SyncDoc};
+use common::*;
+use crdt_model::wire::{ClientFrame, RelayFrame, Version, codes};
+use crdt_model::*;
+use serde_bytes::ByteBuf;
+
+/// Fetches an order the client does not have yet, through the sync protocol.
+async fn fetch(c: &mut Client, id: OrderId) -> Result<Order, RelayFrame> {
+    let mut doc = automerge::Automerge::new();
+    let mut state = sync::State::new();
+    let frame = |m: sync::Message| ClientFrame::Sync {
+        order: id.to_string(),
+        data: ByteBuf::from(m.encode()),
+    };
+    if let Some(m) = doc.generate_sync_message(&mut state) {
+        c.send(&frame(m)).await;
+    }
+    let mut kept = Vec::new();
+    for _ in 0..100 {
+        let got = c.recv().await.expect("relay went quiet");
+        match got {
+            RelayFrame::Sync { order, data } if order == id.to_string() => {
+                doc.receive_sync_message(&mut state, sync::Message::decode(&data).unwrap())
+                    .unwrap();
+                if let Some(m) = doc.generate_sync_message(&mut state) {
+                    c.send(&frame(m)).await;
+                }
+                if !doc.get_heads().is_empty() && doc.get_missing_deps(&[]).is_empty() {
+                    break;
+                }
+            }
+            f @ RelayFrame::Unavailable { .. } => {
+                c.backlog.extend(kept);
+                return Err(f);
+            }
+            other => kept.push(other),
+        }
+    }
+    c.backlog.extend(kept);
+    c.states.insert(id, state);
+    Ok(Order::from_doc(doc, c.writer.clone()).unwrap())
+}
+
+#[tokio::test]
+async fn upgrade_needs_a_valid_token() {
+    let relay = TestRelay::start().await;
+    let (device, token) = relay.device("s1", "till");
+    assert_eq!(connect_raw(relay.addr, None).await.err(), Some(401));
+    assert_eq!(
+        connect_raw(relay.addr, Some("dev_nope")).await.err(),
+        Some(401)
+    );
+    relay.store.revoke_device(device).unwrap();
+    assert_eq!(connect_raw(relay.addr, Some(&token)).await.err(), Some(401));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_major_version_gets_a_typed_error() {
+    let relay = TestRelay::start().await;
+    let (device, token) = relay.device("s1", "till");
+    let mut ws = connect_raw(relay.addr, Some(&token)).await.unwrap();
+    let hello = ClientFrame::Hello {
+        protocol: Version { major: 2, minor: 0 },
+        device: device.to_string(),
+        agent: "x".into(),
+        feed_since: 0,
+    };
+    futures_util::SinkExt::send(
+        &mut ws,
+        tokio_tungstenite::tungstenite::Message::Binary(hello.encode().into()),
+    )
+    .await
+    .unwrap();
+    match recv_frame(&mut ws).await {
+        Some(RelayFrame::Error { code, fatal, .. }) => {
+            assert_eq!(code, codes::UNSUPPORTED_VERSION);
+            assert!(fatal);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        recv_frame(&mut ws).await.is_none(),
+        "the relay closes after the error"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn hello_must_name_the_tokens_device() {
+    let relay = TestRelay::start().await;
+    let (_device, token) = relay.device("s1", "till");
+    let (other, _) = relay.device("s1", "other");
+    let mut ws = connect_raw(relay.addr, Some(&token)).await.unwrap();
+    let hello = ClientFrame::Hello {
+        protocol: Version::CURRENT,
+        device: other.to_string(),
+        agent: "x".into(),
+        feed_since: 0,
+    };
+    futures_util::SinkExt::send(
+        &mut ws,
+        tokio_tungstenite::tungstenite::Message::Binary(hello.encode().into()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(recv_frame(&mut ws).await, Some(RelayFrame::Error { code, .. }) if code == codes::WRONG_DEVICE)
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_order_is_receipted_numbered_and_the_number_syncs_back() {
+    let relay = TestRelay::start().await;
+    let (device, token) = relay.device("s1", "till");
+    let mut c = Client::connect(relay.addr, device, &token).await;
+    let mut order = c.create("s1");
+    let at = c.tick();
+    order
+        .add_line(
+            at,
+            &mut c.rng,
+            LineDraft {
+                name: "Tea".into(),
+                unit_price: 300,
+                quantity: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    c.sync_until_receipted(&mut order).await;
+    // The receipt came after the commit: the store has the order.
+    let meta = relay.store.order_meta(order.id()).unwrap().expect("stored");
+    assert_eq!(meta.number, OrderNumber(1));
+    // The relay's number change reaches the device through sync.
+    c.pump_until(&mut order, |o| o.number().unwrap().is_some())
+        .await;
+    assert_eq!(order.number().unwrap(), Some(OrderNumber(1)));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_forged_change_is_rejected_and_nothing_is_stored() {
+    let relay = TestRelay::start().await;
+    let (device, token) = relay.device("s1", "till");
+    let mut c = Client::connect(relay.addr, device, &token).await;
+    let mut order = c.create("s1");
+    c.sync_until_receipted(&mut order).await;
+    let stored = relay.store.order_meta(order.id()).unwrap().unwrap();
+    // Raw Automerge: the device tries to write the number itself.
+    {
+        use automerge::transaction::Transactable;
+        let mut tx = order.doc_mut().transaction();
+        tx.put(automerge::ROOT, "number", 99u64).unwrap();
+        tx.commit();
+    }
+    let frames = c.sync_until_receipted(&mut order).await;
+    let Some(RelayFrame::Rejected { code, changes, .. }) = frames
+        .iter()
+        .find(|f| matches!(f, RelayFrame::Rejected { .. }))
+        .cloned()
+    else {
+        panic!("no rejection: {frames:?}");
+    };
+    assert_eq!(code, "number_written_by_device");
+    assert_eq!(changes.len(), 1);
+    let after = relay.store.order_meta(order.id()).unwrap().unwrap();
+    assert!(
+        after
+            .heads
+            .iter()
+            .all(|h| !changes.iter().any(|c| c.as_slice() == h)),
+        "refused change not stored"
+    );
+    assert!(after.feed_seq >= stored.feed_seq);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn stores_are_isolated() {
+    let relay = TestRelay::start().await;
+    let (a, ta) = relay.device("s1", "a");
+    let (b, tb) = relay.device("s2", "b");
+    let mut ca = Client::connect(relay.addr, a, &ta).await;
+    let mut cb = Client::connect(relay.addr, b, &tb).await;
+    let mut order = ca.create("s1");
+    ca.sync_until_receipted(&mut order).await;
+    // Another store's device cannot fetch it: the answer reveals nothing.
+    assert!(matches!(
+        fetch(&mut cb, order.id()).await,
+        Err(RelayFrame::Unavailable { .. })
+    ));
+    // Nor create an order in a store that is not its own.
+    let mut foreign = cb.create("s1");
+    let frames = cb.sync_until_receipted(&mut foreign).await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(f, RelayFrame::Unavailable { .. })),
+        "{frames:?}"
+    );
+    assert!(relay.store.order_meta(foreign.id()).unwrap().is_none());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn another_terminal_learns_of_the_order_from_the_feed_and_gets_edits() {
+    let relay = TestRelay::start().await;
+    let (a, ta) = relay.device("s1", "a");
+    let (b, tb) = relay.device("s1", "b");
+    let mut ca = Client::connect(relay.addr, a, &ta).await;
+    let mut cb = Client::connect(relay.addr, b, &tb).await;
+    let mut order = ca.create("s1");
+    ca.sync_until_receipted(&mut order).await;
+    let feed = cb
+        .wait_for(None, |f| matches!(f, RelayFrame::Feed { .. }))
+        .await;
+    let RelayFrame::Feed { entries } = feed else {
+        unreachable!()
+    };
+    assert_eq!(entries[0].order, order.id().to_string());
+    let mut on_b = fetch(&mut cb, order.id()).await.unwrap();
+    assert_eq!(on_b.id(), order.id());
+    // A edits; B receives the line through the relay.
+    let at = ca.tick();
+    order
+        .add_line(
+            at,
+            &mut ca.rng,
+            LineDraft {
+                name: "Cake".into(),
+                unit_price: 450,
+                quantity: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    ca.sync_until_receipted(&mut order).await;
+    cb.pump_until(&mut on_b, |o| o.view().unwrap().lines.len() == 1)
+        .await;
+    assert_eq!(on_b.view().unwrap().lines[0].name, "Cake");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn numbers_are_unique_and_gap_free_under_concurrent_first_syncs() {
+    let relay = TestRelay::start().await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (d, t) = relay.device("s1", &format!("till-{i}"));
+        let addr = relay.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connect(addr, d, &t).await;
+            let mut ids = Vec::new();
+            for _ in 0..3 {
+                let mut o = c.create("s1");
+                c.sync_until_receipted(&mut o).await;
+                ids.push(o.id());
+            }
+            ids
+        }));
+    }
+    let mut numbers = Vec::new();
+    for t in tasks {
+        for id in t.await.unwrap() {
+            numbers.push(relay.store.order_meta(id).unwrap().unwrap().number.0);
+        }
+    }
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=24).collect::<Vec<u64>>());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_lost_answer_and_a_retry_give_one_order_and_one_number() {
+    let relay = TestRelay::start().await;
+    let (d, t) = relay.device("s1", "till");
+    let mut c = Client::connect(relay.addr, d, &t).await;
+    let mut order = c.create("s1");
+    let at = c.tick();
+    let p = order
+        .add_payment(
+            at,
+            &mut c.rng,
+            PaymentDraft {
+                kind: PaymentKind::Cash,
+                amount: 500,
+                reference: String::new(),
+            },
+            PaymentState::Captured,
+        )
+        .unwrap();
+    // Send, then drop the connection without reading the answer.
+    c.push(&order).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Reconnect with fresh sync state and redo the round.
+    let mut c = Client::connect(relay.addr, d, &t).await;
+    c.sync_until_receipted(&mut order).await;
+    c.pump_until(&mut order, |o| o.number().unwrap().is_some())
+        .await;
+    assert_eq!(order.number().unwrap(), Some(OrderNumber(1)));
+    let s1 = StoreId::new("s1").unwrap();
+    assert_eq!(
+        relay
+            .store
+            .list_orders(&s1, relay_server::store::StatusFilter::Any, 0, 10)
+            .unwrap()
+            .len(),
+        1,
+        "one order, not two"
+    );
+    let (other_d, other_t) = relay.device("s1", "other");
+    let mut other = Client::connect(relay.addr, other_d, &other_t).await;
+    let fetched = fetch(&mut other, order.id()).await.unwrap();
+    let v = fetched.view().unwrap();
+    assert_eq!(v.payments.len(), 1);
+    assert_eq!(v.payments[0].id, p);
+    assert_eq!(v.totals.paid, 500);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn state_survives_a_restart() {
+    let relay = TestRelay::start().await;
+    let (d, t) = relay.device("s1", "till");
+    let mut c = Client::connect(relay.addr, d, &t).await;
+    let mut order = c.create("s1");
+    let at = c.tick();
+    order
+        .add_line(
+            at,
+            &mut c.rng,
+            LineDraft {
+                name: "Soup".into(),
+                unit_price: 700,
+                quantity: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    c.sync_until_receipted(&mut order).await;
+    c.pump_until(&mut order, |o| o.number().unwrap().is_some())
+        .await;
+    drop(c);
+    let dir = relay.stop().await;
+    let relay = TestRelay::start_in(dir).await;
+    let mut c = Client::connect(relay.addr, d, &t).await;
+    let fetched = fetch(&mut c, order.id()).await.unwrap();
+    assert_eq!(fetched.view().unwrap(), order.view().unwrap());
+    // A new order after the restart continues the numbering.
+    let mut next = c.create("s1");
+    c.sync_until_receipted(&mut next).await;
+    assert_eq!(
+        relay.store.order_meta(next.id()).unwrap().unwrap().number,
+        OrderNumber(2)
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_frames_get_typed_errors_and_others_keep_being_served() {
+    let relay = TestRelay::start().await;
+    let (d, t) = relay.device("s1", "till");
+    let (d2, t2) = relay.device("s1", "other");
+    let mut bad = Client::connect(relay.addr, d, &t).await;
+    let mut good = Client::connect(relay.addr, d2, &t2).await;
+    // Not an Automerge sync message: non-fatal.
+    bad.send(&ClientFrame::Sync {
+        order: OrderId::generate(Timestamp(T0), &mut SplitMix64::new(1)).to_string(),
+        data: ByteBuf::from(vec![1, 2, 3]),
+    })
+    .await;
+    assert!(
+        matches!(bad.recv().await, Some(RelayFrame::Error { code, fatal: false, .. }) if code == codes::BAD_SYNC_MESSAGE)
+    );
+    // A bad order id: non-fatal.
+    bad.send(&ClientFrame::Sync {
+        order: "nope".into(),
+        data: ByteBuf::from(vec![]),
+    })
+    .await;
+    assert!(
+        matches!(bad.recv().await, Some(RelayFrame::Error { code, fatal: false, .. }) if code == codes::BAD_ORDER_ID)
+    );
+    // Garbage bytes: fatal, connection closed.
+    bad.send_raw(vec![0xff, 0x00, 0x13]).await;
+    assert!(
+        matches!(bad.recv().await, Some(RelayFrame::Error { code, fatal: true, .. }) if code == codes::MALFORMED_FRAME)
+    );
+    assert!(bad.recv().await.is_none());
+    // The other device is unaffected.
+    let mut o = good.create("s1");
+    good.sync_until_receipted(&mut o).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn http_api_lists_views_audits_and_changes_status() {
+    let relay = TestRelay::start().await;
+    let admin = relay.admin();
+    let (d, t) = relay.device("s1", "till");
+    let mut c = Client::connect(relay.addr, d, &t).await;
+    let mut order = c.create("s1");
+    let at = c.tick();
+    order
+        .add_line(
+            at,
+            &mut c.rng,
+            LineDraft {
+                name: "Pie".into(),
+                unit_price: 500,
+                quantity: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    c.sync_until_receipted(&mut order).await;
+    c.pump_until(&mut order, |o| o.number().unwrap().is_some())
+        .await;
+
+    assert_eq!(relay.http("GET", "/healthz", None, None).await.0, 200);
+    assert_eq!(
+        relay
+            .http("GET", "/v1/stores/s1/orders", None, None)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        relay
+            .http("GET", "/v1/stores/s1/orders", Some(&t), None)
+            .await
+            .0,
+        403,
+        "device tokens are not back office"
+    );
+    let (status, body) = relay
+        .http(
+            "GET",
+            "/v1/stores/s1/orders?status=active",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["orders"][0]["id"], order.id().to_string());
+    assert_eq!(v["orders"][0]["number"], 1);
+
+    let (status, body) = relay
+        .http(
+            "GET",
+            &format!("/v1/orders/{}", order.id()),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let view: OrderView = serde_json::from_str(&body).unwrap();
+    assert_eq!(view, order.view().unwrap());
+
+    let (status, body) = relay
+        .http(
+            "GET",
+            &format!("/v1/orders/{}/history", order.id()),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let changes = h["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 3, "create, add line, relay number");
+    assert_eq!(changes[0]["device"], d.to_string());
+
+    // A back-office status change, fanned out to the device.
+    let (status, body) = relay
+        .http(
+            "POST",
+            &format!("/v1/orders/{}/status", order.id()),
+            Some(&admin),
+            Some(r#"{"status":"in_delivery"}"#),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    c.pump_until(&mut order, |o| {
+        o.status().unwrap() == OrderStatus::InDelivery
+    })
+    .await;
+
+    // Store admins see only their store; unknown orders are 404.
+    let s2_admin = relay
+        .store
+        .add_admin_token(Some(&StoreId::new("s2").unwrap()), "s2", T0)
+        .unwrap();
+    assert_eq!(
+        relay
+            .http(
+                "GET",
+                &format!("/v1/orders/{}", order.id()),
+                Some(&s2_admin),
+                None
+            )
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        relay
+            .http("GET", "/v1/stores/s1/orders", Some(&s2_admin), None)
+            .await
+            .0,
+        403
+    );
+
+    let (status, metrics) = relay.http("GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("relay_changes_accepted_total"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("relay_commit_seconds_count"));
+    relay.stop().await;
+}
