@@ -8,6 +8,7 @@
 //! * [`server`]: the HTTP router (WebSocket upgrade, back-office API, health, metrics), auth,
 //!   limits and graceful shutdown.
 //! * [`metrics`]: Prometheus text metrics.
+//! * [`tls`]: rustls for `wss://` when a certificate is configured.
 //!
 //! It depends on [`crdt_model`] only; the protocol is `crdt_model::wire` (see `docs/protocol.md`).
 
@@ -17,6 +18,7 @@ pub mod hub;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use error::RelayError;
 pub use server::{RelayConfig, RunningRelay, run, spawn};

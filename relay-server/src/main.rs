@@ -44,6 +44,12 @@ enum Command {
         /// Frames per second one connection may send (burst twice that).
         #[arg(long, env = "RELAY_RATE", default_value_t = 2_000)]
         rate: u32,
+        /// TLS certificate chain (PEM); serve wss:// and https:// (needs --tls-key).
+        #[arg(long, env = "RELAY_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM).
+        #[arg(long, env = "RELAY_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Provision and manage devices.
     Device {
@@ -147,6 +153,8 @@ fn main() -> Result<()> {
             max_connections,
             max_frame_bytes,
             rate,
+            tls_cert,
+            tls_key,
         } => {
             let config = RelayConfig {
                 data,
@@ -157,6 +165,9 @@ fn main() -> Result<()> {
                 max_frame_bytes,
                 max_connections,
                 rate_per_sec: rate,
+                tls: tls_cert
+                    .zip(tls_key)
+                    .map(|(cert, key)| relay_server::tls::TlsFiles { cert, key }),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

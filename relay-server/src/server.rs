@@ -39,6 +39,8 @@ pub struct RelayConfig {
     pub max_connections: usize,
     /// Frames per second a connection may send (burst twice that).
     pub rate_per_sec: u32,
+    /// Serve TLS (wss:// and https://) with this certificate and key.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl Default for RelayConfig {
@@ -49,6 +51,7 @@ impl Default for RelayConfig {
             max_frame_bytes: crdt_model::wire::MAX_FRAME_BYTES,
             max_connections: 20_000,
             rate_per_sec: 2_000,
+            tls: None,
         }
     }
 }
@@ -498,6 +501,7 @@ pub async fn serve_store(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RelayError> {
+    let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let metrics = Arc::new(Metrics::default());
     let hub = Hub::start(Arc::clone(&store), Arc::clone(&metrics), &config.hub)?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -513,13 +517,30 @@ pub async fn serve_store(
     tracing::info!(%addr, relay = %hub.relay_id(), "relay serving");
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = router(state.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop_rx.await;
+    let stopped = async move {
+        let _ = http_stop_rx.await;
+    };
+    let server = match tls {
+        Some(acceptor) => {
+            let listener = crate::tls::TlsListener::new(listener, acceptor)?;
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
             })
-            .await
-    });
+        }
+        None => {
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            })
+        }
+    };
     shutdown.await;
     tracing::info!("shutting down: flushing commits");
     hub.flush().await;

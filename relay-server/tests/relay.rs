@@ -533,3 +533,117 @@ async fn http_api_lists_views_audits_and_changes_status() {
     assert!(metrics.contains("relay_commit_seconds_count"));
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn ping_gets_pong() {
+    let relay = TestRelay::start().await;
+    let (d, t) = relay.device("s1", "till");
+    let mut c = Client::connect(relay.addr, d, &t).await;
+    c.send(&ClientFrame::Ping { nonce: 77 }).await;
+    let f = c
+        .wait_for(None, |f| matches!(f, RelayFrame::Pong { .. }))
+        .await;
+    assert_eq!(f, RelayFrame::Pong { nonce: 77 });
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_frames_close_the_connection_and_change_nothing() {
+    let relay =
+        TestRelay::start_with(tempfile::tempdir().unwrap(), |c| c.max_frame_bytes = 4096).await;
+    let (d, t) = relay.device("s1", "till");
+    let mut c = Client::connect(relay.addr, d, &t).await;
+    let mut order = c.create("s1");
+    c.sync_until_receipted(&mut order).await;
+    let before = relay.store.order_meta(order.id()).unwrap().unwrap();
+    let huge = ClientFrame::Sync {
+        order: order.id().to_string(),
+        data: ByteBuf::from(vec![0x42; 64 * 1024]),
+    };
+    c.send(&huge).await;
+    // The relay closes the connection (possibly after an error frame).
+    let mut closed = false;
+    for _ in 0..10 {
+        match c.recv().await {
+            None => {
+                closed = true;
+                break;
+            }
+            Some(RelayFrame::Error { fatal: true, .. }) => {}
+            Some(_) => {}
+        }
+    }
+    assert!(closed, "an oversized message must close the connection");
+    assert_eq!(relay.store.order_meta(order.id()).unwrap().unwrap(), before);
+    // The relay still serves.
+    let mut c = Client::connect(relay.addr, d, &t).await;
+    let mut o2 = c.create("s1");
+    c.sync_until_receipted(&mut o2).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_frames_is_rate_limited() {
+    let relay = TestRelay::start_with(tempfile::tempdir().unwrap(), |c| c.rate_per_sec = 10).await;
+    let (d, t) = relay.device("s1", "till");
+    let mut c = Client::connect(relay.addr, d, &t).await;
+    for i in 0..100 {
+        c.send(&ClientFrame::Ping { nonce: i }).await;
+    }
+    let mut pongs = 0;
+    let mut limited = 0;
+    while let Some(f) = c.recv().await {
+        match f {
+            RelayFrame::Pong { .. } => pongs += 1,
+            RelayFrame::Error {
+                code, fatal: false, ..
+            } if code == codes::RATE_LIMITED => limited += 1,
+            _ => {}
+        }
+        if pongs + limited == 100 {
+            break;
+        }
+    }
+    assert!(
+        (20..100).contains(&pongs),
+        "burst of 2x rate passes, the rest is limited: {pongs} pongs"
+    );
+    assert_eq!(pongs + limited, 100);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn memory_holds_a_bounded_number_of_orders() {
+    let relay = TestRelay::start_with(tempfile::tempdir().unwrap(), |c| {
+        c.hub.workers = 2;
+        c.hub.cache_orders = 32;
+    })
+    .await;
+    let admin = relay.admin();
+    let (d, t) = relay.device("s1", "till");
+    let mut c = Client::connect(relay.addr, d, &t).await;
+    let mut ids = Vec::new();
+    for _ in 0..120 {
+        let mut o = c.create("s1");
+        c.sync_until_receipted(&mut o).await;
+        ids.push(o.id());
+    }
+    let (_, metrics) = relay.http("GET", "/metrics", None, None).await;
+    let in_memory: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("relay_orders_in_memory "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(in_memory <= 34, "orders in memory: {in_memory}");
+    // An evicted order is reloaded on demand, intact.
+    let (status, body) = relay
+        .http("GET", &format!("/v1/orders/{}", ids[0]), Some(&admin), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let mut other = Client::connect(relay.addr, d, &t).await;
+    let fetched = fetch(&mut other, ids[0]).await.unwrap();
+    assert_eq!(fetched.number().unwrap(), Some(OrderNumber(1)));
+    relay.stop().await;
+}

@@ -36,13 +36,19 @@ impl TestRelay {
     }
 
     pub async fn start_in(dir: tempfile::TempDir) -> Self {
+        Self::start_with(dir, |_| {}).await
+    }
+
+    /// Starts with a modified configuration.
+    pub async fn start_with(dir: tempfile::TempDir, tune: impl FnOnce(&mut RelayConfig)) -> Self {
         let store = Arc::new(RelayStore::open(dir.path()).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = RelayConfig {
+        let mut config = RelayConfig {
             data: dir.path().to_path_buf(),
             ..RelayConfig::default()
         };
+        tune(&mut config);
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let st = Arc::clone(&store);
         let task = tokio::spawn(relay_server::server::serve_store(
