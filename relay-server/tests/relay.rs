@@ -174,6 +174,11 @@ async fn a_forged_change_is_rejected_and_nothing_is_stored() {
     };
     assert_eq!(code, "number_written_by_device");
     assert_eq!(changes.len(), 1);
+    let (_, metrics) = relay.http("GET", "/metrics", None, None).await;
+    assert!(
+        metrics.contains("relay_changes_rejected_total{reason=\"number_written_by_device\"} 1"),
+        "{metrics}"
+    );
     let after = relay.store.order_meta(order.id()).unwrap().unwrap();
     assert!(
         after
@@ -645,5 +650,46 @@ async fn memory_holds_a_bounded_number_of_orders() {
     let mut other = Client::connect(relay.addr, d, &t).await;
     let fetched = fetch(&mut other, ids[0]).await.unwrap();
     assert_eq!(fetched.number().unwrap(), Some(OrderNumber(1)));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_history_is_compacted() {
+    let relay = TestRelay::start().await;
+    let (d, t) = relay.device("s1", "till");
+    let mut c = Client::connect(relay.addr, d, &t).await;
+    let mut order = c.create("s1");
+    let at = c.tick();
+    let line = order
+        .add_line(
+            at,
+            &mut c.rng,
+            LineDraft {
+                name: "Beer".into(),
+                unit_price: 400,
+                quantity: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    c.sync_until_receipted(&mut order).await;
+    for _ in 0..150 {
+        let at = c.tick();
+        order.change_quantity(at, line, 1).unwrap();
+        c.sync_until_receipted(&mut order).await;
+    }
+    let stored = relay.store.load_order(order.id()).unwrap().unwrap();
+    assert!(
+        stored.meta.tail_len < 64,
+        "tail of {} changes",
+        stored.meta.tail_len
+    );
+    assert!(!stored.snapshot.is_empty());
+    let doc = stored.to_doc().unwrap();
+    let view = Order::from_doc(doc, c.writer.clone())
+        .unwrap()
+        .view()
+        .unwrap();
+    assert_eq!(view.lines[0].quantity, 151);
     relay.stop().await;
 }
