@@ -1,0 +1,884 @@
+//! The sans-IO sync engine: every order on the device, its sync state with the relay, its local
+//! sync status, and the connection's lifecycle — driven by inputs, answered with effects.
+//!
+//! Shape (after quinn-proto and samod-core): the caller feeds inputs (`handle_*`, and the local
+//! operations), passing the time in; the engine queues what must happen next, which the caller
+//! drains in this order:
+//!
+//! 1. [`Engine::poll_effect`]: storage writes (and connect requests). The caller performs each
+//!    durably before going on;
+//! 2. [`Engine::poll_transmit`]: frames for the relay. Draining effects first is what makes a
+//!    change durable on the device before it is advertised to anyone;
+//! 3. [`Engine::poll_event`]: notifications for the app.
+//!
+//! [`Engine::poll_timeout`] says when to call [`Engine::handle_timeout`] next (reconnect backoff,
+//! retention of settled orders). Nothing here reads a clock, a socket, a file or the OS random
+//! source, so simulations are deterministic.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{Automerge, ChangeHash, ReadDoc};
+use crdt_model::wire::{ClientFrame, FeedEntry, RelayFrame, Version, codes, heads_from_wire};
+use crdt_model::{
+    Currency, Entropy, ModelError, NewOrder, Order, OrderId, OrderNumber, OrderStatus, OrderView,
+    SplitMix64, Timestamp, Writer,
+};
+use serde_bytes::ByteBuf;
+
+use crate::error::ReplicatorError;
+use crate::status::{LocalSyncStatus, Trigger};
+use crate::store::{Blocked, Identity, OrderRecord, StoredOrder};
+
+/// Tunables of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// First reconnect delay, ms.
+    pub backoff_min_ms: i64,
+    /// Longest reconnect delay, ms.
+    pub backoff_max_ms: i64,
+    /// How long a closed, synced order stays on the device before it is evicted, ms.
+    pub retention_ms: i64,
+    /// `storage_error` answers in a row before pending orders are marked Failed.
+    pub storage_error_limit: u32,
+    /// Tail changes per order before the local copy is compacted.
+    pub compact_every: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            backoff_min_ms: 250,
+            backoff_max_ms: 30_000,
+            retention_ms: 24 * 3600 * 1000,
+            storage_error_limit: 3,
+            compact_every: 128,
+        }
+    }
+}
+
+/// A storage write (or connection request) the driver must perform, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Append changes to an order's tail and write its record.
+    Append {
+        /// The order.
+        order: OrderId,
+        /// Raw change bytes.
+        changes: Vec<Vec<u8>>,
+        /// Its record after the change.
+        record: OrderRecord,
+    },
+    /// Write an order's record only.
+    Record {
+        /// The order.
+        order: OrderId,
+        /// The record.
+        record: OrderRecord,
+    },
+    /// Replace an order's snapshot and tail with a full save.
+    Compact {
+        /// The order.
+        order: OrderId,
+        /// `save()` bytes.
+        snapshot: Vec<u8>,
+        /// The record.
+        record: OrderRecord,
+    },
+    /// Remove an order from the device (retention passed).
+    Remove {
+        /// The order.
+        order: OrderId,
+    },
+    /// Remember the store feed position.
+    FeedSeq(u64),
+    /// Open the connection to the relay now.
+    Connect,
+}
+
+/// Something the app may want to show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The order's content changed (locally or from the relay).
+    OrderChanged(OrderId),
+    /// The order's local sync status changed.
+    SyncStatusChanged {
+        /// The order.
+        order: OrderId,
+        /// The new status.
+        status: LocalSyncStatus,
+    },
+    /// The relay's number reached the order.
+    NumberAssigned {
+        /// The order.
+        order: OrderId,
+        /// Its number.
+        number: OrderNumber,
+    },
+    /// The relay refused the order's changes.
+    Rejected {
+        /// The order.
+        order: OrderId,
+        /// Reason code.
+        code: String,
+        /// Reason.
+        message: String,
+    },
+    /// An order created elsewhere is now on this device.
+    OrderArrived(OrderId),
+    /// The relay answered.
+    Connected,
+    /// The connection is down; changes wait on the device.
+    Disconnected,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Link {
+    Offline { attempt: u32, retry_at: i64 },
+    Connecting,
+    Handshaking,
+    Online,
+}
+
+struct Slot {
+    doc: Automerge,
+    record: OrderRecord,
+    sync: sync::State,
+    /// Subscribed on the current connection (a sync message was sent since it opened).
+    subscribed: bool,
+    fetching: bool,
+    tail_len: usize,
+    number: Option<OrderNumber>,
+}
+
+/// The device's sync engine. See the module docs.
+pub struct Engine {
+    identity: Identity,
+    writer: Writer,
+    config: EngineConfig,
+    orders: BTreeMap<OrderId, Slot>,
+    removed: BTreeMap<OrderId, i64>,
+    link: Link,
+    outbox: VecDeque<ClientFrame>,
+    effects: VecDeque<Effect>,
+    events: VecDeque<Event>,
+    feed_seq: u64,
+    storage_errors: u32,
+    rng: SplitMix64,
+}
+
+fn to_hashes(h: &[[u8; 32]]) -> Vec<ChangeHash> {
+    h.iter().map(|b| ChangeHash(*b)).collect()
+}
+
+fn from_hashes(h: &[ChangeHash]) -> Vec<[u8; 32]> {
+    h.iter().map(|c| c.0).collect()
+}
+
+impl Engine {
+    /// An engine for `identity`, holding the orders the store had. `seed` feeds the backoff
+    /// jitter.
+    pub fn new(
+        identity: Identity,
+        stored: Vec<StoredOrder>,
+        feed_seq: u64,
+        config: EngineConfig,
+        seed: u64,
+    ) -> Result<Self, ReplicatorError> {
+        let writer = Writer::new(identity.device, identity.epoch);
+        let mut orders = BTreeMap::new();
+        for s in stored {
+            let mut doc = if s.snapshot.is_empty() {
+                Automerge::new()
+            } else {
+                Automerge::load(&s.snapshot)
+                    .map_err(|e| ReplicatorError::Corrupt(format!("order {}: {e}", s.order)))?
+            };
+            for c in &s.tail {
+                doc.load_incremental(c)
+                    .map_err(|e| ReplicatorError::Corrupt(format!("order {}: {e}", s.order)))?;
+            }
+            let doc = doc.with_actor(writer.actor.clone());
+            let number = Order::from_doc(doc.clone(), writer.clone())
+                .ok()
+                .and_then(|o| o.number().ok().flatten());
+            orders.insert(
+                s.order,
+                Slot {
+                    fetching: doc.get_heads().is_empty(),
+                    doc,
+                    tail_len: s.tail.len(),
+                    record: s.record,
+                    sync: sync::State::new(),
+                    subscribed: false,
+                    number,
+                },
+            );
+        }
+        Ok(Self {
+            identity,
+            writer,
+            config,
+            orders,
+            removed: BTreeMap::new(),
+            link: Link::Offline {
+                attempt: 0,
+                retry_at: 0,
+            },
+            outbox: VecDeque::new(),
+            effects: VecDeque::new(),
+            events: VecDeque::new(),
+            feed_seq,
+            storage_errors: 0,
+            rng: SplitMix64::new(seed),
+        })
+    }
+
+    /// The device identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Whether the relay connection is up (welcome received).
+    pub fn is_online(&self) -> bool {
+        self.link == Link::Online
+    }
+
+    // ----- outputs -------------------------------------------------------------------------
+
+    /// Next storage write or connect request. Perform it before draining transmits.
+    #[must_use]
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// Next frame to send to the relay.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<ClientFrame> {
+        self.outbox.pop_front()
+    }
+
+    /// Next app notification.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] should run next (ms), if ever.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<i64> {
+        let reconnect = match self.link {
+            Link::Offline { retry_at, .. } => Some(retry_at),
+            _ => None,
+        };
+        let evict = self
+            .orders
+            .values()
+            .filter(|s| s.record.status == LocalSyncStatus::Synced)
+            .filter_map(|s| s.record.settled_at)
+            .min()
+            .map(|t| t + self.config.retention_ms);
+        match (reconnect, evict) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    // ----- connection lifecycle ---------------------------------------------------------------
+
+    /// Time passed: reconnects when the backoff expires, evicts settled orders past retention.
+    pub fn handle_timeout(&mut self, now: i64) {
+        if let Link::Offline { retry_at, .. } = self.link
+            && now >= retry_at
+        {
+            self.link = Link::Connecting;
+            self.effects.push_back(Effect::Connect);
+        }
+        let due: Vec<OrderId> = self
+            .orders
+            .iter()
+            .filter(|(_, s)| s.record.status == LocalSyncStatus::Synced)
+            .filter(|(_, s)| {
+                s.record
+                    .settled_at
+                    .is_some_and(|t| t + self.config.retention_ms <= now)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.orders.remove(&id);
+            self.removed.insert(id, now);
+            self.effects.push_back(Effect::Remove { order: id });
+            self.events.push_back(Event::SyncStatusChanged {
+                order: id,
+                status: LocalSyncStatus::Removed,
+            });
+        }
+    }
+
+    /// The socket is open: say hello.
+    pub fn handle_connected(&mut self, _now: i64) {
+        self.link = Link::Handshaking;
+        self.outbox.clear();
+        self.outbox.push_back(ClientFrame::Hello {
+            protocol: Version::CURRENT,
+            device: self.identity.device.to_string(),
+            agent: concat!("replicator/", env!("CARGO_PKG_VERSION")).to_owned(),
+            feed_since: self.feed_seq,
+        });
+    }
+
+    /// The connection failed or dropped: schedule a reconnect with exponential backoff and
+    /// jitter; orders with pending changes become Delayed.
+    pub fn handle_disconnected(&mut self, now: i64) {
+        let attempt = match self.link {
+            Link::Offline { attempt, .. } => attempt + 1,
+            Link::Connecting | Link::Handshaking => 1,
+            Link::Online => 0,
+        };
+        let base = self
+            .config
+            .backoff_min_ms
+            .saturating_mul(1i64 << attempt.min(20))
+            .min(self.config.backoff_max_ms);
+        let jitter = (self.rng.next_u64() % (base as u64 / 2 + 1)) as i64;
+        self.link = Link::Offline {
+            attempt,
+            retry_at: now + base / 2 + jitter,
+        };
+        self.outbox.clear();
+        if attempt == 0 {
+            self.events.push_back(Event::Disconnected);
+        }
+        let ids: Vec<OrderId> = self.orders.keys().copied().collect();
+        for id in ids {
+            if let Some(s) = self.orders.get_mut(&id) {
+                s.sync = sync::State::new();
+                s.subscribed = false;
+            }
+            self.transition(id, Trigger::Offline, now);
+        }
+    }
+
+    /// One frame from the relay.
+    pub fn handle_frame(&mut self, frame: RelayFrame, now: i64) {
+        match frame {
+            RelayFrame::Welcome { .. } => self.on_welcome(now),
+            RelayFrame::Sync { order, data } => self.on_sync(&order, &data, now),
+            RelayFrame::Receipt { order, heads } => self.on_receipt(&order, &heads, now),
+            RelayFrame::Rejected {
+                order,
+                code,
+                message,
+                changes,
+            } => self.on_rejected(&order, code, message, &changes, now),
+            RelayFrame::Feed { entries } => self.on_feed(entries, now),
+            RelayFrame::Unavailable { order } => self.on_unavailable(&order, now),
+            RelayFrame::Error {
+                code,
+                message,
+                fatal,
+            } => {
+                tracing::warn!(%code, %message, fatal, "relay error");
+                if code == codes::STORAGE {
+                    self.storage_errors += 1;
+                    if self.storage_errors >= self.config.storage_error_limit {
+                        let ids: Vec<OrderId> = self.orders.keys().copied().collect();
+                        for id in ids {
+                            self.transition(id, Trigger::StorageErrors, now);
+                        }
+                    }
+                }
+                if fatal {
+                    self.handle_disconnected(now);
+                }
+            }
+            RelayFrame::Ping { nonce } => self.outbox.push_back(ClientFrame::Pong { nonce }),
+            RelayFrame::Pong { .. } => {}
+            RelayFrame::Bye => self.handle_disconnected(now),
+        }
+    }
+
+    fn on_welcome(&mut self, now: i64) {
+        self.link = Link::Online;
+        self.storage_errors = 0;
+        self.events.push_back(Event::Connected);
+        let ids: Vec<OrderId> = self.orders.keys().copied().collect();
+        for id in ids {
+            self.transition(id, Trigger::Reconnected, now);
+            let wants = self
+                .orders
+                .get(&id)
+                .is_some_and(|s| s.fetching || s.record.status.has_pending_changes());
+            if wants {
+                self.send_sync(id);
+            }
+        }
+    }
+
+    fn on_sync(&mut self, order: &str, data: &[u8], now: i64) {
+        let Ok(id) = order.parse::<OrderId>() else {
+            return;
+        };
+        let Some(slot) = self.orders.get_mut(&id) else {
+            return;
+        };
+        let Ok(msg) = sync::Message::decode(data) else {
+            tracing::warn!(%id, "undecodable sync message from relay");
+            return;
+        };
+        let before = slot.doc.get_heads();
+        if let Err(e) = slot.doc.receive_sync_message(&mut slot.sync, msg) {
+            tracing::warn!(%id, error = %e, "sync message refused");
+            slot.sync = sync::State::new();
+            return;
+        }
+        let new: Vec<Vec<u8>> = slot
+            .doc
+            .get_changes(&before)
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        if !new.is_empty() {
+            let arrived =
+                slot.fetching && Order::from_doc(slot.doc.clone(), self.writer.clone()).is_ok();
+            if arrived {
+                slot.fetching = false;
+                self.events.push_back(Event::OrderArrived(id));
+            }
+            self.persist(id, new);
+            self.events.push_back(Event::OrderChanged(id));
+            self.refresh_number(id);
+            self.transition(id, Trigger::RemoteChange, now);
+            self.check_covered(id, now);
+        }
+        self.send_sync(id);
+    }
+
+    fn on_receipt(&mut self, order: &str, heads: &[ByteBuf], now: i64) {
+        let Ok(id) = order.parse::<OrderId>() else {
+            return;
+        };
+        let Ok(heads) = heads_from_wire(heads) else {
+            return;
+        };
+        let Some(slot) = self.orders.get_mut(&id) else {
+            return;
+        };
+        slot.record.receipted = from_hashes(&heads);
+        self.storage_errors = 0;
+        self.check_covered(id, now);
+    }
+
+    /// Synced exactly when the last receipt covers every local change.
+    fn check_covered(&mut self, id: OrderId, now: i64) {
+        let Some(slot) = self.orders.get(&id) else {
+            return;
+        };
+        let receipted = to_hashes(&slot.record.receipted);
+        if receipted.is_empty()
+            || !receipted
+                .iter()
+                .all(|h| slot.doc.get_change_by_hash(h).is_some())
+        {
+            return;
+        }
+        let mine = slot
+            .doc
+            .get_changes(&receipted)
+            .iter()
+            .any(|c| c.actor_id() == &self.writer.actor);
+        if !mine && !slot.record.status.eq(&LocalSyncStatus::Synced) {
+            self.transition(id, Trigger::ReceiptCovers, now);
+        }
+    }
+
+    fn on_rejected(
+        &mut self,
+        order: &str,
+        code: String,
+        message: String,
+        changes: &[ByteBuf],
+        now: i64,
+    ) {
+        let Ok(id) = order.parse::<OrderId>() else {
+            return;
+        };
+        let Some(slot) = self.orders.get_mut(&id) else {
+            return;
+        };
+        slot.sync = sync::State::new();
+        slot.record.blocked = Some(Blocked {
+            code: code.clone(),
+            message: message.clone(),
+            changes: changes
+                .iter()
+                .filter_map(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .collect(),
+        });
+        self.events.push_back(Event::Rejected {
+            order: id,
+            code,
+            message,
+        });
+        self.transition(id, Trigger::RelayRejected, now);
+    }
+
+    fn on_unavailable(&mut self, order: &str, now: i64) {
+        let Ok(id) = order.parse::<OrderId>() else {
+            return;
+        };
+        let Some(slot) = self.orders.get(&id) else {
+            return;
+        };
+        if slot.fetching {
+            self.orders.remove(&id);
+            self.effects.push_back(Effect::Remove { order: id });
+            return;
+        }
+        self.on_rejected(
+            order,
+            "unavailable".into(),
+            "the relay does not serve this order to this device".into(),
+            &[],
+            now,
+        );
+    }
+
+    fn on_feed(&mut self, entries: Vec<FeedEntry>, now: i64) {
+        let mut max_seq = self.feed_seq;
+        for e in entries {
+            max_seq = max_seq.max(e.seq);
+            let Ok(id) = e.order.parse::<OrderId>() else {
+                continue;
+            };
+            let terminal = e
+                .status
+                .parse::<OrderStatus>()
+                .map(OrderStatus::is_terminal)
+                .unwrap_or(false);
+            match self.orders.get(&id) {
+                Some(slot) => {
+                    let theirs = heads_from_wire(&e.heads).unwrap_or_default();
+                    let behind = theirs
+                        .iter()
+                        .any(|h| slot.doc.get_change_by_hash(h).is_none());
+                    if behind && !slot.subscribed && slot.record.status != LocalSyncStatus::Blocked
+                    {
+                        self.send_sync(id);
+                    }
+                }
+                None if !terminal && !self.removed.contains_key(&id) => {
+                    self.start_fetch(id, now);
+                }
+                None => {}
+            }
+        }
+        if max_seq > self.feed_seq {
+            self.feed_seq = max_seq;
+            self.effects.push_back(Effect::FeedSeq(max_seq));
+        }
+    }
+
+    fn start_fetch(&mut self, id: OrderId, now: i64) {
+        self.orders.insert(
+            id,
+            Slot {
+                doc: Automerge::new().with_actor(self.writer.actor.clone()),
+                record: OrderRecord::new(LocalSyncStatus::Synced, now),
+                sync: sync::State::new(),
+                subscribed: false,
+                fetching: true,
+                tail_len: 0,
+                number: None,
+            },
+        );
+        self.removed.remove(&id);
+        self.send_sync(id);
+    }
+
+    /// Asks the relay for an order this device does not hold (evicted, or never seen).
+    pub fn fetch(&mut self, id: OrderId, now: i64) {
+        if !self.orders.contains_key(&id) {
+            self.start_fetch(id, now);
+        }
+    }
+
+    /// Sends the next sync message for `id`, if connected and there is something to say.
+    fn send_sync(&mut self, id: OrderId) {
+        if self.link != Link::Online {
+            return;
+        }
+        let Some(slot) = self.orders.get_mut(&id) else {
+            return;
+        };
+        if slot.record.status == LocalSyncStatus::Blocked {
+            return;
+        }
+        if let Some(m) = slot.doc.generate_sync_message(&mut slot.sync) {
+            slot.subscribed = true;
+            self.outbox.push_back(ClientFrame::Sync {
+                order: id.to_string(),
+                data: ByteBuf::from(m.encode()),
+            });
+        }
+    }
+
+    fn refresh_number(&mut self, id: OrderId) {
+        let Some(slot) = self.orders.get_mut(&id) else {
+            return;
+        };
+        let number = Order::from_doc(slot.doc.clone(), self.writer.clone())
+            .ok()
+            .and_then(|o| o.number().ok().flatten());
+        if number.is_some() && number != slot.number {
+            slot.number = number;
+            if let Some(n) = number {
+                self.events.push_back(Event::NumberAssigned {
+                    order: id,
+                    number: n,
+                });
+            }
+        }
+    }
+
+    /// Applies a status trigger; records and announces a change.
+    fn transition(&mut self, id: OrderId, trigger: Trigger, now: i64) {
+        let Some(slot) = self.orders.get_mut(&id) else {
+            return;
+        };
+        let Some(next) = slot.record.status.next(trigger) else {
+            return;
+        };
+        if next == slot.record.status {
+            return;
+        }
+        slot.record.status = next;
+        slot.record.updated_at = now;
+        if next != LocalSyncStatus::Blocked {
+            slot.record.blocked = None;
+        }
+        if next == LocalSyncStatus::Synced {
+            let terminal = Order::from_doc(slot.doc.clone(), self.writer.clone())
+                .and_then(|o| o.status())
+                .is_ok_and(OrderStatus::is_terminal);
+            if terminal && slot.record.charging.is_empty() {
+                slot.record.settled_at.get_or_insert(now);
+            }
+        }
+        self.effects.push_back(Effect::Record {
+            order: id,
+            record: slot.record.clone(),
+        });
+        self.events.push_back(Event::SyncStatusChanged {
+            order: id,
+            status: next,
+        });
+    }
+
+    /// Queues the durable write of `changes` (plus the record); compacts when the tail is long.
+    fn persist(&mut self, id: OrderId, changes: Vec<Vec<u8>>) {
+        let Some(slot) = self.orders.get_mut(&id) else {
+            return;
+        };
+        slot.tail_len += changes.len();
+        if slot.tail_len > self.config.compact_every {
+            slot.tail_len = 0;
+            self.effects.push_back(Effect::Compact {
+                order: id,
+                snapshot: slot.doc.save(),
+                record: slot.record.clone(),
+            });
+        } else {
+            self.effects.push_back(Effect::Append {
+                order: id,
+                changes,
+                record: slot.record.clone(),
+            });
+        }
+    }
+
+    // ----- local operations ------------------------------------------------------------------
+
+    /// Creates an order (id made here, usable at once; the relay's number comes later).
+    pub fn create_order(
+        &mut self,
+        now: i64,
+        rng: &mut dyn Entropy,
+        currency: Currency,
+    ) -> Result<OrderId, ReplicatorError> {
+        let at = Timestamp(now);
+        let id = OrderId::generate(at, rng);
+        let new = NewOrder {
+            id,
+            store: self.identity.store.clone(),
+            currency,
+        };
+        let order = Order::create(new, self.writer.clone(), at, rng)?;
+        let changes: Vec<Vec<u8>> = order
+            .doc()
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        self.orders.insert(
+            id,
+            Slot {
+                doc: order.into_doc(),
+                record: OrderRecord::new(LocalSyncStatus::Syncing, now),
+                sync: sync::State::new(),
+                subscribed: false,
+                fetching: false,
+                tail_len: 0,
+                number: None,
+            },
+        );
+        self.persist(id, changes);
+        self.events.push_back(Event::SyncStatusChanged {
+            order: id,
+            status: LocalSyncStatus::Syncing,
+        });
+        self.events.push_back(Event::OrderChanged(id));
+        self.send_sync(id);
+        Ok(id)
+    }
+
+    /// Runs a typed operation on an order as one change, queues its durable write, moves the
+    /// sync status by `trigger` and, when online, offers it to the relay. A refused operation
+    /// changes nothing.
+    pub fn edit<T>(
+        &mut self,
+        id: OrderId,
+        now: i64,
+        trigger: Trigger,
+        op: impl FnOnce(&mut Order) -> Result<T, ModelError>,
+    ) -> Result<T, ReplicatorError> {
+        let slot = self
+            .orders
+            .get_mut(&id)
+            .ok_or(ReplicatorError::UnknownOrder(id))?;
+        if slot.fetching {
+            return Err(ReplicatorError::UnknownOrder(id));
+        }
+        let doc = std::mem::take(&mut slot.doc);
+        let mut order = match Order::from_doc(doc.clone(), self.writer.clone()) {
+            Ok(o) => o,
+            Err(e) => {
+                slot.doc = doc;
+                return Err(e.into());
+            }
+        };
+        drop(doc);
+        let before = order.heads();
+        let result = op(&mut order);
+        let changes: Vec<Vec<u8>> = order
+            .doc()
+            .get_changes(&before)
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        slot.doc = order.into_doc();
+        let value = result?;
+        if !changes.is_empty() {
+            self.persist(id, changes);
+            self.events.push_back(Event::OrderChanged(id));
+            self.transition(id, trigger, now);
+            self.send_sync(id);
+        }
+        Ok(value)
+    }
+
+    /// Changes the device-only record of an order (e.g. the list of charges in flight).
+    pub fn update_record(
+        &mut self,
+        id: OrderId,
+        now: i64,
+        f: impl FnOnce(&mut OrderRecord),
+    ) -> Result<(), ReplicatorError> {
+        let slot = self
+            .orders
+            .get_mut(&id)
+            .ok_or(ReplicatorError::UnknownOrder(id))?;
+        f(&mut slot.record);
+        slot.record.updated_at = now;
+        self.effects.push_back(Effect::Record {
+            order: id,
+            record: slot.record.clone(),
+        });
+        Ok(())
+    }
+
+    /// Applies a trigger that is not an edit (a charge that ended without a change, a retry of
+    /// a blocked order).
+    pub fn trigger(
+        &mut self,
+        id: OrderId,
+        trigger: Trigger,
+        now: i64,
+    ) -> Result<(), ReplicatorError> {
+        if !self.orders.contains_key(&id) {
+            return Err(ReplicatorError::UnknownOrder(id));
+        }
+        self.transition(id, trigger, now);
+        if trigger == Trigger::RetryBlocked {
+            if let Some(s) = self.orders.get_mut(&id) {
+                s.sync = sync::State::new();
+            }
+            self.send_sync(id);
+        }
+        Ok(())
+    }
+
+    // ----- reads -----------------------------------------------------------------------------
+
+    /// The order as a typed, read-only handle (a copy).
+    pub fn order(&self, id: OrderId) -> Result<Order, ReplicatorError> {
+        let slot = self
+            .orders
+            .get(&id)
+            .filter(|s| !s.fetching)
+            .ok_or(ReplicatorError::UnknownOrder(id))?;
+        Ok(Order::from_doc(slot.doc.clone(), self.writer.clone())?)
+    }
+
+    /// The order's view.
+    pub fn view(&self, id: OrderId) -> Result<OrderView, ReplicatorError> {
+        Ok(self.order(id)?.view()?)
+    }
+
+    /// The order's local sync status; Removed for an evicted order.
+    pub fn sync_status(&self, id: OrderId) -> Option<LocalSyncStatus> {
+        match self.orders.get(&id) {
+            Some(s) => Some(s.record.status),
+            None => self
+                .removed
+                .contains_key(&id)
+                .then_some(LocalSyncStatus::Removed),
+        }
+    }
+
+    /// The order's device-only record.
+    pub fn record(&self, id: OrderId) -> Option<&OrderRecord> {
+        self.orders.get(&id).map(|s| &s.record)
+    }
+
+    /// Every order on the device (fully present), with its id.
+    pub fn order_ids(&self) -> Vec<OrderId> {
+        self.orders
+            .iter()
+            .filter(|(_, s)| !s.fetching)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Views of the store's active (not Done/Deleted) orders on this device, including those
+    /// created on other terminals.
+    pub fn active_orders(&self) -> Vec<OrderView> {
+        self.orders
+            .iter()
+            .filter(|(_, s)| !s.fetching)
+            .filter_map(|(id, _)| self.view(*id).ok())
+            .filter(|v| !v.status.is_terminal())
+            .collect()
+    }
+}

@@ -1,0 +1,797 @@
+//! [`Replicator`]: the async API a POS app uses, and the tokio + tokio-tungstenite driver around
+//! the sans-IO [`Engine`].
+//!
+//! Every write operation runs the typed operation in the engine, then performs the resulting
+//! storage effects (one durable redb transaction per order touched) **before it returns**, and
+//! only then lets the connection task send anything. The connection task owns the WebSocket: it
+//! connects with the device token, feeds frames to the engine, performs effects, sends frames,
+//! and reconnects with backoff when the link drops.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crdt_model::wire::RelayFrame;
+use crdt_model::{
+    ActiveStatus, Currency, Entropy, FinalPayment, LineDraft, LineId, OrderId, OrderView,
+    PaymentDraft, PaymentId, PaymentKind, PaymentState,
+};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{Mutex, Notify, broadcast};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::core::{Effect, Engine, EngineConfig, Event};
+use crate::error::ReplicatorError;
+use crate::status::{LocalSyncStatus, Trigger};
+use crate::store::redb_store::RedbStore;
+use crate::store::{Identity, Store};
+use crate::terminal::{ChargeOutcome, PaymentTerminal};
+
+/// Settings of a replicator.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Engine tunables (backoff, retention, compaction).
+    pub engine: EngineConfig,
+    /// How long one connection attempt may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            engine: EngineConfig::default(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// OS randomness for ids and jitter.
+#[derive(Debug, Default)]
+struct OsEntropy;
+
+impl Entropy for OsEntropy {
+    fn next_u64(&mut self) -> u64 {
+        static FALLBACK: AtomicU64 = AtomicU64::new(0x5EED);
+        getrandom::u64().unwrap_or_else(|_| {
+            (now_ms() as u64).rotate_left(23) ^ FALLBACK.fetch_add(0x9E37_79B9, Ordering::Relaxed)
+        })
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// How a card charge ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChargeResult {
+    /// Captured; the order is Charged until the relay confirms.
+    Captured(PaymentId),
+    /// Declined; the payment is voided.
+    Declined {
+        /// The payment (voided).
+        payment: PaymentId,
+        /// The terminal's reason.
+        reason: String,
+    },
+}
+
+/// What reconciliation did with a charge whose outcome had not been recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reconciled {
+    /// The terminal had taken the money: the payment is now captured.
+    Captured(OrderId, PaymentId),
+    /// The terminal never took it (or declined): the payment is voided.
+    Voided(OrderId, PaymentId),
+    /// The terminal could not tell yet; the payment stays pending.
+    Unknown(OrderId, PaymentId),
+}
+
+struct State {
+    engine: Engine,
+    rng: OsEntropy,
+    /// Effects not yet durable (a failed write is retried before anything else).
+    pending: std::collections::VecDeque<Effect>,
+    connect_requested: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    store: Arc<dyn Store>,
+    events: broadcast::Sender<Event>,
+    wake: Notify,
+    closed: AtomicBool,
+    terminal: Arc<dyn PaymentTerminal>,
+    config: Config,
+}
+
+/// The device library's handle. Cheap to clone.
+#[derive(Clone)]
+pub struct Replicator {
+    shared: Arc<Shared>,
+}
+
+impl Replicator {
+    /// Opens (or creates) the device's redb store at `path`. `identity` is written on first
+    /// open; a store set up for another device is refused.
+    pub async fn open(
+        path: &Path,
+        identity: Identity,
+        config: Config,
+        terminal: Arc<dyn PaymentTerminal>,
+    ) -> Result<Self, ReplicatorError> {
+        let p = path.to_path_buf();
+        let store = tokio::task::spawn_blocking(move || RedbStore::open(&p))
+            .await
+            .map_err(|e| ReplicatorError::Storage(e.to_string()))??;
+        Self::with_store(Arc::new(store), identity, config, terminal).await
+    }
+
+    /// Like [`Self::open`] with any [`Store`] (a `MemoryStore` in tests).
+    pub async fn with_store(
+        store: Arc<dyn Store>,
+        identity: Identity,
+        config: Config,
+        terminal: Arc<dyn PaymentTerminal>,
+    ) -> Result<Self, ReplicatorError> {
+        let st = Arc::clone(&store);
+        let id = identity.clone();
+        let (identity, orders, feed) =
+            tokio::task::spawn_blocking(move || -> Result<_, ReplicatorError> {
+                let identity = match st.identity()? {
+                    Some(existing) if existing.device != id.device => {
+                        return Err(ReplicatorError::Invalid(format!(
+                            "this store belongs to device {}",
+                            existing.device
+                        )));
+                    }
+                    Some(existing) => Identity {
+                        relay_url: id.relay_url,
+                        token: id.token,
+                        ..existing
+                    },
+                    None => id,
+                };
+                st.set_identity(&identity)?;
+                Ok((identity, st.load_orders()?, st.feed_seq()?))
+            })
+            .await
+            .map_err(|e| ReplicatorError::Storage(e.to_string()))??;
+        let mut rng = OsEntropy;
+        let engine = Engine::new(
+            identity,
+            orders,
+            feed,
+            config.engine.clone(),
+            rng.next_u64(),
+        )?;
+        let (events, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                engine,
+                rng,
+                pending: Default::default(),
+                connect_requested: false,
+            }),
+            store,
+            events,
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
+            terminal,
+            config,
+        });
+        tokio::spawn(connection_task(Arc::clone(&shared)));
+        Ok(Self { shared })
+    }
+
+    /// Events: order changed, sync status changed, number assigned, rejected, (dis)connected.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// Stops syncing (the store stays as it is; reopening resumes).
+    pub async fn close(&self) {
+        self.shared.closed.store(true, Ordering::Relaxed);
+        self.shared.wake.notify_waiters();
+        self.shared.wake.notify_one();
+    }
+
+    async fn run<T>(
+        &self,
+        f: impl FnOnce(&mut Engine, i64, &mut OsEntropy) -> Result<T, ReplicatorError>,
+    ) -> Result<T, ReplicatorError> {
+        if self.shared.closed.load(Ordering::Relaxed) {
+            return Err(ReplicatorError::Closed);
+        }
+        let mut st = self.shared.state.lock().await;
+        let State { engine, rng, .. } = &mut *st;
+        let result = f(engine, now_ms(), rng);
+        flush(&self.shared, &mut st).await?;
+        drop(st);
+        self.shared.wake.notify_one();
+        result
+    }
+
+    async fn edit<T: Send>(
+        &self,
+        order: OrderId,
+        trigger: Trigger,
+        op: impl FnOnce(
+            &mut crdt_model::Order,
+            crdt_model::Timestamp,
+            &mut dyn Entropy,
+        ) -> Result<T, crdt_model::ModelError>,
+    ) -> Result<T, ReplicatorError> {
+        self.run(|e, now, rng| {
+            e.edit(order, now, trigger, |o| {
+                op(o, crdt_model::Timestamp(now), rng)
+            })
+        })
+        .await
+    }
+
+    /// Creates an order; its id is usable at once, its number arrives later (an event).
+    pub async fn create_order(&self, currency: Currency) -> Result<OrderId, ReplicatorError> {
+        self.run(|e, now, rng| e.create_order(now, rng, currency))
+            .await
+    }
+
+    /// Adds a line.
+    pub async fn add_line(
+        &self,
+        order: OrderId,
+        line: LineDraft,
+    ) -> Result<LineId, ReplicatorError> {
+        self.edit(order, Trigger::LocalEdit, |o, at, rng| {
+            o.add_line(at, rng, line)
+        })
+        .await
+    }
+
+    /// Changes a line's quantity by `delta`.
+    pub async fn change_quantity(
+        &self,
+        order: OrderId,
+        line: LineId,
+        delta: i64,
+    ) -> Result<(), ReplicatorError> {
+        self.edit(order, Trigger::LocalEdit, |o, at, _| {
+            o.change_quantity(at, line, delta)
+        })
+        .await
+    }
+
+    /// Sets a line's quantity.
+    pub async fn set_quantity(
+        &self,
+        order: OrderId,
+        line: LineId,
+        quantity: i64,
+    ) -> Result<(), ReplicatorError> {
+        self.edit(order, Trigger::LocalEdit, |o, at, _| {
+            o.set_quantity(at, line, quantity)
+        })
+        .await
+    }
+
+    /// Overrides a line's unit price.
+    pub async fn set_unit_price(
+        &self,
+        order: OrderId,
+        line: LineId,
+        price: i64,
+    ) -> Result<(), ReplicatorError> {
+        self.edit(order, Trigger::LocalEdit, |o, at, _| {
+            o.set_unit_price(at, line, price)
+        })
+        .await
+    }
+
+    /// Replaces a line's note.
+    pub async fn set_note(
+        &self,
+        order: OrderId,
+        line: LineId,
+        note: String,
+    ) -> Result<(), ReplicatorError> {
+        self.edit(order, Trigger::LocalEdit, move |o, at, _| {
+            o.set_note(at, line, &note)
+        })
+        .await
+    }
+
+    /// Removes a line.
+    pub async fn remove_line(&self, order: OrderId, line: LineId) -> Result<(), ReplicatorError> {
+        self.edit(order, Trigger::LocalEdit, |o, at, _| {
+            o.remove_line(at, line)
+        })
+        .await
+    }
+
+    /// Moves the order between active statuses.
+    pub async fn set_status(
+        &self,
+        order: OrderId,
+        status: ActiveStatus,
+    ) -> Result<(), ReplicatorError> {
+        self.edit(order, Trigger::LocalEdit, |o, at, rng| {
+            o.set_status(at, rng, status)
+        })
+        .await
+    }
+
+    /// Records a payment already taken (cash in the drawer, a cheque, a gift card redeemed):
+    /// captured in one change.
+    pub async fn take_payment(
+        &self,
+        order: OrderId,
+        payment: PaymentDraft,
+    ) -> Result<PaymentId, ReplicatorError> {
+        self.edit(order, Trigger::PaymentCaptured, |o, at, rng| {
+            o.add_payment(at, rng, payment, PaymentState::Captured)
+        })
+        .await
+    }
+
+    /// Charges a card through the terminal, crash-safe: the payment is recorded `pending` (and
+    /// the order Charging) durably **before** the terminal is asked; the outcome is recorded
+    /// after. If the app dies in between, [`Self::pending_charges`] lists the payment and
+    /// [`Self::reconcile`] settles it with the terminal — never charged twice, never forgotten.
+    pub async fn charge_card(
+        &self,
+        order: OrderId,
+        amount: i64,
+    ) -> Result<ChargeResult, ReplicatorError> {
+        let (payment, currency) = self
+            .run(|e, now, rng| {
+                let draft = PaymentDraft {
+                    kind: PaymentKind::CardTerminal,
+                    amount,
+                    reference: String::new(),
+                };
+                let currency = e.order(order)?.currency();
+                let p = e.edit(order, now, Trigger::ChargeStarted, |o| {
+                    o.add_payment(
+                        crdt_model::Timestamp(now),
+                        rng,
+                        draft,
+                        PaymentState::Pending,
+                    )
+                })?;
+                e.update_record(order, now, |r| r.charging.push(p))?;
+                Ok((p, currency))
+            })
+            .await?;
+        let outcome = self.shared.terminal.charge(payment, amount, currency).await;
+        match outcome {
+            Ok(outcome) => self.record_outcome(order, payment, outcome).await,
+            Err(e) => Err(ReplicatorError::Terminal(format!(
+                "{e}; payment {payment} stays pending for reconciliation"
+            ))),
+        }
+    }
+
+    async fn record_outcome(
+        &self,
+        order: OrderId,
+        payment: PaymentId,
+        outcome: ChargeOutcome,
+    ) -> Result<ChargeResult, ReplicatorError> {
+        self.run(|e, now, rng| {
+            let at = crdt_model::Timestamp(now);
+            let result = match outcome {
+                ChargeOutcome::Approved {
+                    auth_code,
+                    masked_card,
+                } => {
+                    let reference = format!("{auth_code} {masked_card}");
+                    e.edit(order, now, Trigger::PaymentCaptured, |o| {
+                        let state = o
+                            .view()?
+                            .payments
+                            .iter()
+                            .find(|p| p.id == payment)
+                            .map(|p| p.state);
+                        if state == Some(PaymentState::Pending) {
+                            o.authorize_payment(at, rng, payment, &reference)?;
+                        }
+                        if matches!(
+                            state,
+                            Some(PaymentState::Pending | PaymentState::Authorized)
+                        ) {
+                            o.capture_payment(at, rng, payment)?;
+                        }
+                        Ok(())
+                    })?;
+                    ChargeResult::Captured(payment)
+                }
+                ChargeOutcome::Declined { reason } => {
+                    e.edit(order, now, Trigger::PaymentEnded, |o| {
+                        o.void_payment(at, rng, payment)
+                    })?;
+                    ChargeResult::Declined { payment, reason }
+                }
+            };
+            e.update_record(order, now, |r| r.charging.retain(|p| *p != payment))?;
+            Ok(result)
+        })
+        .await
+    }
+
+    /// Card payments sent to the terminal whose outcome was never recorded (the app died or
+    /// the terminal did not answer).
+    pub async fn pending_charges(&self) -> Vec<(OrderId, PaymentId)> {
+        let st = self.shared.state.lock().await;
+        st.engine
+            .order_ids()
+            .into_iter()
+            .filter_map(|id| st.engine.record(id).map(|r| (id, r.charging.clone())))
+            .flat_map(|(id, ps)| ps.into_iter().map(move |p| (id, p)))
+            .collect()
+    }
+
+    /// Settles every pending charge by asking the terminal what happened (`lookup`, never a new
+    /// charge).
+    pub async fn reconcile(&self) -> Result<Vec<Reconciled>, ReplicatorError> {
+        let mut done = Vec::new();
+        for (order, payment) in self.pending_charges().await {
+            match self.shared.terminal.lookup(payment).await {
+                Ok(Some(outcome @ ChargeOutcome::Approved { .. })) => {
+                    self.record_outcome(order, payment, outcome).await?;
+                    done.push(Reconciled::Captured(order, payment));
+                }
+                Ok(Some(outcome @ ChargeOutcome::Declined { .. })) => {
+                    self.record_outcome(order, payment, outcome).await?;
+                    done.push(Reconciled::Voided(order, payment));
+                }
+                Ok(None) => {
+                    self.record_outcome(
+                        order,
+                        payment,
+                        ChargeOutcome::Declined {
+                            reason: "never reached the terminal".into(),
+                        },
+                    )
+                    .await?;
+                    done.push(Reconciled::Voided(order, payment));
+                }
+                Err(_) => done.push(Reconciled::Unknown(order, payment)),
+            }
+        }
+        Ok(done)
+    }
+
+    /// Completes the sale: the final payment (if any) and Done in one change.
+    pub async fn complete_sale(
+        &self,
+        order: OrderId,
+        last: Option<FinalPayment>,
+    ) -> Result<Option<PaymentId>, ReplicatorError> {
+        self.edit(order, Trigger::LocalEdit, |o, at, rng| {
+            o.complete_sale(at, rng, last)
+        })
+        .await
+    }
+
+    /// Deletes (cancels) the order.
+    pub async fn delete(&self, order: OrderId) -> Result<(), ReplicatorError> {
+        self.edit(order, Trigger::DeleteRequested, |o, at, rng| {
+            o.delete(at, rng)
+        })
+        .await
+    }
+
+    /// Voids a pending or authorised payment (also on a closed order).
+    pub async fn void_payment(
+        &self,
+        order: OrderId,
+        payment: PaymentId,
+    ) -> Result<(), ReplicatorError> {
+        self.edit(order, Trigger::PaymentEnded, |o, at, rng| {
+            o.void_payment(at, rng, payment)
+        })
+        .await
+    }
+
+    /// Refunds a captured payment (also on a closed order).
+    pub async fn refund_payment(
+        &self,
+        order: OrderId,
+        payment: PaymentId,
+    ) -> Result<(), ReplicatorError> {
+        self.edit(order, Trigger::LocalEdit, |o, at, rng| {
+            o.refund_payment(at, rng, payment)
+        })
+        .await
+    }
+
+    /// A manager acknowledges a late edit.
+    pub async fn acknowledge_late_edit(
+        &self,
+        order: OrderId,
+        edit: String,
+        note: String,
+    ) -> Result<(), ReplicatorError> {
+        self.edit(order, Trigger::LocalEdit, move |o, at, rng| {
+            o.acknowledge_late_edit(at, rng, &edit, &note)
+        })
+        .await
+    }
+
+    /// Retries a Blocked order's changes (after whatever caused the refusal was fixed).
+    pub async fn retry_blocked(&self, order: OrderId) -> Result<(), ReplicatorError> {
+        self.run(|e, now, _| e.trigger(order, Trigger::RetryBlocked, now))
+            .await
+    }
+
+    /// Fetches an order from the relay (evicted, or created elsewhere and not yet here).
+    pub async fn fetch(&self, order: OrderId) -> Result<(), ReplicatorError> {
+        self.run(|e, now, _| {
+            e.fetch(order, now);
+            Ok(())
+        })
+        .await
+    }
+
+    /// The order's view.
+    pub async fn view(&self, order: OrderId) -> Result<OrderView, ReplicatorError> {
+        self.shared.state.lock().await.engine.view(order)
+    }
+
+    /// The order's local sync status.
+    pub async fn sync_status(&self, order: OrderId) -> Option<LocalSyncStatus> {
+        self.shared.state.lock().await.engine.sync_status(order)
+    }
+
+    /// Why the relay refused the order, while it is Blocked.
+    pub async fn blocked_reason(&self, order: OrderId) -> Option<crate::store::Blocked> {
+        self.shared
+            .state
+            .lock()
+            .await
+            .engine
+            .record(order)
+            .and_then(|r| r.blocked.clone())
+    }
+
+    /// Active orders of the store held on this device (including other terminals' orders).
+    pub async fn active_orders(&self) -> Vec<OrderView> {
+        self.shared.state.lock().await.engine.active_orders()
+    }
+
+    /// Every order id on the device.
+    pub async fn order_ids(&self) -> Vec<OrderId> {
+        self.shared.state.lock().await.engine.order_ids()
+    }
+
+    /// Whether the relay connection is up.
+    pub async fn is_online(&self) -> bool {
+        self.shared.state.lock().await.engine.is_online()
+    }
+
+    /// Waits until `order` reaches `status` (or the timeout passes).
+    pub async fn wait_for_status(
+        &self,
+        order: OrderId,
+        status: LocalSyncStatus,
+        timeout: Duration,
+    ) -> Result<(), ReplicatorError> {
+        let mut rx = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.sync_status(order).await == Some(status) {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(broadcast::error::RecvError::Closed)) => {
+                    return Err(ReplicatorError::Closed);
+                }
+                Err(_) => {
+                    let now = self.sync_status(order).await;
+                    return Err(ReplicatorError::Invalid(format!(
+                        "order {order} is {now:?}, not {status} after {timeout:?}"
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// Performs queued effects durably, in order; then publishes events. Stops at the first
+/// failed write, keeping it (and everything after it) for the next flush.
+async fn flush(shared: &Shared, st: &mut State) -> Result<(), ReplicatorError> {
+    while let Some(e) = st.engine.poll_effect() {
+        // An order's record change right after its append rides in the same transaction.
+        if let (
+            Effect::Record { order, record },
+            Some(Effect::Append {
+                order: o2,
+                record: r2,
+                ..
+            }),
+        ) = (&e, st.pending.back_mut())
+            && order == o2
+        {
+            *r2 = record.clone();
+            continue;
+        }
+        st.pending.push_back(e);
+    }
+    while let Some(effect) = st.pending.front().cloned() {
+        if effect == Effect::Connect {
+            st.connect_requested = true;
+            st.pending.pop_front();
+            continue;
+        }
+        let store = Arc::clone(&shared.store);
+        let result = tokio::task::spawn_blocking(move || match effect {
+            Effect::Append {
+                order,
+                changes,
+                record,
+            } => store.append(order, &changes, &record),
+            Effect::Record { order, record } => store.put_record(order, &record),
+            Effect::Compact {
+                order,
+                snapshot,
+                record,
+            } => store.compact(order, &snapshot, &record),
+            Effect::Remove { order } => store.remove(order),
+            Effect::FeedSeq(seq) => store.set_feed_seq(seq),
+            Effect::Connect => Ok(()),
+        })
+        .await
+        .map_err(|e| ReplicatorError::Storage(e.to_string()))?;
+        match result {
+            Ok(()) => {
+                st.pending.pop_front();
+            }
+            Err(ReplicatorError::UnknownOrder(_)) => {
+                // A record for an order removed meanwhile: nothing to keep.
+                st.pending.pop_front();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "local store write failed; will retry");
+                return Err(e);
+            }
+        }
+    }
+    while let Some(ev) = st.engine.poll_event() {
+        let _ = shared.events.send(ev);
+    }
+    Ok(())
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(identity: &Identity, timeout: Duration) -> Result<Ws, String> {
+    let mut req = identity
+        .relay_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    let auth = format!("Bearer {}", identity.token)
+        .parse()
+        .map_err(|_| "token is not a valid header value".to_owned())?;
+    req.headers_mut().insert("Authorization", auth);
+    match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(req)).await {
+        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("connect timed out".into()),
+    }
+}
+
+/// Sends every queued frame; false if the socket failed.
+async fn send_all(ws: &mut Ws, frames: Vec<crdt_model::wire::ClientFrame>) -> bool {
+    for f in frames {
+        if ws.send(Message::Binary(f.encode().into())).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Flushes effects, then takes the frames to send (only once every effect is durable).
+async fn step(shared: &Shared, st: &mut State) -> Vec<crdt_model::wire::ClientFrame> {
+    if flush(shared, st).await.is_err() || !st.pending.is_empty() {
+        return Vec::new();
+    }
+    std::iter::from_fn(|| st.engine.poll_transmit()).collect()
+}
+
+fn sleep_for(deadline: Option<i64>) -> Duration {
+    deadline.map_or(Duration::from_secs(3600), |d| {
+        Duration::from_millis((d - now_ms()).clamp(0, 3_600_000) as u64)
+    })
+}
+
+async fn connection_task(shared: Arc<Shared>) {
+    loop {
+        if shared.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let (connect_now, deadline, identity) = {
+            let mut st = shared.state.lock().await;
+            st.engine.handle_timeout(now_ms());
+            let _ = flush(&shared, &mut st).await;
+            let c = std::mem::take(&mut st.connect_requested);
+            (c, st.engine.poll_timeout(), st.engine.identity().clone())
+        };
+        if !connect_now {
+            tokio::select! {
+                () = tokio::time::sleep(sleep_for(deadline)) => {}
+                () = shared.wake.notified() => {}
+            }
+            continue;
+        }
+        let mut ws = match connect(&identity, shared.config.connect_timeout).await {
+            Ok(ws) => ws,
+            Err(e) => {
+                tracing::debug!(error = %e, "relay unreachable");
+                let mut st = shared.state.lock().await;
+                st.engine.handle_disconnected(now_ms());
+                let _ = flush(&shared, &mut st).await;
+                continue;
+            }
+        };
+        let frames = {
+            let mut st = shared.state.lock().await;
+            st.engine.handle_connected(now_ms());
+            step(&shared, &mut st).await
+        };
+        let mut alive = send_all(&mut ws, frames).await;
+        while alive && !shared.closed.load(Ordering::Relaxed) {
+            let deadline = shared.state.lock().await.engine.poll_timeout();
+            let frames = tokio::select! {
+                incoming = ws.next() => {
+                    match incoming {
+                        Some(Ok(Message::Binary(b))) => match RelayFrame::decode(&b) {
+                            Ok(frame) => {
+                                let mut st = shared.state.lock().await;
+                                st.engine.handle_frame(frame, now_ms());
+                                step(&shared, &mut st).await
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "undecodable frame from relay");
+                                alive = false;
+                                Vec::new()
+                            }
+                        },
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                            alive = false;
+                            Vec::new()
+                        }
+                        Some(Ok(_)) => Vec::new(),
+                    }
+                }
+                () = shared.wake.notified() => {
+                    let mut st = shared.state.lock().await;
+                    step(&shared, &mut st).await
+                }
+                () = tokio::time::sleep(sleep_for(deadline)) => {
+                    let mut st = shared.state.lock().await;
+                    st.engine.handle_timeout(now_ms());
+                    step(&shared, &mut st).await
+                }
+            };
+            if alive {
+                alive = send_all(&mut ws, frames).await;
+            }
+            if !shared.state.lock().await.engine.is_online() && !alive {
+                break;
+            }
+        }
+        let _ = ws.close(None).await;
+        let mut st = shared.state.lock().await;
+        if st.engine.is_online() || !alive {
+            st.engine.handle_disconnected(now_ms());
+            let _ = flush(&shared, &mut st).await;
+        }
+    }
+}

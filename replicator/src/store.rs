@@ -1,0 +1,259 @@
+//! The device's local store: the [`Store`] trait, its records, and [`MemoryStore`].
+//!
+//! Every method is one durable transaction: when it returns `Ok`, the data survives a crash
+//! (`kill -9`, power loss). The redb implementation lives in `store/redb_store.rs` (feature
+//! `runtime-tokio`); [`MemoryStore`] serves simulations and tests.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use crdt_model::{DeviceId, OrderId, PaymentId, StoreId};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ReplicatorError;
+use crate::status::LocalSyncStatus;
+
+#[cfg(feature = "runtime-tokio")]
+pub mod redb_store;
+
+/// Who this device is, and where its relay is. Written once when the device is set up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The provisioned device id.
+    pub device: DeviceId,
+    /// The device's store.
+    pub store: StoreId,
+    /// Actor epoch chosen when this local store was created (a reinstall gets a new one).
+    pub epoch: u32,
+    /// The relay's WebSocket URL (`ws://host:port/v1/sync` or `wss://...`).
+    pub relay_url: String,
+    /// The device token.
+    pub token: String,
+}
+
+/// Why the relay refused an order's changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blocked {
+    /// Stable reason code from the relay.
+    pub code: String,
+    /// Human-readable reason.
+    pub message: String,
+    /// Hashes of the refused changes.
+    pub changes: Vec<[u8; 32]>,
+}
+
+/// Device-only bookkeeping for one order. Never sent to the relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRecord {
+    /// The local sync status.
+    pub status: LocalSyncStatus,
+    /// Heads of the last durable receipt from the relay.
+    pub receipted: Vec<[u8; 32]>,
+    /// Set while the order is Blocked.
+    pub blocked: Option<Blocked>,
+    /// Card payments sent to the terminal whose outcome is not recorded yet.
+    pub charging: Vec<PaymentId>,
+    /// When the order became closed and synced (ms), for the retention window.
+    pub settled_at: Option<i64>,
+    /// Last local change of this record (ms).
+    pub updated_at: i64,
+}
+
+impl OrderRecord {
+    /// A record for an order just created or fetched.
+    pub fn new(status: LocalSyncStatus, now_ms: i64) -> Self {
+        Self {
+            status,
+            receipted: Vec::new(),
+            blocked: None,
+            charging: Vec::new(),
+            settled_at: None,
+            updated_at: now_ms,
+        }
+    }
+}
+
+/// One order as stored on the device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredOrder {
+    /// The order id.
+    pub order: OrderId,
+    /// The last compacted `save()` (may be empty if only the tail exists).
+    pub snapshot: Vec<u8>,
+    /// Raw Automerge changes (or incremental saves) since the snapshot, in order.
+    pub tail: Vec<Vec<u8>>,
+    /// Device-only bookkeeping.
+    pub record: OrderRecord,
+}
+
+/// A device's durable local store. Implementations must make each call one atomic, durable
+/// transaction, and must never overwrite a file they cannot read.
+pub trait Store: Send + Sync + 'static {
+    /// The device identity, if the store was set up.
+    fn identity(&self) -> Result<Option<Identity>, ReplicatorError>;
+    /// Sets the identity; refuses to replace a different one (`Invalid`).
+    fn set_identity(&self, identity: &Identity) -> Result<(), ReplicatorError>;
+    /// Every order on the device.
+    fn load_orders(&self) -> Result<Vec<StoredOrder>, ReplicatorError>;
+    /// Appends changes (raw bytes) to an order's tail and writes its record, in one transaction.
+    /// Creates the order if it is new.
+    fn append(
+        &self,
+        order: OrderId,
+        changes: &[Vec<u8>],
+        record: &OrderRecord,
+    ) -> Result<(), ReplicatorError>;
+    /// Writes only the record.
+    fn put_record(&self, order: OrderId, record: &OrderRecord) -> Result<(), ReplicatorError>;
+    /// Replaces snapshot and tail with `snapshot` (a full save), and writes the record.
+    fn compact(
+        &self,
+        order: OrderId,
+        snapshot: &[u8],
+        record: &OrderRecord,
+    ) -> Result<(), ReplicatorError>;
+    /// Removes an order entirely (eviction after the retention window).
+    fn remove(&self, order: OrderId) -> Result<(), ReplicatorError>;
+    /// The last store-feed sequence processed.
+    fn feed_seq(&self) -> Result<u64, ReplicatorError>;
+    /// Records the last store-feed sequence processed.
+    fn set_feed_seq(&self, seq: u64) -> Result<(), ReplicatorError>;
+}
+
+#[derive(Default)]
+struct MemoryInner {
+    identity: Option<Identity>,
+    orders: BTreeMap<OrderId, StoredOrder>,
+    feed_seq: u64,
+}
+
+/// A store in memory, for simulations and tests. Cloning the data out (`snapshot`) and back
+/// (`from_snapshot`) simulates a crash and restart.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<MemoryInner>,
+}
+
+fn poisoned() -> ReplicatorError {
+    ReplicatorError::Storage("memory store lock poisoned".into())
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every stored order (what would survive a crash).
+    pub fn orders(&self) -> Result<Vec<StoredOrder>, ReplicatorError> {
+        Ok(self
+            .inner
+            .lock()
+            .map_err(|_| poisoned())?
+            .orders
+            .values()
+            .cloned()
+            .collect())
+    }
+
+    /// A copy holding exactly what this store has durably stored.
+    pub fn crash_copy(&self) -> Result<Self, ReplicatorError> {
+        let g = self.inner.lock().map_err(|_| poisoned())?;
+        Ok(Self {
+            inner: Mutex::new(MemoryInner {
+                identity: g.identity.clone(),
+                orders: g.orders.clone(),
+                feed_seq: g.feed_seq,
+            }),
+        })
+    }
+}
+
+impl Store for MemoryStore {
+    fn identity(&self) -> Result<Option<Identity>, ReplicatorError> {
+        Ok(self.inner.lock().map_err(|_| poisoned())?.identity.clone())
+    }
+
+    fn set_identity(&self, identity: &Identity) -> Result<(), ReplicatorError> {
+        let mut g = self.inner.lock().map_err(|_| poisoned())?;
+        match &g.identity {
+            Some(existing) if existing != identity => Err(ReplicatorError::Invalid(
+                "this store belongs to another device identity".into(),
+            )),
+            _ => {
+                g.identity = Some(identity.clone());
+                Ok(())
+            }
+        }
+    }
+
+    fn load_orders(&self) -> Result<Vec<StoredOrder>, ReplicatorError> {
+        self.orders()
+    }
+
+    fn append(
+        &self,
+        order: OrderId,
+        changes: &[Vec<u8>],
+        record: &OrderRecord,
+    ) -> Result<(), ReplicatorError> {
+        let mut g = self.inner.lock().map_err(|_| poisoned())?;
+        let entry = g.orders.entry(order).or_insert_with(|| StoredOrder {
+            order,
+            snapshot: Vec::new(),
+            tail: Vec::new(),
+            record: record.clone(),
+        });
+        entry.tail.extend(changes.iter().cloned());
+        entry.record = record.clone();
+        Ok(())
+    }
+
+    fn put_record(&self, order: OrderId, record: &OrderRecord) -> Result<(), ReplicatorError> {
+        let mut g = self.inner.lock().map_err(|_| poisoned())?;
+        match g.orders.get_mut(&order) {
+            Some(o) => {
+                o.record = record.clone();
+                Ok(())
+            }
+            None => Err(ReplicatorError::UnknownOrder(order)),
+        }
+    }
+
+    fn compact(
+        &self,
+        order: OrderId,
+        snapshot: &[u8],
+        record: &OrderRecord,
+    ) -> Result<(), ReplicatorError> {
+        let mut g = self.inner.lock().map_err(|_| poisoned())?;
+        g.orders.insert(
+            order,
+            StoredOrder {
+                order,
+                snapshot: snapshot.to_vec(),
+                tail: Vec::new(),
+                record: record.clone(),
+            },
+        );
+        Ok(())
+    }
+
+    fn remove(&self, order: OrderId) -> Result<(), ReplicatorError> {
+        self.inner
+            .lock()
+            .map_err(|_| poisoned())?
+            .orders
+            .remove(&order);
+        Ok(())
+    }
+
+    fn feed_seq(&self) -> Result<u64, ReplicatorError> {
+        Ok(self.inner.lock().map_err(|_| poisoned())?.feed_seq)
+    }
+
+    fn set_feed_seq(&self, seq: u64) -> Result<(), ReplicatorError> {
+        self.inner.lock().map_err(|_| poisoned())?.feed_seq = seq;
+        Ok(())
+    }
+}
