@@ -219,3 +219,249 @@ async fn offline_edits_sync_after_reconnect() {
     );
     relay.halt().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_terminals_edit_one_order_and_converge() {
+    let relay = start_relay(tempfile::tempdir().unwrap(), 0).await;
+    let devs = tempfile::tempdir().unwrap();
+    let term = Arc::new(SimTerminal::new(SimMode::Approve));
+    let a = device(&devs, "a", relay.identity("s1", "a"), Arc::clone(&term)).await;
+    let b = device(&devs, "b", relay.identity("s1", "b"), Arc::clone(&term)).await;
+    let order = a.create_order(eur()).await.unwrap();
+    let burger = a.add_line(order, line("Burger", 900, 1)).await.unwrap();
+    a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+        .await
+        .unwrap();
+    wait_view(&b, order, |v| v.lines.len() == 1).await;
+    // Both edit at once: A takes a partial payment and bumps the burger, B adds fries and a
+    // second burger too.
+    let (ra, rb) = tokio::join!(
+        async {
+            a.take_payment(order, cash(500)).await.unwrap();
+            a.change_quantity(order, burger, 1).await.unwrap();
+        },
+        async {
+            b.add_line(order, line("Fries", 300, 1)).await.unwrap();
+            b.change_quantity(order, burger, 1).await.unwrap();
+        }
+    );
+    let _ = (ra, rb);
+    a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+        .await
+        .unwrap();
+    b.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+        .await
+        .unwrap();
+    let va = wait_view(&a, order, |v| {
+        v.lines.len() == 2 && v.lines.iter().any(|l| l.quantity == 3)
+    })
+    .await;
+    let vb = wait_view(&b, order, |v| {
+        v.payments.len() == 1 && v.lines.iter().any(|l| l.quantity == 3)
+    })
+    .await;
+    assert_eq!(va, vb);
+    assert_eq!(va.totals.total, 3 * 900 + 300);
+    assert_eq!(va.totals.paid, 500);
+    assert_eq!(va.totals.balance_due, 2_500);
+    relay.halt().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restart_mid_sync_loses_nothing() {
+    let relay = start_relay(tempfile::tempdir().unwrap(), 0).await;
+    let devs = tempfile::tempdir().unwrap();
+    let a = device(
+        &devs,
+        "a",
+        relay.identity("s1", "a"),
+        Arc::new(SimTerminal::new(SimMode::Approve)),
+    )
+    .await;
+    let order = a.create_order(eur()).await.unwrap();
+    a.add_line(order, line("Tea", 300, 1)).await.unwrap();
+    a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+        .await
+        .unwrap();
+    let (dir, port) = relay.halt().await;
+    // Edits while the relay is down.
+    for i in 0..5 {
+        a.add_line(order, line(&format!("Cookie {i}"), 150, 1))
+            .await
+            .unwrap();
+    }
+    a.wait_for_status(order, LocalSyncStatus::Delayed, WAIT)
+        .await
+        .unwrap();
+    let relay = start_relay(dir, port).await;
+    a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+        .await
+        .unwrap();
+    let stored = relay
+        .store
+        .load_order(order)
+        .unwrap()
+        .unwrap()
+        .to_doc()
+        .unwrap();
+    let on_relay = Order::from_doc(stored, Writer::new(DeviceId(Default::default()), 0))
+        .unwrap()
+        .view()
+        .unwrap();
+    assert_eq!(on_relay.lines.len(), 6);
+    assert_eq!(on_relay, a.view(order).await.unwrap());
+    assert_eq!(on_relay.number, Some(1), "one number, assigned once");
+    relay.halt().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn card_payments_are_charged_declined_and_synced() {
+    let relay = start_relay(tempfile::tempdir().unwrap(), 0).await;
+    let devs = tempfile::tempdir().unwrap();
+    let term = Arc::new(SimTerminal::new(SimMode::Approve));
+    let a = device(&devs, "a", relay.identity("s1", "a"), Arc::clone(&term)).await;
+    let order = a.create_order(eur()).await.unwrap();
+    a.add_line(order, line("Steak", 2_500, 1)).await.unwrap();
+    term.set_mode(SimMode::Decline);
+    let declined = a.charge_card(order, 2_500).await.unwrap();
+    assert!(matches!(declined, ChargeResult::Declined { .. }));
+    term.set_mode(SimMode::Approve);
+    let ChargeResult::Captured(p) = a.charge_card(order, 2_500).await.unwrap() else {
+        panic!()
+    };
+    let v = a.view(order).await.unwrap();
+    let captured = v.payments.iter().find(|x| x.id == p).unwrap();
+    assert_eq!(captured.state, PaymentState::Captured);
+    assert!(
+        captured.reference.contains("4242") && captured.reference.contains("AUTH"),
+        "{}",
+        captured.reference
+    );
+    assert_eq!(
+        v.payments
+            .iter()
+            .filter(|x| x.state == PaymentState::Voided)
+            .count(),
+        1
+    );
+    assert_eq!(v.totals.balance_due, 0);
+    a.complete_sale(order, None).await.unwrap();
+    a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(term.charged(), 1);
+    assert!(a.pending_charges().await.is_empty());
+    relay.halt().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_charge_and_record_is_reconciled_without_a_second_charge() {
+    let relay = start_relay(tempfile::tempdir().unwrap(), 0).await;
+    let devs = tempfile::tempdir().unwrap();
+    let term = Arc::new(SimTerminal::new(SimMode::ApproveThenHang));
+    let identity = relay.identity("s1", "a");
+    let a = device(&devs, "a", identity.clone(), Arc::clone(&term)).await;
+    let order = a.create_order(eur()).await.unwrap();
+    a.add_line(order, line("Wine", 4_000, 1)).await.unwrap();
+    let charging = tokio::spawn({
+        let a = a.clone();
+        async move { a.charge_card(order, 4_000).await }
+    });
+    // The terminal took the money; the app dies before recording the outcome.
+    for _ in 0..200 {
+        if term.charged() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(term.charged(), 1);
+    assert_eq!(a.sync_status(order).await, Some(LocalSyncStatus::Charging));
+    charging.abort();
+    a.close().await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Restart on the same local store.
+    term.set_mode(SimMode::Approve);
+    let a = device(&devs, "a", identity, Arc::clone(&term)).await;
+    let pending = a.pending_charges().await;
+    assert_eq!(pending.len(), 1, "the pending payment is surfaced");
+    let v = a.view(order).await.unwrap();
+    assert_eq!(v.payments[0].state, PaymentState::Pending);
+    let done = a.reconcile().await.unwrap();
+    assert_eq!(done, vec![Reconciled::Captured(order, pending[0].1)]);
+    assert_eq!(term.charged(), 1, "never charged twice");
+    assert_eq!(
+        term.calls(),
+        1,
+        "reconciliation looks up, it does not charge"
+    );
+    let v = a.view(order).await.unwrap();
+    assert_eq!(v.payments[0].state, PaymentState::Captured);
+    a.complete_sale(order, None).await.unwrap();
+    a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+        .await
+        .unwrap();
+    relay.halt().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_the_relay_refuses_is_blocked_with_its_reason() {
+    let relay = start_relay(tempfile::tempdir().unwrap(), 0).await;
+    let devs = tempfile::tempdir().unwrap();
+    // A misconfigured till: its token is for store s2 but it creates orders for s1.
+    let mut identity = relay.identity("s2", "a");
+    identity.store = StoreId::new("s1").unwrap();
+    let a = device(
+        &devs,
+        "a",
+        identity,
+        Arc::new(SimTerminal::new(SimMode::Approve)),
+    )
+    .await;
+    let order = a.create_order(eur()).await.unwrap();
+    a.wait_for_status(order, LocalSyncStatus::Blocked, WAIT)
+        .await
+        .unwrap();
+    let reason = a.blocked_reason(order).await.unwrap();
+    assert_eq!(reason.code, "unavailable");
+    // Still readable, and not retried blindly.
+    assert!(a.view(order).await.is_ok());
+    a.add_line(order, line("Soup", 500, 1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.sync_status(order).await, Some(LocalSyncStatus::Blocked));
+    assert!(relay.store.order_meta(order).unwrap().is_none());
+    relay.halt().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_orders_are_evicted_after_retention_and_fetched_on_demand() {
+    let relay = start_relay(tempfile::tempdir().unwrap(), 0).await;
+    let devs = tempfile::tempdir().unwrap();
+    let mut config = fast();
+    config.engine.retention_ms = 300;
+    let a = Replicator::open(
+        &devs.path().join("a.redb"),
+        relay.identity("s1", "a"),
+        config,
+        Arc::new(SimTerminal::new(SimMode::Approve)),
+    )
+    .await
+    .unwrap();
+    let order = a.create_order(eur()).await.unwrap();
+    a.add_line(order, line("Cake", 400, 1)).await.unwrap();
+    a.complete_sale(order, Some(FinalPayment::New(cash(400))))
+        .await
+        .unwrap();
+    a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+        .await
+        .unwrap();
+    a.wait_for_status(order, LocalSyncStatus::Removed, WAIT)
+        .await
+        .unwrap();
+    assert!(a.view(order).await.is_err());
+    assert!(a.order_ids().await.is_empty());
+    a.fetch(order).await.unwrap();
+    let v = wait_view(&a, order, |v| v.status == OrderStatus::Done).await;
+    assert_eq!(v.totals.paid, 400);
+    relay.halt().await;
+}
