@@ -780,9 +780,13 @@ impl Engine {
         slot.doc = order.into_doc();
         let value = result?;
         if !changes.is_empty() {
+            self.transition(id, trigger, now);
+            if self.link != Link::Online {
+                // Saved on the device; the relay is out of reach for now.
+                self.transition(id, Trigger::Offline, now);
+            }
             self.persist(id, changes);
             self.events.push_back(Event::OrderChanged(id));
-            self.transition(id, trigger, now);
             self.send_sync(id);
         }
         Ok(value)

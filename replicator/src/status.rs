@@ -75,26 +75,29 @@ impl LocalSyncStatus {
         use LocalSyncStatus::*;
         use Trigger::*;
         let to = match (self, trigger) {
-            // A refusal is final until someone looks at it; nothing but a manual retry or an
-            // eviction moves a blocked order.
+            // An evicted order only comes back by being fetched.
+            (Removed, Fetched) => Synced,
+            (Removed, _) => return None,
+            // A refusal is final until a person retries.
             (Blocked, RetryBlocked) => Syncing,
             (Blocked, _) => return None,
             (_, RelayRejected) => Blocked,
-            (Removed, Fetched) => Synced,
-            (Removed, _) => return None,
+            // While the terminal is charging, only the charge's outcome moves the order.
             (Charging, PaymentCaptured) => Charged,
             (Charging, PaymentEnded) => Syncing,
             (Charging, _) => return None,
             (_, ChargeStarted) => Charging,
             (_, DeleteRequested) => Removing,
             (Removing, LocalEdit | PaymentCaptured | PaymentEnded) => Removing,
+            // Still waiting for the relay: a new edit does not change why.
+            (Delayed, LocalEdit | PaymentEnded) => Delayed,
+            (Failed, LocalEdit | PaymentEnded) => Failed,
             (_, PaymentCaptured) => Charged,
             (_, LocalEdit | PaymentEnded) => Syncing,
             (Syncing | Charged | Removing | Delayed | Failed, ReceiptCovers) => Synced,
             (Syncing | Charged | Removing | Failed, Offline) => Delayed,
-            (Delayed, Reconnected) => Syncing,
+            (Delayed | Failed, Reconnected) => Syncing,
             (Syncing | Charged | Removing | Delayed, StorageErrors) => Failed,
-            (Failed, Reconnected) => Syncing,
             (Synced, Evicted) => Removed,
             (Synced, RemoteChange | Fetched) => Synced,
             _ => return None,
