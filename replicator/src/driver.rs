@@ -107,6 +107,7 @@ struct Shared {
     closed: AtomicBool,
     terminal: Arc<dyn PaymentTerminal>,
     config: Config,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The device library's handle. Cheap to clone.
@@ -183,8 +184,12 @@ impl Replicator {
             closed: AtomicBool::new(false),
             terminal,
             config,
+            task: std::sync::Mutex::new(None),
         });
-        tokio::spawn(connection_task(Arc::clone(&shared)));
+        let task = tokio::spawn(connection_task(Arc::clone(&shared)));
+        if let Ok(mut t) = shared.task.lock() {
+            *t = Some(task);
+        }
         Ok(Self { shared })
     }
 
@@ -193,11 +198,16 @@ impl Replicator {
         self.shared.events.subscribe()
     }
 
-    /// Stops syncing (the store stays as it is; reopening resumes).
+    /// Stops syncing and waits for the connection to close. The store stays as it is (and is
+    /// released once every clone of this handle is dropped); reopening resumes.
     pub async fn close(&self) {
         self.shared.closed.store(true, Ordering::Relaxed);
         self.shared.wake.notify_waiters();
         self.shared.wake.notify_one();
+        let task = self.shared.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = task {
+            let _ = t.await;
+        }
     }
 
     async fn run<T>(

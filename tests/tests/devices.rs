@@ -465,3 +465,95 @@ async fn settled_orders_are_evicted_after_retention_and_fetched_on_demand() {
     assert_eq!(v.totals.paid, 400);
     relay.halt().await;
 }
+
+/// The app is "killed" (handle closed and dropped, store reopened) at each step of a card
+/// payment; each time the payment ends up recorded exactly once and money is taken at most once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_each_step_of_a_card_payment_never_charges_twice() {
+    let relay = start_relay(tempfile::tempdir().unwrap(), 0).await;
+    let devs = tempfile::tempdir().unwrap();
+    let identity = relay.identity("s1", "a");
+    // Step 1 done, step 2 never happened: pending recorded, the terminal took nothing.
+    // Step 2 done, answer lost: the terminal took the money but said "timeout".
+    for (mode, expect_captured) in [
+        (SimMode::Timeout, false),
+        (SimMode::ApproveThenTimeout, true),
+    ] {
+        let term = Arc::new(SimTerminal::new(mode.clone()));
+        let a = device(&devs, "a", identity.clone(), Arc::clone(&term)).await;
+        let order = a.create_order(eur()).await.unwrap();
+        a.add_line(order, line("Menu", 1_500, 1)).await.unwrap();
+        assert!(matches!(
+            a.charge_card(order, 1_500).await,
+            Err(ReplicatorError::Terminal(_))
+        ));
+        assert_eq!(a.sync_status(order).await, Some(LocalSyncStatus::Charging));
+        a.close().await;
+        drop(a);
+        let a = device(&devs, "a", identity.clone(), Arc::clone(&term)).await;
+        let pending = a.pending_charges().await;
+        assert_eq!(
+            pending.len(),
+            1,
+            "{mode:?}: the payment is surfaced after restart"
+        );
+        let done = a.reconcile().await.unwrap();
+        let v = a.view(order).await.unwrap();
+        if expect_captured {
+            assert_eq!(done, vec![Reconciled::Captured(order, pending[0].1)]);
+            assert_eq!(v.totals.paid, 1_500);
+            assert_eq!(term.charged(), 1);
+        } else {
+            assert_eq!(done, vec![Reconciled::Voided(order, pending[0].1)]);
+            assert_eq!(v.payments[0].state, PaymentState::Voided);
+            assert_eq!(term.charged(), 0);
+        }
+        assert_eq!(
+            term.calls(),
+            1,
+            "{mode:?}: reconciliation never charges again"
+        );
+        assert!(a.pending_charges().await.is_empty());
+        a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+            .await
+            .unwrap();
+        a.close().await;
+    }
+    // Step 3 done, step 4 not: captured locally while the relay is down, app restarted, then
+    // the relay comes back.
+    let (dir, port) = relay.halt().await;
+    let term = Arc::new(SimTerminal::new(SimMode::Approve));
+    let a = device(&devs, "a", identity.clone(), Arc::clone(&term)).await;
+    let order = a.create_order(eur()).await.unwrap();
+    a.add_line(order, line("Menu", 900, 1)).await.unwrap();
+    assert!(matches!(
+        a.charge_card(order, 900).await.unwrap(),
+        ChargeResult::Captured(_)
+    ));
+    a.close().await;
+    drop(a);
+    let a = device(&devs, "a", identity, Arc::clone(&term)).await;
+    assert!(
+        a.pending_charges().await.is_empty(),
+        "the outcome was recorded before the crash"
+    );
+    let relay = start_relay(dir, port).await;
+    a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+        .await
+        .unwrap();
+    let stored = relay
+        .store
+        .load_order(order)
+        .unwrap()
+        .unwrap()
+        .to_doc()
+        .unwrap();
+    let v = Order::from_doc(stored, Writer::new(DeviceId(Default::default()), 0))
+        .unwrap()
+        .view()
+        .unwrap();
+    assert_eq!(v.totals.paid, 900);
+    assert_eq!(v.payments.len(), 1);
+    assert_eq!(term.charged(), 1);
+    relay.halt().await;
+}
