@@ -406,13 +406,10 @@ impl Engine {
         let ids: Vec<OrderId> = self.orders.keys().copied().collect();
         for id in ids {
             self.transition(id, Trigger::Reconnected, now);
-            let wants = self
-                .orders
-                .get(&id)
-                .is_some_and(|s| s.fetching || s.record.status.has_pending_changes());
-            if wants {
-                self.send_sync(id);
-            }
+            // Every order is re-offered on a new connection: pending ones push their changes,
+            // the others learn what changed elsewhere while this device was away (the feed
+            // position alone cannot tell: it may have moved past an order whose sync was cut).
+            self.send_sync(id);
         }
     }
 
@@ -594,6 +591,13 @@ impl Engine {
             },
         );
         self.removed.remove(&id);
+        // Remember the fetch durably: the feed position moves past this order, so a crash
+        // before the order arrives must not forget to fetch it.
+        self.effects.push_back(Effect::Append {
+            order: id,
+            changes: Vec::new(),
+            record: OrderRecord::new(LocalSyncStatus::Synced, now),
+        });
         self.send_sync(id);
     }
 
