@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{Automerge, Change, ChangeHash};
+use automerge::{Automerge, Change, ChangeHash, ReadDoc};
 use crdt_model::wire::{FeedEntry, RelayFrame, codes, heads_to_wire};
 use crdt_model::{
     Author, DeviceId, Entropy, Order, OrderId, OrderNumber, OrderStatus, OrderView, Role, StoreId,
@@ -271,6 +271,36 @@ struct PeerDoc {
     peer: Arc<Peer>,
     state: sync::State,
     last_receipt: Vec<ChangeHash>,
+    /// Change chunks this peer sent that cannot be applied yet (a dependency is missing, e.g.
+    /// skipped because of a Bloom filter false positive). They are re-applied with the peer's
+    /// next message, and replies to it are generated as if they were queued, so the sync
+    /// protocol asks for the missing dependency instead of for the queued change again.
+    queued: Vec<Vec<u8>>,
+}
+
+/// Most bytes of not-yet-applicable changes kept per (order, connection).
+const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
+
+impl PeerDoc {
+    /// `doc`, plus this peer's queued chunks when it has any.
+    fn view_of(&self, doc: &Automerge) -> Option<Automerge> {
+        if self.queued.is_empty() {
+            return None;
+        }
+        let mut d = doc.fork();
+        for q in &self.queued {
+            let _ = d.load_incremental(q);
+        }
+        Some(d)
+    }
+
+    /// Generates the next message for this peer from `doc` (with its queued chunks).
+    fn generate(&mut self, doc: &Automerge) -> Option<sync::Message> {
+        match self.view_of(doc) {
+            Some(with_queue) => with_queue.generate_sync_message(&mut self.state),
+            None => doc.generate_sync_message(&mut self.state),
+        }
+    }
 }
 
 struct DocState {
@@ -497,6 +527,7 @@ impl Worker {
             peer: Arc::clone(&peer),
             state: sync::State::new(),
             last_receipt: Vec::new(),
+            queued: Vec::new(),
         });
         if !has_changes {
             if let Err(e) = d.committed.receive_sync_message(&mut pd.state, msg) {
@@ -511,14 +542,29 @@ impl Worker {
             return;
         }
         let mut fork = d.working.fork();
+        for q in &pd.queued {
+            let _ = fork.load_incremental(q);
+        }
+        let chunks: Vec<Vec<u8>> = msg.changes.iter().map(<[u8]>::to_vec).collect();
         if let Err(e) = fork.receive_sync_message(&mut pd.state, msg) {
             pd.state = sync::State::new();
+            pd.queued.clear();
             peer.send(RelayFrame::error(
                 codes::BAD_SYNC_MESSAGE,
                 e.to_string(),
                 false,
             ));
             return;
+        }
+        // Keep what could not be applied yet; drop the queue once everything applied.
+        if fork.get_missing_deps(&[]).is_empty() {
+            pd.queued.clear();
+        } else {
+            pd.queued.extend(chunks);
+            if pd.queued.iter().map(Vec::len).sum::<usize>() > MAX_QUEUED_BYTES {
+                pd.queued.clear();
+                pd.state = sync::State::new();
+            }
         }
         let before_heads = d.working.get_heads();
         let new_changes = fork.get_changes(&before_heads);
@@ -569,7 +615,7 @@ impl Worker {
         let Some(pd) = d.peers.get_mut(&conn) else {
             return;
         };
-        if let Some(m) = d.committed.generate_sync_message(&mut pd.state) {
+        if let Some(m) = pd.generate(&d.committed) {
             pd.peer.send(RelayFrame::Sync {
                 order: order.to_string(),
                 data: ByteBuf::from(m.encode()),
@@ -710,7 +756,7 @@ impl Worker {
             .receipts_pending
             .fetch_sub(inflight.origins.len() as i64, Ordering::Relaxed);
         for pd in d.peers.values_mut() {
-            if let Some(m) = d.committed.generate_sync_message(&mut pd.state) {
+            if let Some(m) = pd.generate(&d.committed) {
                 pd.peer.send(RelayFrame::Sync {
                     order: order.to_string(),
                     data: ByteBuf::from(m.encode()),

@@ -1,1 +1,11 @@
-//! Cross-crate test support: helpers shared by the merge conformance and story tests.
+//! Cross-crate test support and `pos-sim`.
+//!
+//! * [`proxy`]: a fault-injecting TCP proxy (cut, cut after N bytes, partition, delay).
+//! * [`harness`]: an embedded relay that can be stopped and restarted on the same port and data,
+//!   and terminals (the `replicator` library) behind per-terminal proxies.
+//! * [`sim`]: `pos-sim`, a store of terminals with cashier behaviour under injected faults,
+//!   checked end to end through the relay's HTTP API.
+
+pub mod harness;
+pub mod proxy;
+pub mod sim;

@@ -382,3 +382,439 @@ pub async fn recv_frame(ws: &mut Ws) -> Option<RelayFrame> {
 pub fn empty_order_doc() -> automerge::Automerge {
     automerge::Automerge::new()
 }
+
+/// A terminal that holds many orders at once, applies every frame to the order it belongs to
+/// (so fan-out for one order is never dropped while another is being synced), records every
+/// receipt, and survives a relay that dies under it: every network step returns
+/// `Err(Down)` instead of panicking.
+pub mod terminal {
+    use std::collections::{BTreeMap, BTreeSet, HashMap};
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use automerge::sync::{self, SyncDoc};
+    use automerge::{Automerge, ChangeHash, ReadDoc};
+    use crdt_model::wire::{ClientFrame, RelayFrame, Version, heads_from_wire};
+    use crdt_model::{
+        Currency, DeviceId, NewOrder, Order, OrderId, SplitMix64, StoreId, Timestamp, Writer,
+    };
+    use futures_util::{SinkExt, StreamExt};
+    use serde_bytes::ByteBuf;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    use super::{T0, Ws};
+
+    /// The connection is gone (closed, reset, refused, or never came up).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Down;
+
+    /// One `receipt` frame as received: the relay committed `order` up to `heads`.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Receipted {
+        pub order: OrderId,
+        pub heads: Vec<ChangeHash>,
+    }
+
+    /// Every receipt a terminal received, shareable with the test while the terminal runs.
+    pub type ReceiptLog = Arc<Mutex<Vec<Receipted>>>;
+
+    pub struct Terminal {
+        pub device: DeviceId,
+        pub token: String,
+        pub writer: Writer,
+        pub rng: SplitMix64,
+        pub now: i64,
+        /// The orders this terminal holds (created here or fetched).
+        pub orders: BTreeMap<OrderId, Order>,
+        /// The latest receipted heads per order (receipts only ever grow).
+        pub last_receipt: HashMap<OrderId, Vec<ChangeHash>>,
+        pub receipts: ReceiptLog,
+        /// Orders of the store learnt from the feed.
+        pub feed: BTreeSet<OrderId>,
+        pub feed_seq: u64,
+        /// `rejected`, `unavailable` and `error` frames.
+        pub unexpected: Vec<RelayFrame>,
+        /// Successful handshakes so far.
+        pub connects: u32,
+        /// Frames sent and received (all connections).
+        pub frames_out: u64,
+        pub frames_in: u64,
+        /// Work around the relay dropping a change that arrives before its dependency (see
+        /// `concurrent.rs`, `a_change_sent_before_its_dependency_is_stored`): when the relay asks
+        /// for a change this terminal holds, send it, outside Automerge's sync state, every
+        /// change not covered by the last receipt, in causal order (Automerge itself would not
+        /// resend a change it already sent, nor one the relay's Bloom filter claims). Off: a
+        /// plain Automerge sync loop.
+        pub resend_needed: bool,
+        /// How often that workaround sent its extra message.
+        pub resent: u64,
+        fetching: HashMap<OrderId, Automerge>,
+        states: HashMap<OrderId, sync::State>,
+        ws: Option<Ws>,
+    }
+
+    impl Terminal {
+        pub fn new(device: DeviceId, token: impl Into<String>, seed: u64) -> Self {
+            Self {
+                device,
+                token: token.into(),
+                writer: Writer::new(device, 1),
+                rng: SplitMix64::new(seed),
+                now: T0,
+                orders: BTreeMap::new(),
+                last_receipt: HashMap::new(),
+                receipts: ReceiptLog::default(),
+                feed: BTreeSet::new(),
+                feed_seq: 0,
+                unexpected: Vec::new(),
+                connects: 0,
+                frames_out: 0,
+                frames_in: 0,
+                resend_needed: false,
+                resent: 0,
+                fetching: HashMap::new(),
+                states: HashMap::new(),
+                ws: None,
+            }
+        }
+
+        pub fn is_up(&self) -> bool {
+            self.ws.is_some()
+        }
+
+        /// Opens a new connection (upgrade with the token, `hello`, `welcome`). Sync states are
+        /// per connection, so they start fresh.
+        pub async fn connect(&mut self, addr: SocketAddr) -> Result<(), Down> {
+            self.ws = None;
+            self.states.clear();
+            let mut req = format!("ws://{addr}/v1/sync")
+                .into_client_request()
+                .map_err(|_| Down)?;
+            req.headers_mut().insert(
+                "Authorization",
+                format!("Bearer {}", self.token).parse().map_err(|_| Down)?,
+            );
+            let connecting = tokio_tungstenite::connect_async(req);
+            let Ok(Ok((ws, _))) = tokio::time::timeout(Duration::from_secs(5), connecting).await
+            else {
+                return Err(Down);
+            };
+            self.ws = Some(ws);
+            self.send(&ClientFrame::Hello {
+                protocol: Version::CURRENT,
+                device: self.device.to_string(),
+                agent: "terminal-test".into(),
+                feed_since: self.feed_seq,
+            })
+            .await?;
+            match self.next_frame(Duration::from_secs(5)).await? {
+                Some(RelayFrame::Welcome { .. }) => {
+                    self.connects += 1;
+                    Ok(())
+                }
+                other => {
+                    self.ws = None;
+                    self.unexpected.extend(other);
+                    Err(Down)
+                }
+            }
+        }
+
+        /// Says `bye` and closes the connection.
+        pub async fn bye(&mut self) {
+            if let Some(mut ws) = self.ws.take() {
+                let _ = ws
+                    .send(Message::Binary(ClientFrame::Bye.encode().into()))
+                    .await;
+                let _ = ws.close(None).await;
+            }
+        }
+
+        async fn send(&mut self, frame: &ClientFrame) -> Result<(), Down> {
+            let Some(ws) = self.ws.as_mut() else {
+                return Err(Down);
+            };
+            if ws
+                .send(Message::Binary(frame.encode().into()))
+                .await
+                .is_err()
+            {
+                self.ws = None;
+                return Err(Down);
+            }
+            self.frames_out += 1;
+            Ok(())
+        }
+
+        /// The next frame; `Ok(None)` if none arrived within `wait` (zero: only one already
+        /// received).
+        pub async fn next_frame(&mut self, wait: Duration) -> Result<Option<RelayFrame>, Down> {
+            let Some(ws) = self.ws.as_mut() else {
+                return Err(Down);
+            };
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                match tokio::time::timeout_at(deadline, ws.next()).await {
+                    Err(_) => return Ok(None),
+                    Ok(Some(Ok(Message::Binary(b)))) => {
+                        let frame = RelayFrame::decode(&b)
+                            .unwrap_or_else(|e| panic!("the relay sent an undecodable frame: {e}"));
+                        self.frames_in += 1;
+                        return Ok(Some(frame));
+                    }
+                    Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => {
+                        self.ws = None;
+                        return Err(Down);
+                    }
+                    Ok(Some(Ok(_))) => {}
+                }
+            }
+        }
+
+        pub fn tick(&mut self) -> Timestamp {
+            self.now += 1000;
+            Timestamp(self.now)
+        }
+
+        /// Creates an order locally (not sent yet).
+        pub fn create(&mut self, store: &str) -> OrderId {
+            let at = self.tick();
+            let new = NewOrder {
+                id: OrderId::generate(at, &mut self.rng),
+                store: StoreId::new(store).unwrap(),
+                currency: Currency::new("EUR").unwrap(),
+            };
+            let order = Order::create(new, self.writer.clone(), at, &mut self.rng).unwrap();
+            let id = order.id();
+            self.orders.insert(id, order);
+            id
+        }
+
+        /// Sends one sync message for `id` (held or being fetched) if there is anything to say.
+        pub async fn push(&mut self, id: OrderId) -> Result<bool, Down> {
+            let state = self.states.entry(id).or_default();
+            let msg = if let Some(o) = self.orders.get(&id) {
+                o.doc().generate_sync_message(state)
+            } else if let Some(d) = self.fetching.get(&id) {
+                d.generate_sync_message(state)
+            } else {
+                None
+            };
+            let Some(m) = msg else {
+                return Ok(false);
+            };
+            self.send(&ClientFrame::Sync {
+                order: id.to_string(),
+                data: ByteBuf::from(m.encode()),
+            })
+            .await?;
+            Ok(true)
+        }
+
+        /// Applies one frame: a sync message to its order (answered at once), a receipt to the
+        /// log, feed entries to the known orders; anything else unexpected is kept.
+        pub async fn handle(&mut self, frame: RelayFrame) -> Result<(), Down> {
+            match frame {
+                RelayFrame::Sync { order, data } => {
+                    let id: OrderId = order.parse().expect("relay sent a bad order id");
+                    let msg = sync::Message::decode(&data).expect("relay sent a bad sync message");
+                    let state = self.states.entry(id).or_default();
+                    if let Some(o) = self.orders.get_mut(&id) {
+                        o.doc_mut().receive_sync_message(state, msg).unwrap();
+                        o.refresh().unwrap();
+                        let needed = state.their_need.clone().unwrap_or_default();
+                        let doc = o.doc();
+                        if self.resend_needed
+                            && needed.iter().any(|h| doc.get_change_by_hash(h).is_some())
+                        {
+                            let base: Vec<ChangeHash> = self
+                                .last_receipt
+                                .get(&id)
+                                .map(|r| {
+                                    r.iter()
+                                        .filter(|h| doc.get_change_by_hash(h).is_some())
+                                        .copied()
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            let changes: Vec<Vec<u8>> = doc
+                                .get_changes(&base)
+                                .iter()
+                                .map(|c| c.raw_bytes().to_vec())
+                                .collect();
+                            let rescue = sync::Message {
+                                heads: doc.get_heads(),
+                                need: Vec::new(),
+                                have: Vec::new(),
+                                changes: sync::ChunkList::from(changes),
+                                flags: None,
+                                version: sync::MessageVersion::V1,
+                            };
+                            self.resent += 1;
+                            self.send(&ClientFrame::Sync {
+                                order: id.to_string(),
+                                data: ByteBuf::from(rescue.encode()),
+                            })
+                            .await?;
+                        }
+                    } else if let Some(d) = self.fetching.get_mut(&id) {
+                        d.receive_sync_message(state, msg).unwrap();
+                        if !d.get_heads().is_empty() && d.get_missing_deps(&[]).is_empty() {
+                            let d = self.fetching.remove(&id).unwrap();
+                            let order = Order::from_doc(d, self.writer.clone())
+                                .expect("a fetched order parses");
+                            self.orders.insert(id, order);
+                        }
+                    } else {
+                        return Ok(());
+                    }
+                    self.push(id).await?;
+                }
+                RelayFrame::Receipt { order, heads } => {
+                    let id: OrderId = order.parse().expect("relay sent a bad order id");
+                    let heads = heads_from_wire(&heads).expect("receipt heads are hashes");
+                    self.receipts.lock().unwrap().push(Receipted {
+                        order: id,
+                        heads: heads.clone(),
+                    });
+                    self.last_receipt.insert(id, heads);
+                }
+                RelayFrame::Feed { entries } => {
+                    for e in entries {
+                        self.feed_seq = self.feed_seq.max(e.seq);
+                        self.feed
+                            .insert(e.order.parse().expect("feed names a bad order id"));
+                    }
+                }
+                RelayFrame::Ping { nonce } => self.send(&ClientFrame::Pong { nonce }).await?,
+                RelayFrame::Pong { .. } | RelayFrame::Welcome { .. } => {}
+                RelayFrame::Bye => {
+                    self.ws = None;
+                    return Err(Down);
+                }
+                RelayFrame::Unavailable { ref order } => {
+                    if let Ok(id) = order.parse::<OrderId>() {
+                        self.fetching.remove(&id);
+                    }
+                    self.unexpected.push(frame);
+                }
+                other @ (RelayFrame::Rejected { .. } | RelayFrame::Error { .. }) => {
+                    self.unexpected.push(other);
+                }
+            }
+            Ok(())
+        }
+
+        /// Applies frames until `done` holds (`Ok(true)`), or `patience` passes (`Ok(false)`).
+        pub async fn pump(
+            &mut self,
+            patience: Duration,
+            done: impl Fn(&Self) -> bool,
+        ) -> Result<bool, Down> {
+            let deadline = tokio::time::Instant::now() + patience;
+            loop {
+                if done(self) {
+                    return Ok(true);
+                }
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match self.next_frame(left).await? {
+                    Some(f) => self.handle(f).await?,
+                    None => return Ok(done(self)),
+                }
+            }
+        }
+
+        /// Applies the frames already received, without waiting.
+        pub async fn drain(&mut self) -> Result<(), Down> {
+            while let Some(f) = self.next_frame(Duration::ZERO).await? {
+                self.handle(f).await?;
+            }
+            Ok(())
+        }
+
+        /// Every change of `id` held here is covered by (in or an ancestor of) a receipt.
+        pub fn receipted(&self, id: OrderId) -> bool {
+            let (Some(o), Some(r)) = (self.orders.get(&id), self.last_receipt.get(&id)) else {
+                return false;
+            };
+            let doc = o.doc();
+            doc.get_heads().iter().all(|h| r.contains(h))
+                || (r.iter().all(|h| doc.get_change_by_hash(h).is_some())
+                    && doc.get_changes(r).is_empty())
+        }
+
+        /// Our heads are exactly the last receipted heads: the relay and we hold the same.
+        pub fn in_step(&self, id: OrderId) -> bool {
+            let (Some(o), Some(r)) = (self.orders.get(&id), self.last_receipt.get(&id)) else {
+                return false;
+            };
+            let mut mine = o.doc().get_heads();
+            let mut theirs = r.clone();
+            mine.sort_unstable();
+            theirs.sort_unstable();
+            mine == theirs
+        }
+
+        /// Pushes `id` and applies frames until all of it is receipted.
+        pub async fn sync_until_receipted(
+            &mut self,
+            id: OrderId,
+            patience: Duration,
+        ) -> Result<bool, Down> {
+            self.push(id).await?;
+            self.pump(patience, |t| t.receipted(id)).await
+        }
+
+        /// Reads frames (handling all others) until a sync message for `id` arrives, and returns
+        /// it without applying it.
+        pub async fn next_sync_for(
+            &mut self,
+            id: OrderId,
+            patience: Duration,
+        ) -> Result<Option<sync::Message>, Down> {
+            let deadline = tokio::time::Instant::now() + patience;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match self.next_frame(left).await? {
+                    None => return Ok(None),
+                    Some(RelayFrame::Sync { order, data }) if order == id.to_string() => {
+                        let msg = sync::Message::decode(&data).expect("a sync message");
+                        return Ok(Some(msg));
+                    }
+                    Some(f) => self.handle(f).await?,
+                }
+            }
+        }
+
+        /// Applies a sync message for a held order without answering it.
+        pub fn receive_only(&mut self, id: OrderId, msg: sync::Message) {
+            let state = self.states.entry(id).or_default();
+            let o = self.orders.get_mut(&id).expect("a held order");
+            o.doc_mut().receive_sync_message(state, msg).unwrap();
+            o.refresh().unwrap();
+        }
+
+        /// This connection's Automerge sync state for `id`.
+        pub fn sync_state(&self, id: OrderId) -> Option<&sync::State> {
+            self.states.get(&id)
+        }
+
+        /// Fetches an order this terminal does not hold, starting from an empty document.
+        /// `Ok(true)` once it is held.
+        pub async fn fetch(&mut self, id: OrderId, patience: Duration) -> Result<bool, Down> {
+            if self.orders.contains_key(&id) {
+                return Ok(true);
+            }
+            self.fetching.insert(id, Automerge::new());
+            self.states.remove(&id);
+            self.push(id).await?;
+            self.pump(patience, |t| {
+                t.orders.contains_key(&id) || !t.fetching.contains_key(&id)
+            })
+            .await?;
+            Ok(self.orders.contains_key(&id))
+        }
+    }
+}

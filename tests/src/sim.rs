@@ -1,0 +1,696 @@
+//! `pos-sim`: a store of terminals with cashier behaviour, under a hostile network, checked end
+//! to end.
+//!
+//! It starts an embedded relay, provisions terminals (each with its own redb file, each behind
+//! its own fault-injecting proxy), runs cashiers (open orders, add lines, split payments across
+//! cash and card, sometimes delete, sometimes edit another terminal's order), injects faults
+//! (cut connections, offline periods, answers lost after the relay applied a change, relay
+//! restarts), heals the network, and verifies through the relay's HTTP API that everything
+//! converged and no money was lost or doubled.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use crdt_model::{
+    ActiveStatus, Currency, Entropy, FinalPayment, LineDraft, OrderId, OrderStatus, OrderView,
+    PaymentDraft, PaymentId, PaymentKind, PaymentState, SplitMix64, StoreId,
+};
+use replicator::core::EngineConfig;
+use replicator::{
+    ChargeResult, Config, Identity, LocalSyncStatus, Replicator, SimMode, SimTerminal,
+};
+use tokio::sync::Mutex;
+
+use crate::harness::{EmbeddedRelay, get_json};
+use crate::proxy::{Direction, Proxy};
+
+/// What to simulate.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    /// Terminals per store.
+    pub terminals: usize,
+    /// Stores.
+    pub stores: usize,
+    /// Orders each terminal opens.
+    pub orders: usize,
+    /// Seed for every random choice of the cashiers and the fault injector.
+    pub seed: u64,
+    /// Probability per fault tick (every 100 ms) that a fault is injected.
+    pub fault_rate: f64,
+    /// Mean think time of a cashier between two actions, ms.
+    pub pace_ms: u64,
+    /// Print progress.
+    pub verbose: bool,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        Self {
+            terminals: 4,
+            stores: 1,
+            orders: 25,
+            seed: 1,
+            fault_rate: 0.3,
+            pace_ms: 40,
+            verbose: true,
+        }
+    }
+}
+
+/// One named check and its outcome.
+#[derive(Clone, Debug)]
+pub struct Check {
+    /// What was checked.
+    pub name: &'static str,
+    /// Whether it held.
+    pub passed: bool,
+    /// Numbers or the first counter-example.
+    pub detail: String,
+}
+
+/// What happened and whether everything held.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Orders on the relay.
+    pub orders: usize,
+    /// Lines on the relay's orders.
+    pub lines: usize,
+    /// Captured payments (money taken) on the relay.
+    pub captured_payments: usize,
+    /// Late edits flagged.
+    pub late_edits: usize,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<&'static str, u64>,
+    /// Cashier operations refused locally (closed orders etc.), expected under concurrency.
+    pub refused_ops: u64,
+    /// The checks.
+    pub checks: Vec<Check>,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl Report {
+    /// Whether every check passed.
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed)
+    }
+
+    /// A short readable report.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!(
+            "pos-sim: {} orders, {} lines, {} captured payments, {} late edits flagged, {} refused local ops\n",
+            self.orders, self.lines, self.captured_payments, self.late_edits, self.refused_ops
+        ));
+        let faults: Vec<String> = self
+            .faults
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        s.push_str(&format!(
+            "faults injected: {}\n",
+            if faults.is_empty() {
+                "none".into()
+            } else {
+                faults.join(", ")
+            }
+        ));
+        for c in &self.checks {
+            s.push_str(&format!(
+                "  [{}] {} — {}\n",
+                if c.passed { "ok" } else { "FAIL" },
+                c.name,
+                c.detail
+            ));
+        }
+        let passed = self.checks.iter().filter(|c| c.passed).count();
+        s.push_str(&format!(
+            "{passed} passed, {} failed in {:.1}s\n",
+            self.checks.len() - passed,
+            self.elapsed.as_secs_f64()
+        ));
+        s
+    }
+}
+
+struct Till {
+    rep: Replicator,
+    proxy: Proxy,
+    store: StoreId,
+}
+
+#[derive(Default)]
+struct Ledger {
+    /// Payments a cashier saw captured, with amount.
+    captured: BTreeMap<PaymentId, i64>,
+    /// Orders a cashier saw made terminal, with the status.
+    closed: BTreeMap<OrderId, OrderStatus>,
+    refused: u64,
+}
+
+fn eur() -> Result<Currency> {
+    Ok(Currency::new("EUR")?)
+}
+
+const MENU: &[(&str, i64)] = &[
+    ("Espresso", 250),
+    ("Cappuccino", 380),
+    ("Croissant", 220),
+    ("Club sandwich", 890),
+    ("Soup", 650),
+    ("Salad", 790),
+    ("Water", 200),
+    ("Cake", 450),
+];
+
+async fn cashier(
+    till: Arc<Till>,
+    peers: Vec<Arc<Till>>,
+    orders: usize,
+    seed: u64,
+    pace_ms: u64,
+    ledger: Arc<Mutex<Ledger>>,
+) -> Result<()> {
+    let mut rng = SplitMix64::new(seed);
+    let think = |rng: &mut SplitMix64| {
+        Duration::from_millis(if pace_ms == 0 {
+            0
+        } else {
+            rng.next_u64() % (2 * pace_ms)
+        })
+    };
+    let r = &till.rep;
+    let eur = eur()?;
+    for _ in 0..orders {
+        tokio::time::sleep(think(&mut rng) * 3).await;
+        // Sometimes help on another terminal's open order (same store): real concurrency.
+        if rng.next_u64().is_multiple_of(5)
+            && let Some(other) = peers.get((rng.next_u64() as usize) % peers.len().max(1))
+        {
+            let active = other.rep.active_orders().await;
+            if let Some(v) = active.get((rng.next_u64() as usize) % active.len().max(1)) {
+                let id: OrderId = v.id.parse()?;
+                if r.view(id).await.is_err() {
+                    r.fetch(id).await?;
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+                let (name, price) = MENU[(rng.next_u64() as usize) % MENU.len()];
+                let res = r
+                    .add_line(
+                        id,
+                        LineDraft {
+                            sku: name.to_lowercase(),
+                            name: name.into(),
+                            unit_price: price,
+                            quantity: 1,
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+                if res.is_err() {
+                    ledger.lock().await.refused += 1;
+                }
+            }
+        }
+        let id = r.create_order(eur).await?;
+        let mut lines = Vec::new();
+        for _ in 0..1 + rng.next_u64() % 4 {
+            let (name, price) = MENU[(rng.next_u64() as usize) % MENU.len()];
+            let qty = 1 + (rng.next_u64() % 3) as i64;
+            lines.push(
+                r.add_line(
+                    id,
+                    LineDraft {
+                        sku: name.to_lowercase(),
+                        name: name.into(),
+                        unit_price: price,
+                        quantity: qty,
+                        ..Default::default()
+                    },
+                )
+                .await?,
+            );
+            tokio::time::sleep(think(&mut rng)).await;
+        }
+        if rng.next_u64().is_multiple_of(4) {
+            r.set_status(id, ActiveStatus::InDelivery).await?;
+        }
+        if rng.next_u64().is_multiple_of(3) && !lines.is_empty() {
+            let _ = r.change_quantity(id, lines[0], 1).await;
+        }
+        if rng.next_u64().is_multiple_of(10) {
+            match r.delete(id).await {
+                Ok(()) => {
+                    ledger.lock().await.closed.insert(id, OrderStatus::Deleted);
+                }
+                Err(_) => ledger.lock().await.refused += 1,
+            }
+            continue;
+        }
+        // Pay: in two sittings (cash then card) or at once.
+        let due = r.view(id).await?.totals.balance_due;
+        let mut last_cash = due;
+        if due > 100 && rng.next_u64().is_multiple_of(2) {
+            let part = due / 2;
+            let p = r
+                .take_payment(
+                    id,
+                    PaymentDraft {
+                        kind: PaymentKind::Cash,
+                        amount: part,
+                        reference: String::new(),
+                    },
+                )
+                .await?;
+            ledger.lock().await.captured.insert(p, part);
+            tokio::time::sleep(think(&mut rng)).await;
+            let rest = r.view(id).await?.totals.balance_due;
+            match r.charge_card(id, rest).await {
+                Ok(ChargeResult::Captured(p)) => {
+                    ledger.lock().await.captured.insert(p, rest);
+                    last_cash = 0;
+                }
+                _ => last_cash = r.view(id).await?.totals.balance_due,
+            }
+        }
+        let view = r.view(id).await?;
+        let last = (last_cash > 0 && view.totals.balance_due > 0).then(|| {
+            FinalPayment::New(PaymentDraft {
+                kind: PaymentKind::Cash,
+                amount: view.totals.balance_due,
+                reference: String::new(),
+            })
+        });
+        match r.complete_sale(id, last).await {
+            Ok(p) => {
+                let mut l = ledger.lock().await;
+                if let Some(p) = p {
+                    l.captured.insert(p, view.totals.balance_due);
+                }
+                l.closed.insert(id, OrderStatus::Done);
+            }
+            Err(_) => ledger.lock().await.refused += 1,
+        }
+    }
+    Ok(())
+}
+
+async fn faults(
+    tills: Vec<Arc<Till>>,
+    relay: Arc<Mutex<EmbeddedRelay>>,
+    rate: f64,
+    seed: u64,
+    stop: Arc<AtomicU64>,
+    counts: Arc<Mutex<BTreeMap<&'static str, u64>>>,
+) -> Result<()> {
+    let mut rng = SplitMix64::new(seed ^ 0xFA17);
+    while stop.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let roll = (rng.next_u64() % 10_000) as f64 / 10_000.0;
+        if roll >= rate || tills.is_empty() {
+            continue;
+        }
+        let till = &tills[(rng.next_u64() as usize) % tills.len()];
+        let kind = match rng.next_u64() % 10 {
+            0..=3 => {
+                till.proxy.cut_all();
+                "cut_connection"
+            }
+            4..=5 => {
+                // The relay applies what it got, the answer is lost.
+                till.proxy
+                    .cut_after(Direction::Down, 1 + rng.next_u64() % 200);
+                "answer_lost"
+            }
+            6..=8 => {
+                till.proxy.set_blackhole(true);
+                tokio::time::sleep(Duration::from_millis(200 + rng.next_u64() % 600)).await;
+                till.proxy.set_blackhole(false);
+                "offline_period"
+            }
+            _ => {
+                relay.lock().await.restart().await?;
+                "relay_restart"
+            }
+        };
+        *counts.lock().await.entry(kind).or_default() += 1;
+    }
+    Ok(())
+}
+
+/// Runs the simulation and verifies it.
+pub async fn run(opts: SimOptions) -> Result<Report> {
+    let started = Instant::now();
+    let dir = tempfile::tempdir()?;
+    let relay = EmbeddedRelay::start(&dir.path().join("relay"), 0).await?;
+    let addr = relay.addr;
+    let admin = relay.admin.clone();
+    let mut tills = Vec::new();
+    for s in 0..opts.stores {
+        let store = StoreId::new(format!("store-{}", s + 1))?;
+        for t in 0..opts.terminals {
+            let (device, token) = relay.provision(&store, &format!("till-{}", t + 1))?;
+            let proxy = Proxy::start(addr).await?;
+            let identity = Identity {
+                device,
+                store: store.clone(),
+                epoch: 1,
+                relay_url: format!("ws://{}/v1/sync", proxy.addr),
+                token,
+            };
+            let config = Config {
+                engine: EngineConfig {
+                    backoff_min_ms: 50,
+                    backoff_max_ms: 500,
+                    ..EngineConfig::default()
+                },
+                connect_timeout: Duration::from_secs(2),
+            };
+            let terminal = Arc::new(SimTerminal::new(SimMode::Approve));
+            let rep = Replicator::open(
+                &dir.path().join(format!("{store}-till-{t}.redb")),
+                identity,
+                config,
+                terminal,
+            )
+            .await?;
+            tills.push(Arc::new(Till {
+                rep,
+                proxy,
+                store: store.clone(),
+            }));
+        }
+    }
+    let relay = Arc::new(Mutex::new(relay));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(AtomicU64::new(0));
+    let fault_counts = Arc::new(Mutex::new(BTreeMap::new()));
+    let injector = tokio::spawn(faults(
+        tills.clone(),
+        Arc::clone(&relay),
+        opts.fault_rate,
+        opts.seed,
+        Arc::clone(&stop),
+        Arc::clone(&fault_counts),
+    ));
+    let mut cashiers = Vec::new();
+    for (i, till) in tills.iter().enumerate() {
+        let peers: Vec<Arc<Till>> = tills
+            .iter()
+            .filter(|t| t.store == till.store && !Arc::ptr_eq(t, till))
+            .cloned()
+            .collect();
+        cashiers.push(tokio::spawn(cashier(
+            Arc::clone(till),
+            peers,
+            opts.orders,
+            opts.seed.wrapping_mul(31).wrapping_add(i as u64),
+            opts.pace_ms,
+            Arc::clone(&ledger),
+        )));
+    }
+    for (i, c) in cashiers.into_iter().enumerate() {
+        c.await?.with_context(|| format!("cashier {i}"))?;
+        if opts.verbose {
+            eprintln!(
+                "pos-sim: cashier {} done ({:.1}s)",
+                i + 1,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    stop.store(1, Ordering::Relaxed);
+    injector.await??;
+    // Heal: every proxy passes traffic again; wait for every terminal to be synced.
+    for t in &tills {
+        t.proxy.set_blackhole(false);
+    }
+    if opts.verbose {
+        eprintln!("pos-sim: network healed, waiting for convergence");
+    }
+    let mut report = Report {
+        faults: fault_counts.lock().await.clone(),
+        refused_ops: ledger.lock().await.refused,
+        ..Report::default()
+    };
+    let settle = settle(&tills, Duration::from_secs(60)).await;
+    report.checks.push(Check {
+        name: "every terminal synced (durable receipts cover all local changes)",
+        passed: settle.is_ok(),
+        detail: settle
+            .err()
+            .unwrap_or_else(|| "all orders Synced, no charge pending".into()),
+    });
+    verify(&tills, addr, &admin, &ledger, opts.stores, &mut report).await?;
+    for t in &tills {
+        t.rep.close().await;
+    }
+    relay.lock().await.stop().await?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+async fn settle(tills: &[Arc<Till>], timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut pending = Vec::new();
+        for (i, t) in tills.iter().enumerate() {
+            if !t.rep.pending_charges().await.is_empty() {
+                pending.push(format!("till {i}: charge pending"));
+            }
+            for id in t.rep.order_ids().await {
+                match t.rep.sync_status(id).await {
+                    Some(LocalSyncStatus::Synced) => {}
+                    other => pending.push(format!("till {i}: order {id} {other:?}")),
+                }
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{} not synced, e.g. {}", pending.len(), pending[0]));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Listed {
+    orders: Vec<ListedOrder>,
+    next_since: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct ListedOrder {
+    id: String,
+    number: u64,
+}
+
+async fn verify(
+    tills: &[Arc<Till>],
+    addr: std::net::SocketAddr,
+    admin: &str,
+    ledger: &Mutex<Ledger>,
+    stores: usize,
+    report: &mut Report,
+) -> Result<()> {
+    let ledger = ledger.lock().await;
+    let mut relay_views: BTreeMap<OrderId, OrderView> = BTreeMap::new();
+    let mut numbering_ok = true;
+    let mut numbering_detail = String::new();
+    for s in 0..stores {
+        let store = format!("store-{}", s + 1);
+        let mut since = 0;
+        let mut numbers = Vec::new();
+        loop {
+            let page: Listed = get_json(
+                addr,
+                &format!("/v1/stores/{store}/orders?status=any&since={since}&limit=500"),
+                admin,
+            )
+            .await?;
+            for o in &page.orders {
+                numbers.push(o.number);
+                let view: OrderView =
+                    get_json(addr, &format!("/v1/orders/{}", o.id), admin).await?;
+                relay_views.insert(o.id.parse()?, view);
+            }
+            match page.next_since {
+                Some(n) if !page.orders.is_empty() => since = n,
+                _ => break,
+            }
+        }
+        numbers.sort_unstable();
+        let expected: Vec<u64> = (1..=numbers.len() as u64).collect();
+        if numbers != expected {
+            numbering_ok = false;
+            numbering_detail = format!("{store}: numbers {numbers:?}");
+        }
+    }
+    report.orders = relay_views.len();
+    report.lines = relay_views
+        .values()
+        .map(|v| v.lines.len() + v.late_lines.len())
+        .sum();
+    report.captured_payments = relay_views
+        .values()
+        .flat_map(|v| &v.payments)
+        .filter(|p| p.state == PaymentState::Captured)
+        .count();
+    report.late_edits = relay_views.values().map(|v| v.late_edits.len()).sum();
+    report.checks.push(Check {
+        name: "order numbers unique and gap-free per store",
+        passed: numbering_ok,
+        detail: if numbering_ok {
+            format!("{} orders numbered", relay_views.len())
+        } else {
+            numbering_detail
+        },
+    });
+
+    // Every terminal holds the same document as the relay for every order it has, and every
+    // active order of its store.
+    let mut diverged = Vec::new();
+    let mut missing = Vec::new();
+    let mut compared = 0;
+    for (i, t) in tills.iter().enumerate() {
+        let held: BTreeSet<OrderId> = t.rep.order_ids().await.into_iter().collect();
+        for (id, rv) in &relay_views {
+            if rv.store != t.store.as_str() {
+                continue;
+            }
+            match t.rep.view(*id).await {
+                Ok(v) => {
+                    compared += 1;
+                    if &v != rv {
+                        // Propagation is asynchronous: give the push a moment before calling it.
+                        let mut same = false;
+                        for _ in 0..50 {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            if t.rep.view(*id).await.ok().as_ref() == Some(rv) {
+                                same = true;
+                                break;
+                            }
+                        }
+                        if !same {
+                            let now = t.rep.view(*id).await.ok();
+                            diverged.push(format!(
+                                "till {i} order {id}: till has {} lines/{} payments/{:?}, relay {} lines/{} payments/{:?}; till online {}",
+                                now.as_ref().map_or(0, |v| v.lines.len()), now.as_ref().map_or(0, |v| v.payments.len()), now.as_ref().map(|v| v.status),
+                                rv.lines.len(), rv.payments.len(), rv.status, t.rep.is_online().await
+                            ));
+                        }
+                    }
+                }
+                Err(_) if !rv.status.is_terminal() => {
+                    missing.push(format!("till {i} lacks active order {id}"))
+                }
+                Err(_) => {}
+            }
+        }
+        for id in held {
+            if !relay_views.contains_key(&id) {
+                missing.push(format!("relay lacks order {id} held by till {i}"));
+            }
+        }
+    }
+    report.checks.push(Check {
+        name: "terminals and relay hold identical orders",
+        passed: diverged.is_empty() && missing.is_empty(),
+        detail: diverged
+            .first()
+            .or(missing.first())
+            .cloned()
+            .unwrap_or_else(|| format!("{compared} replicas compared")),
+    });
+
+    let mut money = Vec::new();
+    let all_payments: BTreeMap<PaymentId, (i64, PaymentState, usize)> = {
+        let mut m: BTreeMap<PaymentId, (i64, PaymentState, usize)> = BTreeMap::new();
+        for v in relay_views.values() {
+            for p in &v.payments {
+                let e = m.entry(p.id).or_insert((p.amount, p.state, 0));
+                e.2 += 1;
+            }
+        }
+        m
+    };
+    for (p, amount) in &ledger.captured {
+        match all_payments.get(p) {
+            Some((a, state, 1)) if a == amount && *state >= PaymentState::Captured => {}
+            other => money.push(format!(
+                "payment {p}: cashier saw {amount} captured, relay has {other:?}"
+            )),
+        }
+    }
+    for v in relay_views.values() {
+        let sum: i64 = v
+            .payments
+            .iter()
+            .filter(|p| p.state == PaymentState::Captured)
+            .map(|p| p.amount)
+            .sum();
+        if sum != v.totals.paid {
+            money.push(format!(
+                "order {}: paid {} != captured {}",
+                v.id, v.totals.paid, sum
+            ));
+        }
+    }
+    report.checks.push(Check {
+        name: "every captured payment exists exactly once; paid = sum of captures",
+        passed: money.is_empty(),
+        detail: money.first().cloned().unwrap_or_else(|| {
+            format!(
+                "{} captures recorded by cashiers, all present",
+                ledger.captured.len()
+            )
+        }),
+    });
+
+    let mut reverted = Vec::new();
+    for (id, status) in &ledger.closed {
+        match relay_views.get(id) {
+            Some(v) if v.status.is_terminal() => {
+                if *status == OrderStatus::Done && v.status != OrderStatus::Done {
+                    reverted.push(format!("order {id}: sold but shows {}", v.status));
+                }
+            }
+            other => reverted.push(format!(
+                "order {id}: closed as {status}, relay shows {:?}",
+                other.map(|v| v.status)
+            )),
+        }
+    }
+    report.checks.push(Check {
+        name: "no closed order reverted; Done beats Deleted",
+        passed: reverted.is_empty(),
+        detail: reverted
+            .first()
+            .cloned()
+            .unwrap_or_else(|| format!("{} closed orders still closed", ledger.closed.len())),
+    });
+
+    let mut unflagged = Vec::new();
+    for v in relay_views.values().filter(|v| v.status.is_terminal()) {
+        // A closed order whose lines or payments differ from the closed state must say so.
+        let extra =
+            !v.late_lines.is_empty() || v.late_edits.iter().any(|e| e.id.starts_with("payment:"));
+        if extra && v.late_edits.is_empty() {
+            unflagged.push(v.id.clone());
+        }
+    }
+    report.checks.push(Check {
+        name: "late edits flagged (identically everywhere: compared with the replicas above)",
+        passed: unflagged.is_empty(),
+        detail: unflagged
+            .first()
+            .cloned()
+            .unwrap_or_else(|| format!("{} late edits flagged", report.late_edits)),
+    });
+    Ok(())
+}
