@@ -244,6 +244,19 @@ impl Replicator {
         .await
     }
 
+    /// Runs an arbitrary operation on the order's document as one local change. An escape hatch
+    /// for tools and fault tests (it can write anything, so the relay's policy may refuse the
+    /// result and the order becomes Blocked); apps use the typed operations.
+    #[doc(hidden)]
+    pub async fn edit_raw<T: Send>(
+        &self,
+        order: OrderId,
+        op: impl FnOnce(&mut crdt_model::Order) -> Result<T, crdt_model::ModelError>,
+    ) -> Result<T, ReplicatorError> {
+        self.run(|e, now, _| e.edit(order, now, Trigger::LocalEdit, op))
+            .await
+    }
+
     /// Creates an order; its id is usable at once, its number arrives later (an event).
     pub async fn create_order(&self, currency: Currency) -> Result<OrderId, ReplicatorError> {
         self.run(|e, now, rng| e.create_order(now, rng, currency))
