@@ -26,7 +26,7 @@ use crate::error::ModelError;
 use crate::ids::{DeviceId, EntryId, LineId, OrderId, OrderNumber, PaymentId, StoreId, Timestamp};
 use crate::money::Currency;
 use crate::payment::{PaymentKind, PaymentState};
-use crate::status::{OrderStatus, StatusEntry, StatusLattice};
+use crate::status::{StatusEntry, StatusLattice};
 
 /// The schema version written in every order's first change.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -125,13 +125,6 @@ impl<'a> Reader<'a> {
         })
     }
 
-    pub(crate) fn keys(&self, obj: &ObjId) -> Vec<String> {
-        match self.heads {
-            None => self.doc.keys(obj).collect(),
-            Some(h) => self.doc.keys_at(obj, h).collect(),
-        }
-    }
-
     pub(crate) fn list_strings(&self, obj: &ObjId, path: &str) -> Result<Vec<String>, ModelError> {
         let len = match self.heads {
             None => self.doc.length(obj),
@@ -185,36 +178,6 @@ impl<'a> Reader<'a> {
         }
     }
 
-    pub(crate) fn str(&self, obj: &ObjId, key: &str, path: &str) -> Result<String, ModelError> {
-        self.opt_str(obj, key, path)?
-            .ok_or_else(|| bad(&format!("{path}.{key}"), "a string"))
-    }
-
-    pub(crate) fn opt_str(
-        &self,
-        obj: &ObjId,
-        key: &str,
-        path: &str,
-    ) -> Result<Option<String>, ModelError> {
-        match self.opt_scalar(obj, key)? {
-            None => Ok(None),
-            Some(ScalarValue::Str(s)) => Ok(Some(s.to_string())),
-            Some(_) => Err(bad(&format!("{path}.{key}"), "a string")),
-        }
-    }
-
-    pub(crate) fn int(&self, obj: &ObjId, key: &str, path: &str) -> Result<i64, ModelError> {
-        match self.opt_scalar(obj, key)? {
-            Some(ScalarValue::Int(i)) => Ok(i),
-            _ => Err(bad(&format!("{path}.{key}"), "an integer")),
-        }
-    }
-
-    pub(crate) fn uint(&self, obj: &ObjId, key: &str, path: &str) -> Result<u64, ModelError> {
-        self.opt_uint(obj, key, path)?
-            .ok_or_else(|| bad(&format!("{path}.{key}"), "an unsigned integer"))
-    }
-
     pub(crate) fn opt_uint(
         &self,
         obj: &ObjId,
@@ -225,31 +188,6 @@ impl<'a> Reader<'a> {
             None => Ok(None),
             Some(ScalarValue::Uint(u)) => Ok(Some(u)),
             Some(_) => Err(bad(&format!("{path}.{key}"), "an unsigned integer")),
-        }
-    }
-
-    pub(crate) fn counter(&self, obj: &ObjId, key: &str, path: &str) -> Result<i64, ModelError> {
-        match self.opt_scalar(obj, key)? {
-            Some(ScalarValue::Counter(c)) => Ok(i64::from(&c)),
-            _ => Err(bad(&format!("{path}.{key}"), "a counter")),
-        }
-    }
-
-    pub(crate) fn ts(&self, obj: &ObjId, key: &str, path: &str) -> Result<Timestamp, ModelError> {
-        self.opt_ts(obj, key, path)?
-            .ok_or_else(|| bad(&format!("{path}.{key}"), "a timestamp"))
-    }
-
-    pub(crate) fn opt_ts(
-        &self,
-        obj: &ObjId,
-        key: &str,
-        path: &str,
-    ) -> Result<Option<Timestamp>, ModelError> {
-        match self.opt_scalar(obj, key)? {
-            None => Ok(None),
-            Some(ScalarValue::Timestamp(t)) => Ok(Some(Timestamp(t))),
-            Some(_) => Err(bad(&format!("{path}.{key}"), "a timestamp")),
         }
     }
 
@@ -267,6 +205,137 @@ impl<'a> Reader<'a> {
                 Value::Object(_) => None,
             })
             .collect())
+    }
+}
+
+/// One map's entries, read in a single pass (much cheaper than one `get` per key).
+pub(crate) struct Fields {
+    entries: Vec<(String, Value<'static>, ObjId, bool)>,
+    path: String,
+}
+
+impl Reader<'_> {
+    /// Every entry of the map `obj` (winning values, with the conflict flag).
+    pub(crate) fn fields(&self, obj: &ObjId, path: &str) -> Fields {
+        let items: Vec<_> = match self.heads {
+            None => self
+                .doc
+                .map_range(obj, ..)
+                .map(|i| (i.key.to_string(), i.id(), i.conflict, i.value.into_value()))
+                .collect(),
+            Some(h) => self
+                .doc
+                .map_range_at(obj, .., h)
+                .map(|i| (i.key.to_string(), i.id(), i.conflict, i.value.into_value()))
+                .collect(),
+        };
+        Fields {
+            entries: items
+                .into_iter()
+                .map(|(k, id, c, v)| (k, v, id, c))
+                .collect(),
+            path: path.to_owned(),
+        }
+    }
+}
+
+impl Fields {
+    fn find(&self, key: &str) -> Option<&(String, Value<'static>, ObjId, bool)> {
+        self.entries.iter().find(|e| e.0 == key)
+    }
+
+    fn bad(&self, key: &str, expected: &str) -> ModelError {
+        bad(&format!("{}.{key}", self.path), expected)
+    }
+
+    /// Entry keys.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.0.as_str())
+    }
+
+    /// Whether concurrent writes left more than one value at `key`.
+    pub(crate) fn conflicted(&self, key: &str) -> bool {
+        self.find(key).is_some_and(|e| e.3)
+    }
+
+    fn scalar(&self, key: &str) -> Result<Option<&ScalarValue>, ModelError> {
+        match self.find(key) {
+            None => Ok(None),
+            Some((_, Value::Scalar(s), _, _)) => Ok(Some(s.as_ref())),
+            Some(_) => Err(self.bad(key, "a scalar")),
+        }
+    }
+
+    /// The one container of type `ty` at `key`; a duplicated container is not an order.
+    pub(crate) fn container(&self, key: &str, ty: ObjType) -> Result<ObjId, ModelError> {
+        match self.find(key) {
+            Some((_, Value::Object(t), id, false)) if *t == ty => Ok(id.clone()),
+            Some((_, Value::Object(_), _, true)) => Err(ModelError::NotAnOrder(format!(
+                "{}.{key}: container created more than once",
+                self.path
+            ))),
+            Some(_) => Err(self.bad(key, "a container of the right type")),
+            None => Err(self.bad(key, "a container")),
+        }
+    }
+
+    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<String>, ModelError> {
+        match self.scalar(key)? {
+            None => Ok(None),
+            Some(ScalarValue::Str(s)) => Ok(Some(s.to_string())),
+            Some(_) => Err(self.bad(key, "a string")),
+        }
+    }
+
+    pub(crate) fn str(&self, key: &str) -> Result<String, ModelError> {
+        self.opt_str(key)?.ok_or_else(|| self.bad(key, "a string"))
+    }
+
+    pub(crate) fn int(&self, key: &str) -> Result<i64, ModelError> {
+        match self.scalar(key)? {
+            Some(ScalarValue::Int(i)) => Ok(*i),
+            _ => Err(self.bad(key, "an integer")),
+        }
+    }
+
+    pub(crate) fn opt_uint(&self, key: &str) -> Result<Option<u64>, ModelError> {
+        match self.scalar(key)? {
+            None => Ok(None),
+            Some(ScalarValue::Uint(u)) => Ok(Some(*u)),
+            Some(_) => Err(self.bad(key, "an unsigned integer")),
+        }
+    }
+
+    pub(crate) fn uint(&self, key: &str) -> Result<u64, ModelError> {
+        self.opt_uint(key)?
+            .ok_or_else(|| self.bad(key, "an unsigned integer"))
+    }
+
+    pub(crate) fn counter(&self, key: &str) -> Result<i64, ModelError> {
+        match self.scalar(key)? {
+            Some(ScalarValue::Counter(c)) => Ok(i64::from(c)),
+            _ => Err(self.bad(key, "a counter")),
+        }
+    }
+
+    pub(crate) fn opt_ts(&self, key: &str) -> Result<Option<Timestamp>, ModelError> {
+        match self.scalar(key)? {
+            None => Ok(None),
+            Some(ScalarValue::Timestamp(t)) => Ok(Some(Timestamp(*t))),
+            Some(_) => Err(self.bad(key, "a timestamp")),
+        }
+    }
+
+    pub(crate) fn ts(&self, key: &str) -> Result<Timestamp, ModelError> {
+        self.opt_ts(key)?
+            .ok_or_else(|| self.bad(key, "a timestamp"))
+    }
+
+    pub(crate) fn parse<T: std::str::FromStr<Err = ModelError>>(
+        &self,
+        key: &str,
+    ) -> Result<T, ModelError> {
+        parse(&self.str(key)?, &format!("{}.{key}", self.path))
     }
 }
 
@@ -290,11 +359,15 @@ pub(crate) struct Roots {
 
 impl Roots {
     pub(crate) fn read(r: &Reader<'_>) -> Result<Self, ModelError> {
+        Self::from_fields(&r.fields(&ROOT, ""))
+    }
+
+    pub(crate) fn from_fields(f: &Fields) -> Result<Self, ModelError> {
         Ok(Self {
-            lines: r.container(&ROOT, keys::LINES, ObjType::Map, keys::LINES)?,
-            payments: r.container(&ROOT, keys::PAYMENTS, ObjType::Map, keys::PAYMENTS)?,
-            status: r.container(&ROOT, keys::STATUS, ObjType::Map, keys::STATUS)?,
-            acks: r.container(&ROOT, keys::ACKS, ObjType::Map, keys::ACKS)?,
+            lines: f.container(keys::LINES, ObjType::Map)?,
+            payments: f.container(keys::PAYMENTS, ObjType::Map)?,
+            status: f.container(keys::STATUS, ObjType::Map)?,
+            acks: f.container(keys::ACKS, ObjType::Map)?,
         })
     }
 }
@@ -311,20 +384,24 @@ pub(crate) struct Header {
 
 impl Header {
     pub(crate) fn read(r: &Reader<'_>) -> Result<Self, ModelError> {
-        let schema = r.uint(&ROOT, keys::SCHEMA, "")?;
+        Self::from_fields(&r.fields(&ROOT, ""))
+    }
+
+    pub(crate) fn from_fields(f: &Fields) -> Result<Self, ModelError> {
+        let schema = f.uint(keys::SCHEMA)?;
         if schema != SCHEMA_VERSION {
             return Err(ModelError::NotAnOrder(format!(
                 "unsupported schema version {schema}"
             )));
         }
-        let currency = r.str(&ROOT, keys::CURRENCY, "")?;
+        let currency = f.str(keys::CURRENCY)?;
         Ok(Self {
-            id: parse(&r.str(&ROOT, keys::ID, "")?, "id")?,
-            store: parse(&r.str(&ROOT, keys::STORE, "")?, "store")?,
+            id: f.parse(keys::ID)?,
+            store: f.parse(keys::STORE)?,
             currency: Currency::new(&currency)
                 .map_err(|e| ModelError::NotAnOrder(format!("currency: {e}")))?,
-            created_by: parse(&r.str(&ROOT, keys::CREATED_BY, "")?, "created_by")?,
-            created_at: r.ts(&ROOT, keys::CREATED_AT, "")?,
+            created_by: f.parse(keys::CREATED_BY)?,
+            created_at: f.ts(keys::CREATED_AT)?,
         })
     }
 }
@@ -342,21 +419,21 @@ pub(crate) fn read_status_log(
     r: &Reader<'_>,
     status: &ObjId,
 ) -> Result<Vec<StatusRec>, ModelError> {
-    r.keys(status)
-        .into_iter()
+    let log = r.fields(status, "status");
+    log.keys()
         .map(|k| {
             let path = format!("status.{k}");
-            let id: EntryId = parse(&k, &path)?;
-            let obj = r.container(status, &k, ObjType::Map, &path)?;
-            let st: OrderStatus = parse(&r.str(&obj, keys::STATUS, &path)?, &path)?;
+            let id: EntryId = parse(k, &path)?;
+            let obj = log.container(k, ObjType::Map)?;
+            let f = r.fields(&obj, &path);
             Ok(StatusRec {
                 entry: StatusEntry {
-                    status: st,
-                    clock: r.uint(&obj, keys::CLOCK, &path)?,
+                    status: f.parse(keys::STATUS)?,
+                    clock: f.uint(keys::CLOCK)?,
                     id,
                 },
-                at: r.ts(&obj, keys::AT, &path)?,
-                by: parse(&r.str(&obj, keys::BY, &path)?, &path)?,
+                at: f.ts(keys::AT)?,
+                by: f.parse(keys::BY)?,
                 obj,
             })
         })
@@ -379,40 +456,44 @@ pub(crate) struct LineRec {
     pub(crate) added_by: DeviceId,
     pub(crate) added_at: Timestamp,
     pub(crate) removed: Option<(DeviceId, Timestamp)>,
+    /// Fields written concurrently by several replicas (`unit_price`, `note`).
+    pub(crate) conflicted: Vec<&'static str>,
     pub(crate) obj: ObjId,
 }
 
 pub(crate) fn read_line(r: &Reader<'_>, lines: &ObjId, key: &str) -> Result<LineRec, ModelError> {
     let path = format!("lines.{key}");
     let obj = r.container(lines, key, ObjType::Map, &path)?;
-    let modifiers_obj = r.container(
-        &obj,
-        keys::MODIFIERS,
-        ObjType::List,
-        &format!("{path}.modifiers"),
-    )?;
-    let removed = match (
-        r.opt_str(&obj, keys::REMOVED_BY, &path)?,
-        r.opt_ts(&obj, keys::REMOVED_AT, &path)?,
-    ) {
-        (Some(by), Some(at)) => Some((parse(&by, &path)?, at)),
+    line_from(r, obj, &path)
+}
+
+fn line_from(r: &Reader<'_>, obj: ObjId, path: &str) -> Result<LineRec, ModelError> {
+    let f = r.fields(&obj, path);
+    let modifiers_obj = f.container(keys::MODIFIERS, ObjType::List)?;
+    let removed = match (f.opt_str(keys::REMOVED_BY)?, f.opt_ts(keys::REMOVED_AT)?) {
+        (Some(by), Some(at)) => Some((parse(&by, path)?, at)),
         (None, None) => None,
-        _ => return Err(bad(&path, "removed_by and removed_at together")),
+        _ => return Err(bad(path, "removed_by and removed_at together")),
     };
-    let unit_price = r.int(&obj, keys::UNIT_PRICE, &path)?;
+    let unit_price = f.int(keys::UNIT_PRICE)?;
     if unit_price < 0 {
         return Err(bad(&format!("{path}.unit_price"), "a non-negative amount"));
     }
+    let conflicted = [keys::UNIT_PRICE, keys::NOTE]
+        .into_iter()
+        .filter(|k| f.conflicted(k))
+        .collect();
     Ok(LineRec {
-        sku: r.str(&obj, keys::SKU, &path)?,
-        name: r.str(&obj, keys::NAME, &path)?,
+        sku: f.str(keys::SKU)?,
+        name: f.str(keys::NAME)?,
         unit_price,
-        qty: r.counter(&obj, keys::QTY, &path)?,
+        qty: f.counter(keys::QTY)?,
         modifiers: r.list_strings(&modifiers_obj, &format!("{path}.modifiers"))?,
-        note: r.str(&obj, keys::NOTE, &path)?,
-        added_by: parse(&r.str(&obj, keys::CREATED_BY, &path)?, &path)?,
-        added_at: r.ts(&obj, keys::CREATED_AT, &path)?,
+        note: f.str(keys::NOTE)?,
+        added_by: f.parse(keys::CREATED_BY)?,
+        added_at: f.ts(keys::CREATED_AT)?,
         removed,
+        conflicted,
         obj,
     })
 }
@@ -421,9 +502,13 @@ pub(crate) fn read_lines(
     r: &Reader<'_>,
     lines: &ObjId,
 ) -> Result<BTreeMap<LineId, LineRec>, ModelError> {
-    r.keys(lines)
-        .into_iter()
-        .map(|k| Ok((parse(&k, &format!("lines.{k}"))?, read_line(r, lines, &k)?)))
+    let all = r.fields(lines, "lines");
+    all.keys()
+        .map(|k| {
+            let path = format!("lines.{k}");
+            let obj = all.container(k, ObjType::Map)?;
+            Ok((parse(k, &path)?, line_from(r, obj, &path)?))
+        })
         .collect()
 }
 
@@ -483,31 +568,42 @@ pub(crate) fn read_payment(
 ) -> Result<PaymentRec, ModelError> {
     let path = format!("payments.{key}");
     let obj = r.container(payments, key, ObjType::Map, &path)?;
-    let amount = r.int(&obj, keys::AMOUNT, &path)?;
+    payment_from(r, &obj, &path, order_currency)
+}
+
+fn payment_from(
+    r: &Reader<'_>,
+    obj: &ObjId,
+    path: &str,
+    order_currency: Currency,
+) -> Result<PaymentRec, ModelError> {
+    let f = r.fields(obj, path);
+    let amount = f.int(keys::AMOUNT)?;
     if amount <= 0 {
         return Err(bad(&format!("{path}.amount"), "a positive amount"));
     }
-    let currency = Currency::new(&r.str(&obj, keys::CURRENCY, &path)?)
+    let currency = Currency::new(&f.str(keys::CURRENCY)?)
         .map_err(|e| ModelError::NotAnOrder(format!("{path}.currency: {e}")))?;
     if currency != order_currency {
         return Err(bad(&format!("{path}.currency"), "the order's currency"));
     }
     let tpath = format!("{path}.transitions");
-    let tobj = r.container(&obj, keys::TRANSITIONS, ObjType::Map, &tpath)?;
-    let transitions = r
-        .keys(&tobj)
-        .into_iter()
+    let tobj = f.container(keys::TRANSITIONS, ObjType::Map)?;
+    let tf = r.fields(&tobj, &tpath);
+    let transitions = tf
+        .keys()
         .map(|k| {
             let p = format!("{tpath}.{k}");
-            let id: EntryId = parse(&k, &p)?;
-            let o = r.container(&tobj, &k, ObjType::Map, &p)?;
+            let id: EntryId = parse(k, &p)?;
+            let o = tf.container(k, ObjType::Map)?;
+            let t = r.fields(&o, &p);
             Ok((
                 id,
                 TransitionRec {
-                    state: parse(&r.str(&o, keys::STATE, &p)?, &p)?,
-                    at: r.ts(&o, keys::AT, &p)?,
-                    by: parse(&r.str(&o, keys::BY, &p)?, &p)?,
-                    reference: r.opt_str(&o, keys::REFERENCE, &p)?,
+                    state: t.parse(keys::STATE)?,
+                    at: t.ts(keys::AT)?,
+                    by: t.parse(keys::BY)?,
+                    reference: t.opt_str(keys::REFERENCE)?,
                 },
             ))
         })
@@ -516,12 +612,12 @@ pub(crate) fn read_payment(
         return Err(bad(&tpath, "at least one transition"));
     }
     Ok(PaymentRec {
-        kind: parse(&r.str(&obj, keys::KIND, &path)?, &path)?,
+        kind: f.parse(keys::KIND)?,
         amount,
         currency,
-        reference: r.str(&obj, keys::REFERENCE, &path)?,
-        created_by: parse(&r.str(&obj, keys::CREATED_BY, &path)?, &path)?,
-        created_at: r.ts(&obj, keys::CREATED_AT, &path)?,
+        reference: f.str(keys::REFERENCE)?,
+        created_by: f.parse(keys::CREATED_BY)?,
+        created_at: f.ts(keys::CREATED_AT)?,
         transitions,
     })
 }
@@ -531,13 +627,12 @@ pub(crate) fn read_payments(
     payments: &ObjId,
     currency: Currency,
 ) -> Result<BTreeMap<PaymentId, PaymentRec>, ModelError> {
-    r.keys(payments)
-        .into_iter()
+    let all = r.fields(payments, "payments");
+    all.keys()
         .map(|k| {
-            Ok((
-                parse(&k, &format!("payments.{k}"))?,
-                read_payment(r, payments, &k, currency)?,
-            ))
+            let path = format!("payments.{k}");
+            let obj = all.container(k, ObjType::Map)?;
+            Ok((parse(k, &path)?, payment_from(r, &obj, &path, currency)?))
         })
         .collect()
 }
@@ -553,19 +648,20 @@ pub(crate) fn read_acks(
     r: &Reader<'_>,
     acks: &ObjId,
 ) -> Result<BTreeMap<EntryId, AckRec>, ModelError> {
-    r.keys(acks)
-        .into_iter()
+    let all = r.fields(acks, "acks");
+    all.keys()
         .map(|k| {
             let path = format!("acks.{k}");
-            let id: EntryId = parse(&k, &path)?;
-            let o = r.container(acks, &k, ObjType::Map, &path)?;
-            r.ts(&o, keys::AT, &path)?;
-            r.str(&o, keys::NOTE, &path)?;
+            let id: EntryId = parse(k, &path)?;
+            let o = all.container(k, ObjType::Map)?;
+            let f = r.fields(&o, &path);
+            f.ts(keys::AT)?;
+            f.str(keys::NOTE)?;
             Ok((
                 id,
                 AckRec {
-                    edit: r.str(&o, keys::EDIT, &path)?,
-                    by: parse(&r.str(&o, keys::BY, &path)?, &path)?,
+                    edit: f.str(keys::EDIT)?,
+                    by: f.parse(keys::BY)?,
                 },
             ))
         })
@@ -585,14 +681,15 @@ pub(crate) struct Snapshot {
 
 impl Snapshot {
     pub(crate) fn read(r: &Reader<'_>) -> Result<Self, ModelError> {
-        let header = Header::read(r)?;
-        let roots = Roots::read(r)?;
+        let root = r.fields(&ROOT, "");
+        let header = Header::from_fields(&root)?;
+        let roots = Roots::from_fields(&root)?;
         let status = read_status_log(r, &roots.status)?;
         if status.is_empty() {
             return Err(bad("status", "at least one entry"));
         }
         Ok(Self {
-            number: r.opt_uint(&ROOT, keys::NUMBER, "")?.map(OrderNumber),
+            number: root.opt_uint(keys::NUMBER)?.map(OrderNumber),
             lines: read_lines(r, &roots.lines)?,
             payments: read_payments(r, &roots.payments, header.currency)?,
             status,

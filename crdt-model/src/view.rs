@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ModelError;
 use crate::ids::{DeviceId, EntryId, LineId, PaymentId, Timestamp};
 use crate::payment::PaymentState;
-use crate::schema::{self, LineRec, Reader, Snapshot, StatusRec, keys};
+use crate::schema::{self, LineRec, Reader, Snapshot, StatusRec};
 use crate::status::OrderStatus;
 
 /// A line item as shown.
@@ -432,7 +432,7 @@ pub(crate) fn build(doc: &Automerge) -> Result<OrderView, ModelError> {
     }
 
     for (id, l) in &now.lines {
-        for key in [keys::UNIT_PRICE, keys::NOTE] {
+        for key in l.conflicted.iter().copied() {
             let values = r.scalar_values(&l.obj, key)?;
             if values.len() > 1 {
                 let chosen = r

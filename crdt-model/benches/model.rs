@@ -1,0 +1,361 @@
+//! Model benchmarks: a bench binary printing medians and p99 per operation, judged against the
+//! targets in `docs/performance.md`.
+//!
+//! `cargo bench -p crdt-model --bench model` for the full run. `BENCH_QUICK=1` runs each
+//! measurement a few times only; CI does that (`cargo test -p crdt-model --bench model`) to keep
+//! the instrument compiling and working, without asserting on timings.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use automerge::Automerge;
+use crdt_model::*;
+
+const T0: i64 = 1_700_000_000_000;
+
+struct Stats {
+    name: &'static str,
+    median_us: f64,
+    p99_us: f64,
+    n: usize,
+}
+
+fn measure(name: &'static str, n: usize, mut f: impl FnMut()) -> Stats {
+    // Warm up.
+    for _ in 0..(n / 10).max(1) {
+        f();
+    }
+    let mut samples: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let median_us = samples[samples.len() / 2];
+    let p99_us = samples[((samples.len() as f64 * 0.99) as usize).min(samples.len() - 1)];
+    Stats {
+        name,
+        median_us,
+        p99_us,
+        n,
+    }
+}
+
+struct Fixture {
+    rng: SplitMix64,
+    writer: Writer,
+    now: i64,
+}
+
+impl Fixture {
+    fn new(seed: u64) -> Self {
+        let mut rng = SplitMix64::new(seed);
+        let device = DeviceId::generate(Timestamp(T0), &mut rng);
+        Self {
+            rng,
+            writer: Writer::new(device, 1),
+            now: T0,
+        }
+    }
+
+    fn at(&mut self) -> Timestamp {
+        self.now += 1_000;
+        Timestamp(self.now)
+    }
+
+    fn order(&mut self) -> Order {
+        let at = self.at();
+        let new = NewOrder {
+            id: OrderId::generate(at, &mut self.rng),
+            store: StoreId::new("s1").unwrap(),
+            currency: Currency::new("EUR").unwrap(),
+        };
+        Order::create(new, self.writer.clone(), at, &mut self.rng).unwrap()
+    }
+
+    /// The full lifecycle of `docs/performance.md`: 20 lines, 3 payments, 10 status changes.
+    fn lifecycle(&mut self) -> Order {
+        let mut o = self.order();
+        let mut lines = Vec::new();
+        for i in 0..20 {
+            let at = self.at();
+            lines.push(
+                o.add_line(
+                    at,
+                    &mut self.rng,
+                    LineDraft {
+                        sku: format!("sku-{i}"),
+                        name: format!("Item {i}"),
+                        unit_price: 100 + i * 10,
+                        quantity: 1,
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            );
+        }
+        let statuses = [
+            ActiveStatus::InDelivery,
+            ActiveStatus::Delayed,
+            ActiveStatus::InProgress,
+        ];
+        for i in 0..9 {
+            let at = self.at();
+            o.set_status(at, &mut self.rng, statuses[i % 3]).unwrap();
+        }
+        let total = o.view().unwrap().totals.total;
+        let at = self.at();
+        o.add_payment(
+            at,
+            &mut self.rng,
+            PaymentDraft {
+                kind: PaymentKind::Cash,
+                amount: total / 3,
+                reference: String::new(),
+            },
+            PaymentState::Captured,
+        )
+        .unwrap();
+        let at = self.at();
+        let card = o
+            .begin_payment(
+                at,
+                &mut self.rng,
+                PaymentDraft {
+                    kind: PaymentKind::CardTerminal,
+                    amount: total / 3,
+                    reference: String::new(),
+                },
+            )
+            .unwrap();
+        let at = self.at();
+        o.authorize_payment(at, &mut self.rng, card, "AUTH 123456 **** 4242")
+            .unwrap();
+        let at = self.at();
+        o.capture_payment(at, &mut self.rng, card).unwrap();
+        let rest = o.view().unwrap().totals.balance_due;
+        let at = self.at();
+        o.complete_sale(
+            at,
+            &mut self.rng,
+            Some(FinalPayment::New(PaymentDraft {
+                kind: PaymentKind::GiftCard,
+                amount: rest,
+                reference: "**** 9876".into(),
+            })),
+        )
+        .unwrap();
+        o
+    }
+}
+
+fn main() {
+    let quick = std::env::var("BENCH_QUICK").is_ok() || std::env::args().any(|a| a == "--test");
+    let n = if quick { 5 } else { 2_000 };
+    let mut fx = Fixture::new(1);
+    let mut results = Vec::new();
+
+    results.push(measure(
+        "create order (first change: header, containers, status)",
+        n,
+        || {
+            black_box(fx.order());
+        },
+    ));
+
+    let mut o = fx.order();
+    let line = o
+        .add_line(
+            fx.at(),
+            &mut fx.rng,
+            LineDraft {
+                name: "Tea".into(),
+                unit_price: 300,
+                quantity: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let mut now = T0;
+    results.push(measure("edit line quantity + commit", n, || {
+        now += 1;
+        o.change_quantity(Timestamp(now), line, 1).unwrap();
+    }));
+
+    let mut fx2 = Fixture::new(2);
+    let mut o2 = fx2.order();
+    results.push(measure(
+        "add a captured payment + commit",
+        n.min(500),
+        || {
+            let at = fx2.at();
+            o2.add_payment(
+                at,
+                &mut fx2.rng,
+                PaymentDraft {
+                    kind: PaymentKind::Cash,
+                    amount: 100,
+                    reference: String::new(),
+                },
+                PaymentState::Captured,
+            )
+            .unwrap();
+        },
+    ));
+
+    let mut fx3 = Fixture::new(3);
+    let bases: Vec<Order> = (0..n.min(300))
+        .map(|_| {
+            let mut o = fx3.order();
+            let at = fx3.at();
+            o.add_line(
+                at,
+                &mut fx3.rng,
+                LineDraft {
+                    name: "Menu".into(),
+                    unit_price: 1_000,
+                    quantity: 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            o
+        })
+        .collect();
+    let mut it = bases.into_iter();
+    results.push(measure(
+        "complete sale (final payment + Done, one change)",
+        n.min(300),
+        || {
+            if let Some(mut o) = it.next() {
+                let at = fx3.at();
+                o.complete_sale(
+                    at,
+                    &mut fx3.rng,
+                    Some(FinalPayment::New(PaymentDraft {
+                        kind: PaymentKind::Cash,
+                        amount: 1_000,
+                        reference: String::new(),
+                    })),
+                )
+                .unwrap();
+            }
+        },
+    ));
+
+    let mut fx4 = Fixture::new(4);
+    let full = fx4.lifecycle();
+    let bytes = full.save();
+    results.push(measure("save (full lifecycle order)", n, || {
+        black_box(full.save());
+    }));
+    results.push(measure("load + view (full lifecycle order)", n, || {
+        let o = Order::load(&bytes, fx4.writer.clone()).unwrap();
+        black_box(o.view().unwrap());
+    }));
+    results.push(measure(
+        "view (hydrate + totals + late edits), Done order",
+        n,
+        || {
+            black_box(full.view().unwrap());
+        },
+    ));
+
+    // Two replicas diverged by one change each, merged.
+    let mut fx5 = Fixture::new(5);
+    let base = fx5.lifecycle_open();
+    results.push(measure(
+        "merge two diverged replicas (1 + 1 changes)",
+        n.min(1000),
+        || {
+            let mut a = base.clone();
+            let mut b = Order::load(
+                &base.save(),
+                Writer::new(
+                    DeviceId::generate(Timestamp(T0), &mut SplitMix64::new(9)),
+                    2,
+                ),
+            )
+            .unwrap();
+            let l = a.view().unwrap().lines[0].id;
+            a.change_quantity(Timestamp(T0 + 5), l, 1).unwrap();
+            b.set_note(Timestamp(T0 + 6), l, "no ice").unwrap();
+            a.merge(&mut b).unwrap();
+            black_box(&a);
+        },
+    ));
+
+    // Policy check of a typical incoming change: one line added to a 20-line order.
+    let mut fx6 = Fixture::new(6);
+    let stored = fx6.lifecycle_open();
+    let author = Author {
+        device: fx6.writer.device,
+        store: StoreId::new("s1").unwrap(),
+        role: Role::Device,
+    };
+    let mut edited = stored.clone();
+    let at = fx6.at();
+    edited
+        .add_line(
+            at,
+            &mut fx6.rng,
+            LineDraft {
+                name: "Extra".into(),
+                unit_price: 500,
+                quantity: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let before: Automerge = stored.doc().clone();
+    let after: Automerge = edited.doc().clone();
+    results.push(measure(
+        "policy check of one incoming change (add line, 20-line order)",
+        n,
+        || {
+            black_box(validate(&before, &after, &author).unwrap());
+        },
+    ));
+
+    println!(
+        "crdt-model benchmarks ({} samples each{})",
+        n,
+        if quick { ", quick mode" } else { "" }
+    );
+    println!("{:<66} {:>11} {:>11}", "operation", "median µs", "p99 µs");
+    for r in &results {
+        println!("{:<66} {:>11.1} {:>11.1}", r.name, r.median_us, r.p99_us);
+        let _ = r.n;
+    }
+    println!(
+        "full-lifecycle order (20 lines, 3 payments, 10 status changes): {} bytes saved, {} changes",
+        bytes.len(),
+        full.doc().get_changes(&[]).len()
+    );
+}
+
+impl Fixture {
+    /// An open order with 20 lines and a few status changes (no payments).
+    fn lifecycle_open(&mut self) -> Order {
+        let mut o = self.order();
+        for i in 0..20 {
+            let at = self.at();
+            o.add_line(
+                at,
+                &mut self.rng,
+                LineDraft {
+                    sku: format!("sku-{i}"),
+                    name: format!("Item {i}"),
+                    unit_price: 100 + i * 10,
+                    quantity: 1,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        }
+        o
+    }
+}
