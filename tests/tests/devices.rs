@@ -309,7 +309,7 @@ async fn a_relay_restart_mid_sync_loses_nothing() {
         .view()
         .unwrap();
     assert_eq!(on_relay.lines.len(), 6);
-    assert_eq!(on_relay, a.view(order).await.unwrap());
+    assert_eq!(on_relay, wait_view(&a, order, |v| *v == on_relay).await);
     assert_eq!(on_relay.number, Some(1), "one number, assigned once");
     relay.halt().await;
 }

@@ -346,6 +346,9 @@ async fn a_forged_change_is_refused_and_blocks_only_the_forger() {
         .wait_for_status(order, LocalSyncStatus::Synced, WAIT)
         .await
         .unwrap();
+    // The relay's number change follows the first commit; once the device has it, the relay's
+    // state is settled.
+    until(&a.rep, order, |v| v.number.is_some()).await;
     let before = relay_view(&relay, order).await;
     // Raw Automerge: delete every status entry so the order reads as open again.
     a.rep
