@@ -58,6 +58,7 @@ pub fn validate(
     if new_changes.is_empty() {
         return Ok(0);
     }
+    let mut touched = Touched::default();
     for change in &new_changes {
         match device_of_actor(change.actor_id()) {
             Some(d) if d == author.device => {}
@@ -79,11 +80,52 @@ pub fn validate(
         return Err(PolicyViolation::ForeignStore);
     }
     for change in &new_changes {
-        check_change(after, change, author, &header)?;
+        check_change(after, change, author, &header, &mut touched)?;
     }
-    // Structure and types of the merged result, with the parser the view uses.
-    Snapshot::read(&Reader::new(after, None)).map_err(not_an_order)?;
+    // Structure and types of the merged result, with the parser the view uses. The stored
+    // order was valid, so only the entries the new changes touched need parsing; a new order
+    // is parsed whole.
+    let r = Reader::new(after, None);
+    if before.get_heads().is_empty() {
+        Snapshot::read(&r).map_err(not_an_order)?;
+    } else {
+        touched.check(&r, header.currency).map_err(not_an_order)?;
+    }
     Ok(new_changes.len())
+}
+
+/// The entries (by root container and key) that new changes wrote to.
+#[derive(Default)]
+struct Touched {
+    entries: std::collections::BTreeSet<(String, String)>,
+}
+
+impl Touched {
+    fn note(&mut self, path: &[&str]) {
+        if let [container, key, ..] = path {
+            self.entries
+                .insert(((*container).to_owned(), (*key).to_owned()));
+        }
+    }
+
+    /// Parses every touched entry of the merged order strictly.
+    fn check(&self, r: &Reader<'_>, currency: crate::money::Currency) -> Result<(), ModelError> {
+        let roots = schema::Roots::read(r)?;
+        for (container, key) in &self.entries {
+            match container.as_str() {
+                keys::LINES => {
+                    schema::read_line(r, &roots.lines, key)?;
+                }
+                keys::PAYMENTS => {
+                    schema::read_payment(r, &roots.payments, key, currency)?;
+                }
+                keys::STATUS => schema::read_status_entry(r, &roots.status, key).map(|_| ())?,
+                keys::ACKS => schema::read_ack(r, &roots.acks, key).map(|_| ())?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 fn not_an_order(e: ModelError) -> PolicyViolation {
@@ -116,6 +158,7 @@ fn check_change(
     change: &Change,
     author: &Author,
     header: &Header,
+    touched: &mut Touched,
 ) -> Result<(), PolicyViolation> {
     let deps = change.deps();
     let hash: ChangeHash = change.hash();
@@ -163,6 +206,7 @@ fn check_change(
             _ => return Err(PolicyViolation::UnknownField(path.join("."))),
         };
         let p: Vec<&str> = path.iter().map(String::as_str).collect();
+        touched.note(&p);
         let is_insert = matches!(
             patch.action,
             PatchAction::Insert { .. } | PatchAction::PutSeq { .. }

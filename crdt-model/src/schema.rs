@@ -415,28 +415,57 @@ pub(crate) struct StatusRec {
     pub(crate) obj: ObjId,
 }
 
+/// One status entry, by key.
+pub(crate) fn read_status_entry(
+    r: &Reader<'_>,
+    status: &ObjId,
+    key: &str,
+) -> Result<StatusRec, ModelError> {
+    let obj = r.container(status, key, ObjType::Map, &format!("status.{key}"))?;
+    status_from(r, key, obj)
+}
+
+fn status_from(r: &Reader<'_>, key: &str, obj: ObjId) -> Result<StatusRec, ModelError> {
+    let path = format!("status.{key}");
+    let id: EntryId = parse(key, &path)?;
+    let f = r.fields(&obj, &path);
+    Ok(StatusRec {
+        entry: StatusEntry {
+            status: f.parse(keys::STATUS)?,
+            clock: f.uint(keys::CLOCK)?,
+            id,
+        },
+        at: f.ts(keys::AT)?,
+        by: f.parse(keys::BY)?,
+        obj,
+    })
+}
+
+/// One acknowledgement, by key.
+pub(crate) fn read_ack(r: &Reader<'_>, acks: &ObjId, key: &str) -> Result<AckRec, ModelError> {
+    let o = r.container(acks, key, ObjType::Map, &format!("acks.{key}"))?;
+    ack_from(r, key, &o)
+}
+
+fn ack_from(r: &Reader<'_>, key: &str, obj: &ObjId) -> Result<AckRec, ModelError> {
+    let path = format!("acks.{key}");
+    let _: EntryId = parse(key, &path)?;
+    let f = r.fields(obj, &path);
+    f.ts(keys::AT)?;
+    f.str(keys::NOTE)?;
+    Ok(AckRec {
+        edit: f.str(keys::EDIT)?,
+        by: f.parse(keys::BY)?,
+    })
+}
+
 pub(crate) fn read_status_log(
     r: &Reader<'_>,
     status: &ObjId,
 ) -> Result<Vec<StatusRec>, ModelError> {
     let log = r.fields(status, "status");
     log.keys()
-        .map(|k| {
-            let path = format!("status.{k}");
-            let id: EntryId = parse(k, &path)?;
-            let obj = log.container(k, ObjType::Map)?;
-            let f = r.fields(&obj, &path);
-            Ok(StatusRec {
-                entry: StatusEntry {
-                    status: f.parse(keys::STATUS)?,
-                    clock: f.uint(keys::CLOCK)?,
-                    id,
-                },
-                at: f.ts(keys::AT)?,
-                by: f.parse(keys::BY)?,
-                obj,
-            })
-        })
+        .map(|k| status_from(r, k, log.container(k, ObjType::Map)?))
         .collect()
 }
 
@@ -651,18 +680,9 @@ pub(crate) fn read_acks(
     let all = r.fields(acks, "acks");
     all.keys()
         .map(|k| {
-            let path = format!("acks.{k}");
-            let id: EntryId = parse(k, &path)?;
-            let o = all.container(k, ObjType::Map)?;
-            let f = r.fields(&o, &path);
-            f.ts(keys::AT)?;
-            f.str(keys::NOTE)?;
             Ok((
-                id,
-                AckRec {
-                    edit: f.str(keys::EDIT)?,
-                    by: f.parse(keys::BY)?,
-                },
+                parse(k, &format!("acks.{k}"))?,
+                ack_from(r, k, &all.container(k, ObjType::Map)?)?,
             ))
         })
         .collect()

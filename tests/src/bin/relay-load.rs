@@ -1,0 +1,924 @@
+//! `relay-load`: a load generator for the relay.
+//!
+//! Starts an embedded relay (in this process, on its own tokio runtime), opens `--devices`
+//! WebSocket connections spread over `--stores` stores, lets every device create one order and
+//! then edit it like a cashier (quantity +/-, a note now and then, a new line now and then),
+//! sending each change as an Automerge sync message and keeping at most `--window` unreceipted
+//! changes in flight. Devices are paired within a store: each one also follows its partner's
+//! order, which gives the terminal-to-terminal propagation time.
+//!
+//! The WebSocket client is a minimal RFC 6455 client written here (binary frames, masking,
+//! ping/pong, close): the e2e crate has no WebSocket dependency.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use automerge::sync::{self, SyncDoc};
+use automerge::{Automerge, ChangeHash, ReadDoc};
+use clap::Parser;
+use crdt_model::wire::{ClientFrame, RelayFrame, Version, heads_from_wire};
+use crdt_model::{
+    Currency, DeviceId, LineDraft, LineId, NewOrder, Order, OrderId, SplitMix64, StoreId,
+    Timestamp, Writer,
+};
+use e2e::harness::EmbeddedRelay;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Load generator for the relay (embedded relay, real WebSockets)")]
+struct Args {
+    /// Device connections.
+    #[arg(long, default_value_t = 50)]
+    devices: usize,
+    /// Stores the devices are spread over.
+    #[arg(long, default_value_t = 5)]
+    stores: usize,
+    /// Measured duration, seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Total changes per second over all devices (0 = flat out).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Unreceipted changes a device may have in flight.
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// Sample every k-th change for terminal-to-terminal propagation.
+    #[arg(long, default_value_t = 4)]
+    sample_every: u64,
+    /// CI mode: 5 devices, 2 seconds.
+    #[arg(long)]
+    quick: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Minimal WebSocket client.
+
+enum Incoming {
+    Frame(RelayFrame, Instant),
+    Ping(Vec<u8>),
+    BadFrame(String),
+    Closed(String),
+}
+
+struct WsWriter {
+    w: OwnedWriteHalf,
+    seed: u64,
+}
+
+impl WsWriter {
+    async fn send(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+        let n = payload.len();
+        let mut buf = Vec::with_capacity(n + 14);
+        buf.push(0x80 | opcode);
+        if n < 126 {
+            buf.push(0x80 | n as u8);
+        } else if n <= 0xFFFF {
+            buf.push(0x80 | 126);
+            buf.extend_from_slice(&(n as u16).to_be_bytes());
+        } else {
+            buf.push(0x80 | 127);
+            buf.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+        self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let key = ((self.seed >> 32) as u32).to_be_bytes();
+        buf.extend_from_slice(&key);
+        buf.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        self.w.write_all(&buf).await
+    }
+
+    async fn frame(&mut self, f: &ClientFrame) -> std::io::Result<()> {
+        self.send(0x2, &f.encode()).await
+    }
+}
+
+async fn ws_connect(
+    addr: SocketAddr,
+    token: &str,
+) -> Result<(WsWriter, mpsc::UnboundedReceiver<Incoming>)> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (r, mut w) = s.into_split();
+    let req = format!(
+        "GET /v1/sync HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    );
+    w.write_all(req.as_bytes()).await?;
+    let mut r = BufReader::with_capacity(64 * 1024, r);
+    let mut status = String::new();
+    r.read_line(&mut status).await?;
+    if !status.contains(" 101 ") {
+        bail!("upgrade refused: {}", status.trim());
+    }
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await? == 0 {
+            bail!("closed during upgrade");
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(read_loop(r, tx));
+    let seed = u64::from(addr.port()) ^ (Instant::now().elapsed().as_nanos() as u64);
+    Ok((WsWriter { w, seed }, rx))
+}
+
+async fn read_loop(mut r: BufReader<OwnedReadHalf>, tx: mpsc::UnboundedSender<Incoming>) {
+    let why = read_frames(&mut r, &tx).await;
+    let _ = tx.send(Incoming::Closed(match why {
+        Ok(()) => "close frame".into(),
+        Err(e) => e.to_string(),
+    }));
+}
+
+async fn read_frames(
+    r: &mut BufReader<OwnedReadHalf>,
+    tx: &mpsc::UnboundedSender<Incoming>,
+) -> Result<()> {
+    let mut msg: Vec<u8> = Vec::new();
+    let mut msg_op = 0u8;
+    loop {
+        let mut h = [0u8; 2];
+        r.read_exact(&mut h).await?;
+        let fin = h[0] & 0x80 != 0;
+        let op = h[0] & 0x0F;
+        let masked = h[1] & 0x80 != 0;
+        let mut len = u64::from(h[1] & 0x7F);
+        if len == 126 {
+            len = u64::from(r.read_u16().await?);
+        } else if len == 127 {
+            len = r.read_u64().await?;
+        }
+        let mut key = [0u8; 4];
+        if masked {
+            r.read_exact(&mut key).await?;
+        }
+        let mut payload = vec![0u8; usize::try_from(len)?];
+        r.read_exact(&mut payload).await?;
+        if masked {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= key[i % 4];
+            }
+        }
+        match op {
+            0x8 => return Ok(()),
+            0x9 => {
+                let _ = tx.send(Incoming::Ping(payload));
+                continue;
+            }
+            0xA => continue,
+            0x0 => msg.extend_from_slice(&payload),
+            _ => {
+                msg_op = op;
+                msg = payload;
+            }
+        }
+        if fin {
+            let data = std::mem::take(&mut msg);
+            if msg_op == 0x2 {
+                let item = match RelayFrame::decode(&data) {
+                    Ok(f) => Incoming::Frame(f, Instant::now()),
+                    Err(e) => Incoming::BadFrame(e.to_string()),
+                };
+                if tx.send(item).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Devices.
+
+#[derive(Default)]
+struct Stats {
+    sent_changes: u64,
+    receipted: u64,
+    receipted_in_window: u64,
+    receipt_lat: Vec<Duration>,
+    prop_lat: Vec<Duration>,
+    rejected: u64,
+    unavailable: u64,
+    errors: HashMap<String, u64>,
+    bad_frames: u64,
+    disconnects: u64,
+    model_errors: u64,
+    stalls: u64,
+    max_receipt_gap: Duration,
+    unreceipted_at_end: u64,
+    first_failures: Vec<String>,
+}
+
+impl Stats {
+    fn note(&mut self, s: String) {
+        if self.first_failures.len() < 5 {
+            self.first_failures.push(s);
+        }
+    }
+    fn merge(&mut self, o: Stats) {
+        self.sent_changes += o.sent_changes;
+        self.receipted += o.receipted;
+        self.receipted_in_window += o.receipted_in_window;
+        self.receipt_lat.extend(o.receipt_lat);
+        self.prop_lat.extend(o.prop_lat);
+        self.rejected += o.rejected;
+        self.unavailable += o.unavailable;
+        for (k, v) in o.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        self.bad_frames += o.bad_frames;
+        self.disconnects += o.disconnects;
+        self.model_errors += o.model_errors;
+        self.stalls += o.stalls;
+        self.max_receipt_gap = self.max_receipt_gap.max(o.max_receipt_gap);
+        self.unreceipted_at_end += o.unreceipted_at_end;
+        for f in o.first_failures {
+            self.note(f);
+        }
+    }
+}
+
+/// Sampled changes of each order, waiting to be seen by the partner: (hash, send time).
+type Propagation = Arc<Mutex<HashMap<OrderId, VecDeque<(ChangeHash, Instant)>>>>;
+
+struct Shared {
+    addr: SocketAddr,
+    order_ids: Mutex<Vec<Option<OrderId>>>,
+    barrier: tokio::sync::Barrier,
+    prop: Propagation,
+    window: usize,
+    seconds: u64,
+    /// Time between two changes of one device (None = flat out).
+    period: Option<Duration>,
+    sample_every: u64,
+}
+
+struct Device {
+    idx: usize,
+    partner: Option<usize>,
+    ws: WsWriter,
+    rx: mpsc::UnboundedReceiver<Incoming>,
+    order: Order,
+    state: sync::State,
+    line: LineId,
+    qty: i64,
+    rng: SplitMix64,
+    last_ms: i64,
+    in_flight: VecDeque<(ChangeHash, Instant)>,
+    partner_order: Option<(OrderId, Automerge, sync::State)>,
+    stats: Stats,
+    deadline: Option<Instant>,
+    last_receipt: Instant,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Device {
+    fn tick(&mut self) -> Timestamp {
+        self.last_ms = (self.last_ms + 1).max(now_ms());
+        Timestamp(self.last_ms)
+    }
+
+    async fn push(&mut self) -> Result<()> {
+        if let Some(m) = self.order.doc().generate_sync_message(&mut self.state) {
+            let f = ClientFrame::Sync {
+                order: self.order.id().to_string(),
+                data: m.encode().into(),
+            };
+            self.ws.frame(&f).await?;
+        }
+        Ok(())
+    }
+
+    async fn push_partner(&mut self) -> Result<()> {
+        if let Some((id, doc, st)) = self.partner_order.as_mut()
+            && let Some(m) = doc.generate_sync_message(st)
+        {
+            let f = ClientFrame::Sync {
+                order: id.to_string(),
+                data: m.encode().into(),
+            };
+            self.ws.frame(&f).await?;
+        }
+        Ok(())
+    }
+
+    /// Handles one incoming item; Err means the connection is gone.
+    async fn handle(&mut self, item: Incoming, shared: &Shared) -> Result<()> {
+        let (frame, at) = match item {
+            Incoming::Frame(f, at) => (f, at),
+            Incoming::Ping(p) => {
+                self.ws.send(0xA, &p).await?;
+                return Ok(());
+            }
+            Incoming::BadFrame(e) => {
+                self.stats.bad_frames += 1;
+                self.stats.note(format!("undecodable frame: {e}"));
+                return Ok(());
+            }
+            Incoming::Closed(why) => {
+                self.stats.disconnects += 1;
+                self.stats.note(format!("device {} disconnected: {why}", self.idx));
+                bail!("disconnected: {why}");
+            }
+        };
+        let mine = self.order.id().to_string();
+        match frame {
+            RelayFrame::Sync { order, data } if order == mine => {
+                let msg = sync::Message::decode(&data).context("relay sync message")?;
+                if let Err(e) = self.order.doc_mut().receive_sync_message(&mut self.state, msg) {
+                    self.stats.model_errors += 1;
+                    self.stats.note(format!("receive_sync_message: {e}"));
+                }
+                if let Err(e) = self.order.refresh() {
+                    self.stats.model_errors += 1;
+                    self.stats.note(format!("refresh: {e}"));
+                }
+                self.push().await?;
+            }
+            RelayFrame::Sync { order, data } => {
+                let Some((id, doc, st)) = self.partner_order.as_mut() else {
+                    return Ok(());
+                };
+                if order != id.to_string() {
+                    return Ok(());
+                }
+                let msg = sync::Message::decode(&data).context("relay sync message")?;
+                if let Err(e) = doc.receive_sync_message(st, msg) {
+                    self.stats.model_errors += 1;
+                    self.stats.note(format!("partner receive_sync_message: {e}"));
+                }
+                let id = *id;
+                if self.deadline.is_some() {
+                    let mut prop = shared.prop.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(q) = prop.get_mut(&id) {
+                        while let Some((h, t)) = q.front().copied() {
+                            if doc.get_change_by_hash(&h).is_none() {
+                                break;
+                            }
+                            self.stats.prop_lat.push(at.saturating_duration_since(t));
+                            q.pop_front();
+                        }
+                    }
+                }
+                self.push_partner().await?;
+            }
+            RelayFrame::Receipt { order, heads } if order == mine => {
+                let heads = heads_from_wire(&heads)?;
+                let doc = self.order.doc();
+                let covered_upto = if heads.iter().all(|h| doc.get_change_by_hash(h).is_some()) {
+                    // Changes we have beyond the receipted heads are not covered.
+                    let beyond: std::collections::HashSet<ChangeHash> =
+                        doc.get_changes(&heads).iter().map(|c| c.hash()).collect();
+                    self.in_flight
+                        .iter()
+                        .rposition(|(h, _)| !beyond.contains(h))
+                } else {
+                    // Our changes form a chain: the newest one named in the heads covers all
+                    // earlier ones.
+                    self.in_flight.iter().rposition(|(h, _)| heads.contains(h))
+                };
+                if let Some(i) = covered_upto {
+                    let in_window = self.deadline.is_some_and(|d| at <= d);
+                    for (_, t) in self.in_flight.drain(..=i) {
+                        self.stats.receipted += 1;
+                        if in_window {
+                            self.stats.receipted_in_window += 1;
+                        }
+                        self.stats.receipt_lat.push(at.saturating_duration_since(t));
+                    }
+                    self.last_receipt = at;
+                }
+            }
+            RelayFrame::Receipt { .. } | RelayFrame::Feed { .. } | RelayFrame::Pong { .. } => {}
+            RelayFrame::Welcome { .. } => {}
+            RelayFrame::Ping { nonce } => self.ws.frame(&ClientFrame::Pong { nonce }).await?,
+            RelayFrame::Rejected { code, message, .. } => {
+                self.stats.rejected += 1;
+                self.stats.note(format!("rejected {code}: {message}"));
+            }
+            RelayFrame::Unavailable { order } => {
+                self.stats.unavailable += 1;
+                self.stats.note(format!("unavailable {order}"));
+            }
+            RelayFrame::Error {
+                code,
+                message,
+                fatal,
+            } => {
+                *self.stats.errors.entry(code.clone()).or_default() += 1;
+                self.stats.note(format!("error {code} (fatal {fatal}): {message}"));
+            }
+            RelayFrame::Bye => {
+                self.stats.note("relay sent bye".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// One cashier edit, committed locally and sent.
+    async fn edit(&mut self, n: u64, shared: &Shared) -> Result<()> {
+        let at = self.tick();
+        let r = if n % 50 == 49 {
+            let draft = LineDraft {
+                sku: "coffee".into(),
+                name: "Coffee".into(),
+                unit_price: 250,
+                quantity: 1,
+                ..Default::default()
+            };
+            self.order.add_line(at, &mut self.rng, draft).map(|_| ())
+        } else if n % 10 == 9 {
+            self.order.set_note(at, self.line, &format!("note {n}"))
+        } else {
+            let delta = if self.qty >= 3 { -1 } else { 1 };
+            let r = self.order.change_quantity(at, self.line, delta);
+            if r.is_ok() {
+                self.qty += delta;
+            }
+            r
+        };
+        if let Err(e) = r {
+            self.stats.model_errors += 1;
+            self.stats.note(format!("local edit: {e}"));
+            return Ok(());
+        }
+        let heads = self.order.heads();
+        let Some(&h) = heads.first() else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        if shared.sample_every > 0 && n % shared.sample_every == 0 && self.partner.is_some() {
+            // Someone follows this order: register the change before it can arrive.
+            let mut prop = shared.prop.lock().unwrap_or_else(|e| e.into_inner());
+            let q = prop.entry(self.order.id()).or_default();
+            if q.len() < 10_000 {
+                q.push_back((h, t));
+            }
+        }
+        self.in_flight.push_back((h, t));
+        self.stats.sent_changes += 1;
+        self.push().await
+    }
+
+    async fn next(&mut self, until: Instant) -> Option<Incoming> {
+        tokio::time::timeout_at(until.into(), self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+async fn run_device(
+    idx: usize,
+    store: StoreId,
+    partner: Option<usize>,
+    device: DeviceId,
+    token: String,
+    shared: Arc<Shared>,
+) -> Stats {
+    match device_main(idx, store, partner, device, token, &shared).await {
+        Ok(s) => s,
+        Err((mut s, e)) => {
+            s.note(format!("device {idx}: {e:#}"));
+            s
+        }
+    }
+}
+
+async fn device_main(
+    idx: usize,
+    store: StoreId,
+    partner: Option<usize>,
+    device: DeviceId,
+    token: String,
+    shared: &Shared,
+) -> Result<Stats, (Stats, anyhow::Error)> {
+    let fail = |e: anyhow::Error| (Stats::default(), e);
+    // Connect and hello.
+    let (mut ws, mut rx) = ws_connect(shared.addr, &token).await.map_err(fail)?;
+    let hello = ClientFrame::Hello {
+        protocol: Version::CURRENT,
+        device: device.to_string(),
+        agent: "relay-load".into(),
+        feed_since: 0,
+    };
+    ws.frame(&hello).await.map_err(|e| fail(e.into()))?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(Incoming::Frame(RelayFrame::Welcome { .. }, _))) => break,
+            Ok(Some(Incoming::Frame(f, _))) => {
+                return Err(fail(anyhow::anyhow!("expected welcome, got {f:?}")));
+            }
+            Ok(Some(_)) => {}
+            _ => return Err(fail(anyhow::anyhow!("no welcome"))),
+        }
+    }
+    // Create the order with one line.
+    let seed = u64::from_le_bytes(device.as_bytes()[..8].try_into().unwrap_or([7; 8]));
+    let mut rng = SplitMix64::new(seed ^ idx as u64);
+    let at = Timestamp(now_ms());
+    let new = NewOrder {
+        id: OrderId::generate(at, &mut rng),
+        store,
+        currency: Currency::new("EUR").map_err(|e| fail(e.into()))?,
+    };
+    let mut order =
+        Order::create(new, Writer::new(device, 1), at, &mut rng).map_err(|e| fail(e.into()))?;
+    let draft = LineDraft {
+        sku: "espresso".into(),
+        name: "Espresso".into(),
+        unit_price: 180,
+        quantity: 1,
+        ..Default::default()
+    };
+    let line = order
+        .add_line(Timestamp(at.0 + 1), &mut rng, draft)
+        .map_err(|e| fail(e.into()))?;
+    let mut d = Device {
+        idx,
+        partner,
+        ws,
+        rx,
+        in_flight: order.heads().into_iter().map(|h| (h, Instant::now())).collect(),
+        order,
+        state: sync::State::new(),
+        line,
+        qty: 1,
+        rng,
+        last_ms: at.0 + 1,
+        partner_order: None,
+        stats: Stats::default(),
+        deadline: None,
+        last_receipt: Instant::now(),
+    };
+    macro_rules! tri {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => v,
+                Err(e) => return Err((std::mem::take(&mut d.stats), e.into())),
+            }
+        };
+    }
+    // Sync until receipted.
+    tri!(d.push().await);
+    let until = Instant::now() + Duration::from_secs(20);
+    while !d.in_flight.is_empty() {
+        let Some(item) = d.next(until).await else {
+            return Err((d.stats, anyhow::anyhow!("initial order never receipted")));
+        };
+        tri!(d.handle(item, shared).await);
+    }
+    // Initial receipt is not a measured change.
+    d.stats = Stats::default();
+    {
+        let mut ids = shared.order_ids.lock().unwrap_or_else(|e| e.into_inner());
+        ids[idx] = Some(d.order.id());
+    }
+    shared.barrier.wait().await;
+    // Fetch the partner's order.
+    if let Some(p) = partner {
+        let id = shared.order_ids.lock().unwrap_or_else(|e| e.into_inner())[p];
+        if let Some(id) = id {
+            d.partner_order = Some((id, Automerge::new(), sync::State::new()));
+            tri!(d.push_partner().await);
+            let until = Instant::now() + Duration::from_secs(20);
+            while d
+                .partner_order
+                .as_ref()
+                .is_some_and(|(_, doc, _)| doc.get_heads().is_empty())
+            {
+                let Some(item) = d.next(until).await else {
+                    d.stats.note(format!("device {idx}: partner order never arrived"));
+                    break;
+                };
+                tri!(d.handle(item, shared).await);
+            }
+        }
+    }
+    shared.barrier.wait().await;
+    // Measured phase.
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(shared.seconds);
+    d.deadline = Some(deadline);
+    d.last_receipt = start;
+    let mut next_send = start;
+    let mut n: u64 = 0;
+    let mut stalled = false;
+    loop {
+        while let Ok(item) = d.rx.try_recv() {
+            tri!(d.handle(item, shared).await);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        if d.in_flight.len() < shared.window && now >= next_send {
+            tri!(d.edit(n, shared).await);
+            n += 1;
+            if let Some(p) = shared.period {
+                next_send += p;
+            }
+            continue;
+        }
+        // Stall detection: window full and nothing receipted for 1 s.
+        if d.in_flight.len() >= shared.window {
+            let gap = now.saturating_duration_since(d.last_receipt);
+            if gap > Duration::from_secs(1) && !stalled {
+                stalled = true;
+                d.stats.stalls += 1;
+                d.stats.note(format!("device {idx}: no receipt for {gap:?} with a full window"));
+            }
+        } else {
+            stalled = false;
+        }
+        let wake = if d.in_flight.len() < shared.window {
+            next_send.min(deadline)
+        } else {
+            deadline.min(now + Duration::from_millis(250))
+        };
+        if let Some(item) = d.next(wake).await {
+            tri!(d.handle(item, shared).await);
+        }
+    }
+    // Drain: collect receipts for changes still in flight (not counted in the throughput).
+    let until = Instant::now() + Duration::from_secs(2);
+    while !d.in_flight.is_empty() {
+        let Some(item) = d.next(until).await else {
+            break;
+        };
+        tri!(d.handle(item, shared).await);
+    }
+    for (_, t) in &d.in_flight {
+        d.stats.max_receipt_gap = d.stats.max_receipt_gap.max(t.elapsed());
+    }
+    d.stats.unreceipted_at_end = d.in_flight.len() as u64;
+    let _ = d.ws.frame(&ClientFrame::Bye).await;
+    Ok(d.stats)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process figures.
+
+struct Proc {
+    utime: u64,
+    stime: u64,
+    rss_kb: u64,
+    hwm_kb: u64,
+    threads: u64,
+}
+
+/// Clock ticks per second for /proc stat (USER_HZ; 100 on Linux).
+const HZ: f64 = 100.0;
+
+fn read_proc() -> Proc {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // After the comm field: state is index 0, utime is field 14 overall -> index 11.
+    let num = |i: usize| f.get(i).and_then(|s| s.parse().ok()).unwrap_or(0u64);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0u64)
+    };
+    Proc {
+        utime: num(11),
+        stime: num(12),
+        rss_kb: kb("VmRSS:"),
+        hwm_kb: kb("VmHWM:"),
+        threads: kb("Threads:"),
+    }
+}
+
+/// CPU ticks of this process's threads whose name starts with `prefix`.
+fn thread_ticks(prefix: &str) -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let mut total = 0;
+    for e in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, after)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map(|x| x.1).unwrap_or("");
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|s| s.parse().ok()).unwrap_or(0u64);
+        total += num(11) + num(12);
+    }
+    total
+}
+
+fn pct(sorted: &[Duration], p: f64) -> String {
+    if sorted.is_empty() {
+        return "-".into();
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    let d = sorted[i.min(sorted.len() - 1)];
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.quick {
+        args.devices = 5;
+        args.seconds = 2;
+        args.stores = args.stores.min(2);
+    }
+    let devices = args.devices.max(1);
+    let stores = args.stores.clamp(1, devices);
+    let relay_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("relay-rt")
+        .build()?;
+    let load_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("load-rt")
+        .build()?;
+    let dir = tempfile::tempdir()?;
+    let mut relay = relay_rt.block_on(EmbeddedRelay::start(dir.path(), 0))?;
+    let addr = relay.addr;
+
+    // Provision: device i belongs to store i % stores; partners are consecutive devices of a
+    // store (an odd one out has no partner).
+    let mut per_store: Vec<Vec<usize>> = vec![Vec::new(); stores];
+    let mut provisioned = Vec::with_capacity(devices);
+    for i in 0..devices {
+        let s = i % stores;
+        let store = StoreId::new(format!("load-{}", s + 1))?;
+        let (dev, token) = relay.provision(&store, &format!("till-{i}"))?;
+        per_store[s].push(i);
+        provisioned.push((store, dev, token));
+    }
+    let mut partner = vec![None; devices];
+    for members in &per_store {
+        for pair in members.chunks(2) {
+            if let [a, b] = pair {
+                partner[*a] = Some(*b);
+                partner[*b] = Some(*a);
+            }
+        }
+    }
+    let period = (args.rate > 0)
+        .then(|| Duration::from_secs_f64(devices as f64 / args.rate as f64));
+    let shared = Arc::new(Shared {
+        addr,
+        order_ids: Mutex::new(vec![None; devices]),
+        barrier: tokio::sync::Barrier::new(devices),
+        prop: Arc::default(),
+        window: args.window.max(1),
+        seconds: args.seconds,
+        period,
+        sample_every: args.sample_every,
+    });
+
+    println!(
+        "relay-load: {devices} devices, {stores} stores, {} s, rate {}, window {}, relay embedded at {addr} (data in {})",
+        args.seconds,
+        if args.rate == 0 {
+            "flat out".to_string()
+        } else {
+            format!("{}/s", args.rate)
+        },
+        shared.window,
+        dir.path().display()
+    );
+    let p0 = read_proc();
+    let load0 = thread_ticks("load-rt");
+    let t0 = Instant::now();
+    let (stats, measured_wall) = load_rt.block_on(async {
+        let mut tasks = Vec::new();
+        for (i, (store, dev, token)) in provisioned.into_iter().enumerate() {
+            tasks.push(tokio::spawn(run_device(
+                i,
+                store,
+                partner[i],
+                dev,
+                token,
+                Arc::clone(&shared),
+            )));
+        }
+        let mut all = Stats::default();
+        for t in tasks {
+            match t.await {
+                Ok(s) => all.merge(s),
+                Err(e) => all.note(format!("device task panicked: {e}")),
+            }
+        }
+        (all, t0.elapsed())
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    let p1 = read_proc();
+    let load1 = thread_ticks("load-rt");
+    relay_rt.block_on(relay.stop())?;
+
+    let mut stats = stats;
+    stats.receipt_lat.sort();
+    stats.prop_lat.sort();
+    let cpu_total = (p1.utime + p1.stime - p0.utime - p0.stime) as f64 / HZ;
+    let cpu_load = load1.saturating_sub(load0) as f64 / HZ;
+    let secs = args.seconds.max(1) as f64;
+    let errors: u64 = stats.errors.values().sum();
+
+    println!();
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!("| changes sent (measured window) | {} |", stats.sent_changes);
+    println!(
+        "| receipted changes/s (receipt within the {} s window) | {:.0} |",
+        args.seconds,
+        stats.receipted_in_window as f64 / secs
+    );
+    println!(
+        "| receipted changes total (incl. 2 s drain) | {} |",
+        stats.receipted
+    );
+    println!(
+        "| receipt latency p50 / p99 / p999 / max | {} / {} / {} / {} |",
+        pct(&stats.receipt_lat, 0.5),
+        pct(&stats.receipt_lat, 0.99),
+        pct(&stats.receipt_lat, 0.999),
+        pct(&stats.receipt_lat, 1.0)
+    );
+    println!(
+        "| terminal-to-terminal p50 / p99 / max ({} samples, every {}th change) | {} / {} / {} |",
+        stats.prop_lat.len(),
+        args.sample_every,
+        pct(&stats.prop_lat, 0.5),
+        pct(&stats.prop_lat, 0.99),
+        pct(&stats.prop_lat, 1.0)
+    );
+    println!("| rejected | {} |", stats.rejected);
+    println!("| unavailable | {} |", stats.unavailable);
+    println!("| error frames | {errors} {:?} |", stats.errors);
+    println!(
+        "| undecodable frames / disconnects / local model errors | {} / {} / {} |",
+        stats.bad_frames, stats.disconnects, stats.model_errors
+    );
+    println!(
+        "| stalls (full window, no receipt > 1 s) | {} |",
+        stats.stalls
+    );
+    println!(
+        "| unreceipted after drain (oldest age) | {} ({:.0} ms) |",
+        stats.unreceipted_at_end,
+        stats.max_receipt_gap.as_secs_f64() * 1e3
+    );
+    println!(
+        "| process CPU s / wall s (relay + load generator, same process) | {cpu_total:.2} / {wall:.2} = {:.2} cores |",
+        cpu_total / wall
+    );
+    println!(
+        "| of which load-generator threads / relay (rest) | {cpu_load:.2} / {:.2} s = {:.2} relay cores |",
+        (cpu_total - cpu_load).max(0.0),
+        (cpu_total - cpu_load).max(0.0) / wall
+    );
+    println!(
+        "| RSS start / end / peak (process) | {:.1} / {:.1} / {:.1} MiB |",
+        p0.rss_kb as f64 / 1024.0,
+        p1.rss_kb as f64 / 1024.0,
+        p1.hwm_kb as f64 / 1024.0
+    );
+    println!("| threads at end | {} |", p1.threads);
+    println!(
+        "| run wall (connect, create, fetch, measure, drain) | {:.2} s |",
+        measured_wall.as_secs_f64()
+    );
+    println!();
+    println!(
+        "The relay runs in this process: CPU and RSS are this process's (/proc/self), the relay's \
+         share is the process total minus the load generator's own runtime threads (load-rt); \
+         CPU ticks assume USER_HZ = 100."
+    );
+    if !stats.first_failures.is_empty() {
+        println!("First problems seen:");
+        for f in &stats.first_failures {
+            println!("  - {f}");
+        }
+    }
+    Ok(())
+}
