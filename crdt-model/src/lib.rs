@@ -38,6 +38,7 @@
 //! # Ok::<(), ModelError>(())
 //! ```
 
+pub mod audit;
 pub mod error;
 pub mod ids;
 pub mod money;
@@ -49,6 +50,7 @@ pub mod status;
 pub mod view;
 pub mod wire;
 
+pub use audit::{AuditEntry, audit_trail};
 pub use error::{ModelError, PolicyViolation};
 pub use ids::{
     DeviceId, Entropy, EntryId, LineId, OrderId, OrderNumber, PaymentId, SplitMix64, StoreId,

@@ -8,14 +8,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use automerge::{Automerge, ChangeHash, PatchAction, Prop};
+use automerge::{Automerge, ChangeHash};
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use crdt_model::{DeviceId, Order, OrderId, OrderStatus, StoreId, Writer, device_of_actor};
+use crdt_model::{Order, OrderId, OrderStatus, StoreId, Writer};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -315,18 +315,6 @@ async fn get_order(
     Ok(Json(view))
 }
 
-#[derive(Serialize)]
-struct HistoryEntry {
-    hash: String,
-    actor: String,
-    device: Option<DeviceId>,
-    seq: u64,
-    time: i64,
-    deps: Vec<String>,
-    ops: usize,
-    changed: Vec<String>,
-}
-
 async fn get_history(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -334,47 +322,7 @@ async fn get_history(
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (doc, _) = load_visible(&state, &headers, &query, &id).await?;
-    let history: Vec<HistoryEntry> =
-        doc.get_changes(&[])
-            .iter()
-            .map(|c| {
-                let mut changed: Vec<String> =
-                    doc.diff(c.deps(), &[c.hash()])
-                        .into_iter()
-                        .map(|p| {
-                            let mut path: Vec<String> = p
-                                .path
-                                .iter()
-                                .map(|(_, prop)| match prop {
-                                    Prop::Map(k) => k.clone(),
-                                    Prop::Seq(i) => i.to_string(),
-                                })
-                                .collect();
-                            match &p.action {
-                                PatchAction::PutMap { key, .. }
-                                | PatchAction::DeleteMap { key } => path.push(key.clone()),
-                                PatchAction::Increment {
-                                    prop: Prop::Map(k), ..
-                                } => path.push(k.clone()),
-                                _ => {}
-                            }
-                            path.join(".")
-                        })
-                        .collect();
-                changed.dedup();
-                changed.truncate(50);
-                HistoryEntry {
-                    hash: c.hash().to_string(),
-                    actor: c.actor_id().to_hex_string(),
-                    device: device_of_actor(c.actor_id()),
-                    seq: c.seq(),
-                    time: c.timestamp(),
-                    deps: c.deps().iter().map(ToString::to_string).collect(),
-                    ops: c.len(),
-                    changed,
-                }
-            })
-            .collect();
+    let history = crdt_model::audit_trail(&doc);
     Ok(Json(json!({ "order": id, "changes": history })))
 }
 
