@@ -7,8 +7,7 @@
 //! changes in flight. Devices are paired within a store: each one also follows its partner's
 //! order, which gives the terminal-to-terminal propagation time.
 //!
-//! The WebSocket client is a minimal RFC 6455 client written here (binary frames, masking,
-//! ping/pong, close): the e2e crate has no WebSocket dependency.
+//! Devices speak the protocol over tokio-tungstenite, like the replicator does.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -25,10 +24,11 @@ use crdt_model::{
     Timestamp, Writer,
 };
 use e2e::harness::EmbeddedRelay;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Load generator for the relay (embedded relay, real WebSockets)")]
@@ -57,7 +57,7 @@ struct Args {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Minimal WebSocket client.
+// WebSocket client (tokio-tungstenite): a writer half, and a task that decodes incoming frames.
 
 enum Incoming {
     Frame(RelayFrame, Instant),
@@ -66,34 +66,26 @@ enum Incoming {
     Closed(String),
 }
 
+type WsSink = futures_util::stream::SplitSink<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+    Message,
+>;
+
 struct WsWriter {
-    w: OwnedWriteHalf,
-    seed: u64,
+    sink: WsSink,
 }
 
 impl WsWriter {
-    async fn send(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
-        let n = payload.len();
-        let mut buf = Vec::with_capacity(n + 14);
-        buf.push(0x80 | opcode);
-        if n < 126 {
-            buf.push(0x80 | n as u8);
-        } else if n <= 0xFFFF {
-            buf.push(0x80 | 126);
-            buf.extend_from_slice(&(n as u16).to_be_bytes());
-        } else {
-            buf.push(0x80 | 127);
-            buf.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-        self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let key = ((self.seed >> 32) as u32).to_be_bytes();
-        buf.extend_from_slice(&key);
-        buf.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        self.w.write_all(&buf).await
+    /// Answers a WebSocket ping.
+    async fn pong(&mut self, payload: &[u8]) -> Result<()> {
+        Ok(self
+            .sink
+            .send(Message::Pong(payload.to_vec().into()))
+            .await?)
     }
 
-    async fn frame(&mut self, f: &ClientFrame) -> std::io::Result<()> {
-        self.send(0x2, &f.encode()).await
+    async fn frame(&mut self, f: &ClientFrame) -> Result<()> {
+        Ok(self.sink.send(Message::Binary(f.encode().into())).await?)
     }
 }
 
@@ -101,99 +93,31 @@ async fn ws_connect(
     addr: SocketAddr,
     token: &str,
 ) -> Result<(WsWriter, mpsc::UnboundedReceiver<Incoming>)> {
-    let s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    let (r, mut w) = s.into_split();
-    let req = format!(
-        "GET /v1/sync HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Authorization: Bearer {token}\r\n\r\n"
-    );
-    w.write_all(req.as_bytes()).await?;
-    let mut r = BufReader::with_capacity(64 * 1024, r);
-    let mut status = String::new();
-    r.read_line(&mut status).await?;
-    if !status.contains(" 101 ") {
-        bail!("upgrade refused: {}", status.trim());
-    }
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).await? == 0 {
-            bail!("closed during upgrade");
-        }
-        if line == "\r\n" {
-            break;
-        }
-    }
+    let mut req = format!("ws://{addr}/v1/sync").into_client_request()?;
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse()?);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true).await?;
+    let (sink, mut stream) = ws.split();
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(read_loop(r, tx));
-    let seed = u64::from(addr.port()) ^ (Instant::now().elapsed().as_nanos() as u64);
-    Ok((WsWriter { w, seed }, rx))
-}
-
-async fn read_loop(mut r: BufReader<OwnedReadHalf>, tx: mpsc::UnboundedSender<Incoming>) {
-    let why = read_frames(&mut r, &tx).await;
-    let _ = tx.send(Incoming::Closed(match why {
-        Ok(()) => "close frame".into(),
-        Err(e) => e.to_string(),
-    }));
-}
-
-async fn read_frames(
-    r: &mut BufReader<OwnedReadHalf>,
-    tx: &mpsc::UnboundedSender<Incoming>,
-) -> Result<()> {
-    let mut msg: Vec<u8> = Vec::new();
-    let mut msg_op = 0u8;
-    loop {
-        let mut h = [0u8; 2];
-        r.read_exact(&mut h).await?;
-        let fin = h[0] & 0x80 != 0;
-        let op = h[0] & 0x0F;
-        let masked = h[1] & 0x80 != 0;
-        let mut len = u64::from(h[1] & 0x7F);
-        if len == 126 {
-            len = u64::from(r.read_u16().await?);
-        } else if len == 127 {
-            len = r.read_u64().await?;
-        }
-        let mut key = [0u8; 4];
-        if masked {
-            r.read_exact(&mut key).await?;
-        }
-        let mut payload = vec![0u8; usize::try_from(len)?];
-        r.read_exact(&mut payload).await?;
-        if masked {
-            for (i, b) in payload.iter_mut().enumerate() {
-                *b ^= key[i % 4];
-            }
-        }
-        match op {
-            0x8 => return Ok(()),
-            0x9 => {
-                let _ = tx.send(Incoming::Ping(payload));
-                continue;
-            }
-            0xA => continue,
-            0x0 => msg.extend_from_slice(&payload),
-            _ => {
-                msg_op = op;
-                msg = payload;
-            }
-        }
-        if fin {
-            let data = std::mem::take(&mut msg);
-            if msg_op == 0x2 {
-                let item = match RelayFrame::decode(&data) {
+    tokio::spawn(async move {
+        let why = loop {
+            let item = match stream.next().await {
+                Some(Ok(Message::Binary(data))) => match RelayFrame::decode(&data) {
                     Ok(f) => Incoming::Frame(f, Instant::now()),
                     Err(e) => Incoming::BadFrame(e.to_string()),
-                };
-                if tx.send(item).is_err() {
-                    return Ok(());
-                }
+                },
+                Some(Ok(Message::Ping(p))) => Incoming::Ping(p.to_vec()),
+                Some(Ok(Message::Close(_))) | None => break "close frame".to_owned(),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break e.to_string(),
+            };
+            if tx.send(item).is_err() {
+                return;
             }
-        }
-    }
+        };
+        let _ = tx.send(Incoming::Closed(why));
+    });
+    Ok((WsWriter { sink }, rx))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -260,6 +184,8 @@ struct Shared {
     /// Time between two changes of one device (None = flat out).
     period: Option<Duration>,
     sample_every: u64,
+    /// Device count (to stagger paced devices).
+    devices: usize,
 }
 
 struct Device {
@@ -322,7 +248,7 @@ impl Device {
         let (frame, at) = match item {
             Incoming::Frame(f, at) => (f, at),
             Incoming::Ping(p) => {
-                self.ws.send(0xA, &p).await?;
+                self.ws.pong(&p).await?;
                 return Ok(());
             }
             Incoming::BadFrame(e) => {
@@ -332,7 +258,8 @@ impl Device {
             }
             Incoming::Closed(why) => {
                 self.stats.disconnects += 1;
-                self.stats.note(format!("device {} disconnected: {why}", self.idx));
+                self.stats
+                    .note(format!("device {} disconnected: {why}", self.idx));
                 bail!("disconnected: {why}");
             }
         };
@@ -340,7 +267,11 @@ impl Device {
         match frame {
             RelayFrame::Sync { order, data } if order == mine => {
                 let msg = sync::Message::decode(&data).context("relay sync message")?;
-                if let Err(e) = self.order.doc_mut().receive_sync_message(&mut self.state, msg) {
+                if let Err(e) = self
+                    .order
+                    .doc_mut()
+                    .receive_sync_message(&mut self.state, msg)
+                {
                     self.stats.model_errors += 1;
                     self.stats.note(format!("receive_sync_message: {e}"));
                 }
@@ -360,7 +291,8 @@ impl Device {
                 let msg = sync::Message::decode(&data).context("relay sync message")?;
                 if let Err(e) = doc.receive_sync_message(st, msg) {
                     self.stats.model_errors += 1;
-                    self.stats.note(format!("partner receive_sync_message: {e}"));
+                    self.stats
+                        .note(format!("partner receive_sync_message: {e}"));
                 }
                 let id = *id;
                 if self.deadline.is_some() {
@@ -421,7 +353,8 @@ impl Device {
                 fatal,
             } => {
                 *self.stats.errors.entry(code.clone()).or_default() += 1;
-                self.stats.note(format!("error {code} (fatal {fatal}): {message}"));
+                self.stats
+                    .note(format!("error {code} (fatal {fatal}): {message}"));
             }
             RelayFrame::Bye => {
                 self.stats.note("relay sent bye".into());
@@ -462,7 +395,10 @@ impl Device {
             return Ok(());
         };
         let t = Instant::now();
-        if shared.sample_every > 0 && n % shared.sample_every == 0 && self.partner.is_some() {
+        if shared.sample_every > 0
+            && n.is_multiple_of(shared.sample_every)
+            && self.partner.is_some()
+        {
             // Someone follows this order: register the change before it can arrive.
             let mut prop = shared.prop.lock().unwrap_or_else(|e| e.into_inner());
             let q = prop.entry(self.order.id()).or_default();
@@ -554,7 +490,11 @@ async fn device_main(
         partner,
         ws,
         rx,
-        in_flight: order.heads().into_iter().map(|h| (h, Instant::now())).collect(),
+        in_flight: order
+            .heads()
+            .into_iter()
+            .map(|h| (h, Instant::now()))
+            .collect(),
         order,
         state: sync::State::new(),
         line,
@@ -603,7 +543,8 @@ async fn device_main(
                 .is_some_and(|(_, doc, _)| doc.get_heads().is_empty())
             {
                 let Some(item) = d.next(until).await else {
-                    d.stats.note(format!("device {idx}: partner order never arrived"));
+                    d.stats
+                        .note(format!("device {idx}: partner order never arrived"));
                     break;
                 };
                 tri!(d.handle(item, shared).await);
@@ -616,7 +557,11 @@ async fn device_main(
     let deadline = start + Duration::from_secs(shared.seconds);
     d.deadline = Some(deadline);
     d.last_receipt = start;
-    let mut next_send = start;
+    // Paced devices are staggered over one period, so they do not send in lockstep bursts.
+    let mut next_send = start
+        + shared.period.map_or(Duration::ZERO, |p| {
+            p.mul_f64(idx as f64 / shared.devices as f64)
+        });
     let mut n: u64 = 0;
     let mut stalled = false;
     loop {
@@ -641,7 +586,9 @@ async fn device_main(
             if gap > Duration::from_secs(1) && !stalled {
                 stalled = true;
                 d.stats.stalls += 1;
-                d.stats.note(format!("device {idx}: no receipt for {gap:?} with a full window"));
+                d.stats.note(format!(
+                    "device {idx}: no receipt for {gap:?} with a full window"
+                ));
             }
         } else {
             stalled = false;
@@ -783,8 +730,8 @@ fn main() -> Result<()> {
             }
         }
     }
-    let period = (args.rate > 0)
-        .then(|| Duration::from_secs_f64(devices as f64 / args.rate as f64));
+    let period =
+        (args.rate > 0).then(|| Duration::from_secs_f64(devices as f64 / args.rate as f64));
     let shared = Arc::new(Shared {
         addr,
         order_ids: Mutex::new(vec![None; devices]),
@@ -794,6 +741,7 @@ fn main() -> Result<()> {
         seconds: args.seconds,
         period,
         sample_every: args.sample_every,
+        devices,
     });
 
     println!(
@@ -847,7 +795,10 @@ fn main() -> Result<()> {
     println!();
     println!("| figure | value |");
     println!("|---|---|");
-    println!("| changes sent (measured window) | {} |", stats.sent_changes);
+    println!(
+        "| changes sent (measured window) | {} |",
+        stats.sent_changes
+    );
     println!(
         "| receipted changes/s (receipt within the {} s window) | {:.0} |",
         args.seconds,
