@@ -453,7 +453,7 @@ async fn device_main(
         agent: "relay-load".into(),
         feed_since: 0,
     };
-    ws.frame(&hello).await.map_err(|e| fail(e.into()))?;
+    ws.frame(&hello).await.map_err(fail)?;
     loop {
         match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
             Ok(Some(Incoming::Frame(RelayFrame::Welcome { .. }, _))) => break,
