@@ -78,6 +78,28 @@ pub enum CloseRelation {
     After,
 }
 
+/// The relay-assigned number of the order in `doc`, read without taking the document.
+pub fn number_of(doc: &Automerge) -> Result<Option<OrderNumber>, ModelError> {
+    schema::read_number(&Reader::new(doc, None))
+}
+
+/// The effective business status of the order in `doc`, read without taking the document.
+pub fn status_of(doc: &Automerge) -> Result<OrderStatus, ModelError> {
+    let r = Reader::new(doc, None);
+    let roots = Roots::read(&r)?;
+    Ok(schema::lattice(&schema::read_status_log(&r, &roots.status)?).status())
+}
+
+/// The store of the order in `doc`.
+pub fn store_of(doc: &Automerge) -> Result<StoreId, ModelError> {
+    Ok(Header::read(&Reader::new(doc, None))?.store)
+}
+
+/// The view of the order in `doc`, without taking or copying the document.
+pub fn view_of(doc: &Automerge) -> Result<OrderView, ModelError> {
+    view::build(doc)
+}
+
 /// What a new order starts with.
 #[derive(Clone, Debug)]
 pub struct NewOrder {
@@ -176,6 +198,24 @@ impl Order {
         )
         .map_err(|f| f.error)?;
         Self::from_doc(doc, writer)
+    }
+
+    /// Like [`Self::from_doc`], but hands the document back when it is not an order.
+    pub fn try_from_doc(
+        doc: Automerge,
+        writer: Writer,
+    ) -> Result<Self, Box<(Automerge, ModelError)>> {
+        let r = Reader::new(&doc, None);
+        let parsed = Header::read(&r).and_then(|h| Ok((h, Roots::read(&r)?)));
+        match parsed {
+            Ok((header, roots)) => Ok(Self {
+                doc: doc.with_actor(writer.actor.clone()),
+                writer,
+                roots,
+                header,
+            }),
+            Err(e) => Err(Box::new((doc, e))),
+        }
     }
 
     /// Wraps a document that already holds an order (after a load or a sync).

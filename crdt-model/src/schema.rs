@@ -348,6 +348,11 @@ fn parse<T: std::str::FromStr<Err = ModelError>>(s: &str, path: &str) -> Result<
         .map_err(|e: ModelError| ModelError::NotAnOrder(format!("{path}: {e}")))
 }
 
+/// The relay-assigned number, if any.
+pub(crate) fn read_number(r: &Reader<'_>) -> Result<Option<OrderNumber>, ModelError> {
+    Ok(r.opt_uint(&ROOT, keys::NUMBER, "")?.map(OrderNumber))
+}
+
 /// Object ids of the root containers.
 #[derive(Clone, Debug)]
 pub(crate) struct Roots {

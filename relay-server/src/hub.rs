@@ -642,9 +642,7 @@ impl Worker {
         let Some(d) = self.docs.get_mut(&order) else {
             return;
         };
-        let status = match Order::from_doc(d.working.clone(), self.writer.clone())
-            .and_then(|o| o.status())
-        {
+        let status = match crdt_model::status_of(&d.working) {
             Ok(s) => s,
             Err(e) => {
                 // The policy accepted the document, so it parses; if not, refuse loudly.
@@ -657,8 +655,8 @@ impl Worker {
         };
         let store = match &d.store {
             Some(s) => s.clone(),
-            None => match Order::from_doc(d.working.clone(), self.writer.clone()) {
-                Ok(o) => o.store().clone(),
+            None => match crdt_model::store_of(&d.working) {
+                Ok(s) => s,
                 Err(_) => return,
             },
         };
@@ -764,8 +762,7 @@ impl Worker {
             }
         }
         if let Some(r) = inflight.reply {
-            let view =
-                Order::from_doc(d.committed.clone(), self.writer.clone()).and_then(|o| o.view());
+            let view = crdt_model::view_of(&d.committed);
             let _ = r.send(view.map_err(RelayError::from));
         }
         let store = outcome.meta.store.clone();

@@ -199,9 +199,7 @@ impl Engine {
                     .map_err(|e| ReplicatorError::Corrupt(format!("order {}: {e}", s.order)))?;
             }
             let doc = doc.with_actor(writer.actor.clone());
-            let number = Order::from_doc(doc.clone(), writer.clone())
-                .ok()
-                .and_then(|o| o.number().ok().flatten());
+            let number = crdt_model::number_of(&doc).ok().flatten();
             orders.insert(
                 s.order,
                 Slot {
@@ -437,8 +435,7 @@ impl Engine {
             .map(|c| c.raw_bytes().to_vec())
             .collect();
         if !new.is_empty() {
-            let arrived =
-                slot.fetching && Order::from_doc(slot.doc.clone(), self.writer.clone()).is_ok();
+            let arrived = slot.fetching && crdt_model::store_of(&slot.doc).is_ok();
             if arrived {
                 slot.fetching = false;
                 self.events.push_back(Event::OrderArrived(id));
@@ -632,9 +629,7 @@ impl Engine {
         let Some(slot) = self.orders.get_mut(&id) else {
             return;
         };
-        let number = Order::from_doc(slot.doc.clone(), self.writer.clone())
-            .ok()
-            .and_then(|o| o.number().ok().flatten());
+        let number = crdt_model::number_of(&slot.doc).ok().flatten();
         if number.is_some() && number != slot.number {
             slot.number = number;
             if let Some(n) = number {
@@ -663,9 +658,7 @@ impl Engine {
             slot.record.blocked = None;
         }
         if next == LocalSyncStatus::Synced {
-            let terminal = Order::from_doc(slot.doc.clone(), self.writer.clone())
-                .and_then(|o| o.status())
-                .is_ok_and(OrderStatus::is_terminal);
+            let terminal = crdt_model::status_of(&slot.doc).is_ok_and(OrderStatus::is_terminal);
             if terminal && slot.record.charging.is_empty() {
                 slot.record.settled_at.get_or_insert(now);
             }
@@ -765,14 +758,14 @@ impl Engine {
             return Err(ReplicatorError::UnknownOrder(id));
         }
         let doc = std::mem::take(&mut slot.doc);
-        let mut order = match Order::from_doc(doc.clone(), self.writer.clone()) {
+        let mut order = match Order::try_from_doc(doc, self.writer.clone()) {
             Ok(o) => o,
-            Err(e) => {
+            Err(back) => {
+                let (doc, e) = *back;
                 slot.doc = doc;
                 return Err(e.into());
             }
         };
-        drop(doc);
         let before = order.heads();
         let result = op(&mut order);
         let changes: Vec<Vec<u8>> = order
@@ -851,7 +844,12 @@ impl Engine {
 
     /// The order's view.
     pub fn view(&self, id: OrderId) -> Result<OrderView, ReplicatorError> {
-        Ok(self.order(id)?.view()?)
+        let slot = self
+            .orders
+            .get(&id)
+            .filter(|s| !s.fetching)
+            .ok_or(ReplicatorError::UnknownOrder(id))?;
+        Ok(crdt_model::view_of(&slot.doc)?)
     }
 
     /// The order's local sync status; Removed for an evicted order.
