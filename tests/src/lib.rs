@@ -1,11 +1,13 @@
 //! Cross-crate test support and `pos-sim`.
 //!
+//! * [`file_terminal`]: a simulated card terminal whose ledger survives the app process.
 //! * [`proxy`]: a fault-injecting TCP proxy (cut, cut after N bytes, partition, delay).
 //! * [`harness`]: an embedded relay that can be stopped and restarted on the same port and data,
 //!   and terminals (the `replicator` library) behind per-terminal proxies.
 //! * [`sim`]: `pos-sim`, a store of terminals with cashier behaviour under injected faults,
 //!   checked end to end through the relay's HTTP API.
 
+pub mod file_terminal;
 pub mod harness;
 pub mod proxy;
 pub mod sim;
