@@ -5,7 +5,7 @@
 //! its own fault-injecting proxy), runs cashiers (open orders, add lines, split payments across
 //! cash and card, sometimes delete, sometimes edit another terminal's order), injects faults
 //! (cut connections, offline periods, answers lost after the relay applied a change, relay
-//! restarts), heals the network, and verifies through the relay's HTTP API that everything
+//! restarts, app restarts on the same local store), heals the network, and verifies through the relay's HTTP API that everything
 //! converged and no money was lost or doubled.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -137,9 +137,51 @@ impl Report {
 }
 
 struct Till {
-    rep: Replicator,
+    /// The app; `None` for the instant of an app restart.
+    rep: Mutex<Option<Replicator>>,
     proxy: Proxy,
     store: StoreId,
+    path: std::path::PathBuf,
+    identity: Identity,
+    config: Config,
+    terminal: Arc<SimTerminal>,
+}
+
+impl Till {
+    /// A handle to the running app (cheap clone). Hold it only briefly: a restart waits for
+    /// every handle to be dropped.
+    async fn rep(&self) -> Result<Replicator> {
+        self.rep.lock().await.clone().context("till is restarting")
+    }
+
+    /// Closes the app and opens it again on the same local store, as after a crash or an
+    /// update: only what was durable survives, and syncing resumes.
+    async fn restart(&self) -> Result<()> {
+        let mut slot = self.rep.lock().await;
+        if let Some(old) = slot.take() {
+            old.close().await;
+        }
+        // Another task may still hold a handle for a moment; the store is free once it drops it.
+        let mut last = None;
+        for _ in 0..100 {
+            match Replicator::open(
+                &self.path,
+                self.identity.clone(),
+                self.config.clone(),
+                self.terminal.clone(),
+            )
+            .await
+            {
+                Ok(r) => {
+                    *slot = Some(r);
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(last.map_or_else(|| anyhow::anyhow!("cannot reopen"), anyhow::Error::from))
+    }
 }
 
 #[derive(Default)]
@@ -149,6 +191,7 @@ struct Ledger {
     /// Orders a cashier saw made terminal, with the status.
     closed: BTreeMap<OrderId, OrderStatus>,
     refused: u64,
+    restarts: u64,
 }
 
 fn eur() -> Result<Currency> {
@@ -172,6 +215,7 @@ async fn cashier(
     orders: usize,
     seed: u64,
     pace_ms: u64,
+    restarts: bool,
     ledger: Arc<Mutex<Ledger>>,
 ) -> Result<()> {
     let mut rng = SplitMix64::new(seed);
@@ -182,15 +226,23 @@ async fn cashier(
             rng.next_u64() % (2 * pace_ms)
         })
     };
-    let r = &till.rep;
     let eur = eur()?;
     for _ in 0..orders {
         tokio::time::sleep(think(&mut rng) * 3).await;
+        if restarts && rng.next_u64().is_multiple_of(12) {
+            till.restart().await?;
+            ledger.lock().await.restarts += 1;
+        }
+        let rep = till.rep().await?;
+        let r = &rep;
         // Sometimes help on another terminal's open order (same store): real concurrency.
         if rng.next_u64().is_multiple_of(5)
             && let Some(other) = peers.get((rng.next_u64() as usize) % peers.len().max(1))
         {
-            let active = other.rep.active_orders().await;
+            let active = match other.rep().await {
+                Ok(o) => o.active_orders().await,
+                Err(_) => Vec::new(),
+            };
             if let Some(v) = active.get((rng.next_u64() as usize) % active.len().max(1)) {
                 let id: OrderId = v.id.parse()?;
                 if r.view(id).await.is_err() {
@@ -370,17 +422,17 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
                 connect_timeout: Duration::from_secs(2),
             };
             let terminal = Arc::new(SimTerminal::new(SimMode::Approve));
-            let rep = Replicator::open(
-                &dir.path().join(format!("{store}-till-{t}.redb")),
+            let path = dir.path().join(format!("{store}-till-{t}.redb"));
+            let rep =
+                Replicator::open(&path, identity.clone(), config.clone(), terminal.clone()).await?;
+            tills.push(Arc::new(Till {
+                rep: Mutex::new(Some(rep)),
+                proxy,
+                store: store.clone(),
+                path,
                 identity,
                 config,
                 terminal,
-            )
-            .await?;
-            tills.push(Arc::new(Till {
-                rep,
-                proxy,
-                store: store.clone(),
             }));
         }
     }
@@ -409,6 +461,7 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
             opts.orders,
             opts.seed.wrapping_mul(31).wrapping_add(i as u64),
             opts.pace_ms,
+            opts.fault_rate > 0.0,
             Arc::clone(&ledger),
         )));
     }
@@ -431,6 +484,10 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
     if opts.verbose {
         eprintln!("pos-sim: network healed, waiting for convergence");
     }
+    let restarts = ledger.lock().await.restarts;
+    if restarts > 0 {
+        fault_counts.lock().await.insert("app_restart", restarts);
+    }
     let mut report = Report {
         faults: fault_counts.lock().await.clone(),
         refused_ops: ledger.lock().await.refused,
@@ -446,7 +503,9 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
     });
     verify(&tills, addr, &admin, &ledger, opts.stores, &mut report).await?;
     for t in &tills {
-        t.rep.close().await;
+        if let Ok(r) = t.rep().await {
+            r.close().await;
+        }
     }
     relay.lock().await.stop().await?;
     report.elapsed = started.elapsed();
@@ -458,11 +517,15 @@ async fn settle(tills: &[Arc<Till>], timeout: Duration) -> Result<(), String> {
     loop {
         let mut pending = Vec::new();
         for (i, t) in tills.iter().enumerate() {
-            if !t.rep.pending_charges().await.is_empty() {
+            let Ok(rep) = t.rep().await else {
+                pending.push(format!("till {i}: restarting"));
+                continue;
+            };
+            if !rep.pending_charges().await.is_empty() {
                 pending.push(format!("till {i}: charge pending"));
             }
-            for id in t.rep.order_ids().await {
-                match t.rep.sync_status(id).await {
+            for id in rep.order_ids().await {
+                match rep.sync_status(id).await {
                     Some(LocalSyncStatus::Synced) => {}
                     other => pending.push(format!("till {i}: order {id} {other:?}")),
                 }
@@ -558,12 +621,13 @@ async fn verify(
     let mut missing = Vec::new();
     let mut compared = 0;
     for (i, t) in tills.iter().enumerate() {
-        let held: BTreeSet<OrderId> = t.rep.order_ids().await.into_iter().collect();
+        let rep = t.rep().await?;
+        let held: BTreeSet<OrderId> = rep.order_ids().await.into_iter().collect();
         for (id, rv) in &relay_views {
             if rv.store != t.store.as_str() {
                 continue;
             }
-            match t.rep.view(*id).await {
+            match rep.view(*id).await {
                 Ok(v) => {
                     compared += 1;
                     if &v != rv {
@@ -571,17 +635,17 @@ async fn verify(
                         let mut same = false;
                         for _ in 0..50 {
                             tokio::time::sleep(Duration::from_millis(100)).await;
-                            if t.rep.view(*id).await.ok().as_ref() == Some(rv) {
+                            if rep.view(*id).await.ok().as_ref() == Some(rv) {
                                 same = true;
                                 break;
                             }
                         }
                         if !same {
-                            let now = t.rep.view(*id).await.ok();
+                            let now = rep.view(*id).await.ok();
                             diverged.push(format!(
                                 "till {i} order {id}: till has {} lines/{} payments/{:?}, relay {} lines/{} payments/{:?}; till online {}",
                                 now.as_ref().map_or(0, |v| v.lines.len()), now.as_ref().map_or(0, |v| v.payments.len()), now.as_ref().map(|v| v.status),
-                                rv.lines.len(), rv.payments.len(), rv.status, t.rep.is_online().await
+                                rv.lines.len(), rv.payments.len(), rv.status, rep.is_online().await
                             ));
                         }
                     }

@@ -2,10 +2,11 @@
 //! port) and terminals behind fault-injecting proxies. Each asserts converged views, sync
 //! statuses, order numbers and money.
 //!
-//! Stories covered elsewhere: an order paid entirely offline (`devices.rs`,
-//! `offline_edits_sync_after_reconnect`); the relay killed with SIGKILL between persisting and
-//! answering (`relay-server/tests/crash.rs`, real child process); a terminal killed between
-//! "charge sent" and "result recorded" (`devices.rs`, `a_crash_at_each_step_...`).
+//! Stories covered elsewhere: 2, an order paid entirely offline (`devices.rs`,
+//! `offline_edits_sync_after_reconnect`); 5, the relay killed with SIGKILL between persisting
+//! and answering (`relay_killed.rs`, the relay as a child process, and
+//! `relay-server/tests/crash.rs`); 6, a till killed between "charge sent" and "result recorded"
+//! (`terminal_process.rs`, the till as a child process, and `devices.rs`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;

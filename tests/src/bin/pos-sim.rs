@@ -21,7 +21,8 @@ struct Args {
     /// Seed: the same seed gives the same cashier actions and fault schedule.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Probability of a fault every 100 ms (cut, lost answer, offline period, relay restart).
+    /// Probability of a fault every 100 ms (cut, lost answer, offline period, relay restart);
+    /// with a non-zero rate each till also restarts its app now and then.
     #[arg(long, default_value_t = 0.3)]
     fault_rate: f64,
     /// Mean cashier think time between actions, ms (0: flat out).
