@@ -42,6 +42,9 @@ pub struct SimOptions {
     pub fault_rate: f64,
     /// Mean think time of a cashier between two actions, ms.
     pub pace_ms: u64,
+    /// Run against a relay that is already running (its address and an admin token) instead
+    /// of an embedded one. Relay restarts are then not injected.
+    pub relay: Option<(std::net::SocketAddr, String)>,
     /// Print progress.
     pub verbose: bool,
 }
@@ -55,6 +58,7 @@ impl Default for SimOptions {
             seed: 1,
             fault_rate: 0.3,
             pace_ms: 40,
+            relay: None,
             verbose: true,
         }
     }
@@ -352,7 +356,7 @@ async fn cashier(
 
 async fn faults(
     tills: Vec<Arc<Till>>,
-    relay: Arc<Mutex<EmbeddedRelay>>,
+    relay: Option<Arc<Mutex<EmbeddedRelay>>>,
     rate: f64,
     seed: u64,
     stop: Arc<AtomicU64>,
@@ -383,10 +387,16 @@ async fn faults(
                 till.proxy.set_blackhole(false);
                 "offline_period"
             }
-            _ => {
-                relay.lock().await.restart().await?;
-                "relay_restart"
-            }
+            _ => match &relay {
+                Some(r) => {
+                    r.lock().await.restart().await?;
+                    "relay_restart"
+                }
+                None => {
+                    till.proxy.cut_all();
+                    "cut_connection"
+                }
+            },
         };
         *counts.lock().await.entry(kind).or_default() += 1;
     }
@@ -397,14 +407,33 @@ async fn faults(
 pub async fn run(opts: SimOptions) -> Result<Report> {
     let started = Instant::now();
     let dir = tempfile::tempdir()?;
-    let relay = EmbeddedRelay::start(&dir.path().join("relay"), 0).await?;
-    let addr = relay.addr;
-    let admin = relay.admin.clone();
+    let (relay, addr, admin) = match &opts.relay {
+        Some((addr, admin)) => (None, *addr, admin.clone()),
+        None => {
+            let r = EmbeddedRelay::start(&dir.path().join("relay"), 0).await?;
+            let (addr, admin) = (r.addr, r.admin.clone());
+            (Some(r), addr, admin)
+        }
+    };
+    // Fresh store names on an external relay, so earlier runs' orders do not mix in.
+    let prefix = match &opts.relay {
+        Some(_) => format!(
+            "sim{}-",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs()
+        ),
+        None => String::new(),
+    };
     let mut tills = Vec::new();
     for s in 0..opts.stores {
-        let store = StoreId::new(format!("store-{}", s + 1))?;
+        let store = StoreId::new(format!("{prefix}store-{}", s + 1))?;
         for t in 0..opts.terminals {
-            let (device, token) = relay.provision(&store, &format!("till-{}", t + 1))?;
+            let name = format!("till-{}", t + 1);
+            let (device, token) = match &relay {
+                Some(r) => r.provision(&store, &name)?,
+                None => provision(addr, &admin, &store, &name).await?,
+            };
             let proxy = Proxy::start(addr).await?;
             let identity = Identity {
                 device,
@@ -436,13 +465,13 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
             }));
         }
     }
-    let relay = Arc::new(Mutex::new(relay));
+    let relay = relay.map(|r| Arc::new(Mutex::new(r)));
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(AtomicU64::new(0));
     let fault_counts = Arc::new(Mutex::new(BTreeMap::new()));
     let injector = tokio::spawn(faults(
         tills.clone(),
-        Arc::clone(&relay),
+        relay.clone(),
         opts.fault_rate,
         opts.seed,
         Arc::clone(&stop),
@@ -501,15 +530,43 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
             .err()
             .unwrap_or_else(|| "all orders Synced, no charge pending".into()),
     });
-    verify(&tills, addr, &admin, &ledger, opts.stores, &mut report).await?;
+    verify(
+        &tills,
+        addr,
+        &admin,
+        &ledger,
+        &prefix,
+        opts.stores,
+        &mut report,
+    )
+    .await?;
     for t in &tills {
         if let Ok(r) = t.rep().await {
             r.close().await;
         }
     }
-    relay.lock().await.stop().await?;
+    if let Some(r) = &relay {
+        r.lock().await.stop().await?;
+    }
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Provisions a device through a running relay's admin API.
+async fn provision(
+    addr: std::net::SocketAddr,
+    admin: &str,
+    store: &StoreId,
+    name: &str,
+) -> Result<(crdt_model::DeviceId, String)> {
+    let body = serde_json::json!({ "store": store.as_str(), "name": name }).to_string();
+    let (status, answer) =
+        crate::harness::http(addr, "POST", "/v1/admin/devices", admin, Some(&body)).await?;
+    anyhow::ensure!(status == 200, "provisioning {name}: {status} {answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer)?;
+    let device = v["device"].as_str().context("device id")?.parse()?;
+    let token = v["token"].as_str().context("token")?.to_owned();
+    Ok((device, token))
 }
 
 async fn settle(tills: &[Arc<Till>], timeout: Duration) -> Result<(), String> {
@@ -558,6 +615,7 @@ async fn verify(
     addr: std::net::SocketAddr,
     admin: &str,
     ledger: &Mutex<Ledger>,
+    prefix: &str,
     stores: usize,
     report: &mut Report,
 ) -> Result<()> {
@@ -566,7 +624,7 @@ async fn verify(
     let mut numbering_ok = true;
     let mut numbering_detail = String::new();
     for s in 0..stores {
-        let store = format!("store-{}", s + 1);
+        let store = format!("{prefix}store-{}", s + 1);
         let mut since = 0;
         let mut numbers = Vec::new();
         loop {

@@ -28,6 +28,13 @@ struct Args {
     /// Mean cashier think time between actions, ms (0: flat out).
     #[arg(long, default_value_t = 40)]
     pace_ms: u64,
+    /// Use a running relay at this address (host:port) instead of an embedded one; needs
+    /// --admin-token. Relay restarts are not injected then.
+    #[arg(long, requires = "admin_token")]
+    relay: Option<std::net::SocketAddr>,
+    /// Admin token of the relay given with --relay (printed by its first start).
+    #[arg(long, env = "RELAY_ADMIN_TOKEN")]
+    admin_token: Option<String>,
     /// Only print the report.
     #[arg(long)]
     quiet: bool,
@@ -52,6 +59,7 @@ fn main() -> Result<()> {
         seed: args.seed,
         fault_rate: args.fault_rate,
         pace_ms: args.pace_ms,
+        relay: args.relay.zip(args.admin_token),
         verbose: !args.quiet,
     };
     if !args.quiet {
