@@ -7,65 +7,55 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crdt_model::*;
+use e2e::harness::EmbeddedRelay;
 use relay_server::store::RelayStore;
-use relay_server::{RelayConfig, RelayError};
 use replicator::core::EngineConfig;
 use replicator::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// The shared embedded relay (`e2e::harness`), with its temp data directory and a handle on
+/// its store for assertions.
 struct Relay {
+    inner: EmbeddedRelay,
     dir: tempfile::TempDir,
     addr: std::net::SocketAddr,
     store: Arc<RelayStore>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), RelayError>>,
 }
 
 async fn start_relay(dir: tempfile::TempDir, port: u16) -> Relay {
-    let store = Arc::new(RelayStore::open(dir.path()).unwrap());
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = RelayConfig {
-        data: dir.path().to_path_buf(),
-        ..RelayConfig::default()
-    };
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(relay_server::server::serve_store(
-        config,
-        Arc::clone(&store),
-        listener,
-        async move {
-            let _ = rx.await;
-        },
-    ));
+    let inner = EmbeddedRelay::start(dir.path(), port).await.unwrap();
+    let store = Arc::clone(inner.store().unwrap());
     Relay {
+        addr: inner.addr,
+        inner,
         dir,
-        addr,
         store,
-        stop,
-        task,
     }
 }
 
 impl Relay {
+    /// Stops the relay and releases its data directory (returned, with the port, for a restart).
     async fn halt(self) -> (tempfile::TempDir, u16) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
-        drop(self.store);
-        (self.dir, self.addr.port())
+        let Relay {
+            mut inner,
+            dir,
+            store,
+            addr,
+        } = self;
+        drop(store);
+        inner.stop().await.unwrap();
+        (dir, addr.port())
     }
 
     fn identity(&self, store: &str, name: &str) -> Identity {
-        let (rec, token) = self
-            .store
-            .add_device(&StoreId::new(store).unwrap(), name, 0)
+        let (device, token) = self
+            .inner
+            .provision(&StoreId::new(store).unwrap(), name)
             .unwrap();
         Identity {
-            device: rec.device,
-            store: rec.store,
+            device,
+            store: StoreId::new(store).unwrap(),
             epoch: 1,
             relay_url: format!("ws://{}/v1/sync", self.addr),
             token,
