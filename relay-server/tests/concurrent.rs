@@ -307,11 +307,6 @@ async fn run(scenario: Vec<Vec<Op>>) {
         let store = std::sync::Arc::clone(&relay.store);
         tasks.push(tokio::spawn(async move {
             let mut t = Terminal::new(device, token, 0xC0FFEE + i as u64);
-            // Until the relay keeps changes that arrive before their dependencies (see
-            // `a_change_sent_before_its_dependency_is_stored`), a plain sync loop stalls on about
-            // one case in 50 here; resending what the relay asks for keeps this test about the
-            // rest of the relay.
-            t.resend_needed = false;
             t.connect(addr).await.expect("connect");
             // Every terminal starts with an order of its own, known to the relay.
             let first = t.create(STORE);
@@ -443,10 +438,9 @@ async fn run(scenario: Vec<Vec<Op>>) {
     numbers.sort_unstable();
     assert_eq!(numbers, (1..=held.len() as u64).collect::<Vec<_>>());
     let frames: u64 = terminals.iter().map(|t| t.frames_out).sum();
-    let resent: u64 = terminals.iter().map(|t| t.resent).sum();
     eprintln!(
         "{} terminals, {} orders ({shared} edited by several terminals), {late} late edits, \
-         {conflicts} conflicts, {frames} frames sent, {resent} rescue messages (`resend_needed`)",
+         {conflicts} conflicts, {frames} frames sent",
         terminals.len(),
         held.len()
     );

@@ -413,11 +413,7 @@ async fn sigkill_at_random_instants_loses_no_receipted_change() {
     let mut terminals = Vec::new();
     for (i, _) in habits.iter().enumerate() {
         let (device, token) = provision(&dir, &format!("till-{i}"));
-        let mut t = Terminal::new(device, token, seed ^ ((i as u64 + 1) << 32));
-        // Work around the relay dropping a change that arrives before its dependency (see
-        // `concurrent.rs`, `a_change_sent_before_its_dependency_is_stored`), which would stall a
-        // terminal on a live relay; durability is what this test is about.
-        t.resend_needed = false;
+        let t = Terminal::new(device, token, seed ^ ((i as u64 + 1) << 32));
         terminals.push(t);
     }
     let logs: Vec<_> = terminals.iter().map(|t| Arc::clone(&t.receipts)).collect();
@@ -555,11 +551,10 @@ async fn sigkill_at_random_instants_loses_no_receipted_change() {
         }
     }
     let receipts = all_receipts(&logs).len();
-    let resent: u64 = finished.iter().map(|(t, _, _)| t.resent).sum();
     eprintln!(
         "{rounds} kills in {:.1} s (relay down {:.1} s in all): {total_orders} orders \
          ({compacted} compacted), {} online ops, {} offline ops, {} orders pushed again after a \
-         restart, {receipts} receipts, {resent} rescue messages (`resend_needed`)",
+         restart, {receipts} receipts",
         started.elapsed().as_secs_f64(),
         down.as_secs_f64(),
         stats.ops,

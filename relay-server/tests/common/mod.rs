@@ -378,11 +378,6 @@ pub async fn recv_frame(ws: &mut Ws) -> Option<RelayFrame> {
     }
 }
 
-/// An order replica for a device that does not have it yet (fetch through sync).
-pub fn empty_order_doc() -> automerge::Automerge {
-    automerge::Automerge::new()
-}
-
 /// A terminal that holds many orders at once, applies every frame to the order it belongs to
 /// (so fan-out for one order is never dropped while another is being synced), records every
 /// receipt, and survives a relay that dies under it: every network step returns
@@ -441,15 +436,6 @@ pub mod terminal {
         /// Frames sent and received (all connections).
         pub frames_out: u64,
         pub frames_in: u64,
-        /// Work around the relay dropping a change that arrives before its dependency (see
-        /// `concurrent.rs`, `a_change_sent_before_its_dependency_is_stored`): when the relay asks
-        /// for a change this terminal holds, send it, outside Automerge's sync state, every
-        /// change not covered by the last receipt, in causal order (Automerge itself would not
-        /// resend a change it already sent, nor one the relay's Bloom filter claims). Off: a
-        /// plain Automerge sync loop.
-        pub resend_needed: bool,
-        /// How often that workaround sent its extra message.
-        pub resent: u64,
         fetching: HashMap<OrderId, Automerge>,
         states: HashMap<OrderId, sync::State>,
         ws: Option<Ws>,
@@ -472,8 +458,6 @@ pub mod terminal {
                 connects: 0,
                 frames_out: 0,
                 frames_in: 0,
-                resend_needed: false,
-                resent: 0,
                 fetching: HashMap::new(),
                 states: HashMap::new(),
                 ws: None,
@@ -624,41 +608,6 @@ pub mod terminal {
                     if let Some(o) = self.orders.get_mut(&id) {
                         o.doc_mut().receive_sync_message(state, msg).unwrap();
                         o.refresh().unwrap();
-                        let needed = state.their_need.clone().unwrap_or_default();
-                        let doc = o.doc();
-                        if self.resend_needed
-                            && needed.iter().any(|h| doc.get_change_by_hash(h).is_some())
-                        {
-                            let base: Vec<ChangeHash> = self
-                                .last_receipt
-                                .get(&id)
-                                .map(|r| {
-                                    r.iter()
-                                        .filter(|h| doc.get_change_by_hash(h).is_some())
-                                        .copied()
-                                        .collect()
-                                })
-                                .unwrap_or_default();
-                            let changes: Vec<Vec<u8>> = doc
-                                .get_changes(&base)
-                                .iter()
-                                .map(|c| c.raw_bytes().to_vec())
-                                .collect();
-                            let rescue = sync::Message {
-                                heads: doc.get_heads(),
-                                need: Vec::new(),
-                                have: Vec::new(),
-                                changes: sync::ChunkList::from(changes),
-                                flags: None,
-                                version: sync::MessageVersion::V1,
-                            };
-                            self.resent += 1;
-                            self.send(&ClientFrame::Sync {
-                                order: id.to_string(),
-                                data: ByteBuf::from(rescue.encode()),
-                            })
-                            .await?;
-                        }
                     } else if let Some(d) = self.fetching.get_mut(&id) {
                         d.receive_sync_message(state, msg).unwrap();
                         if !d.get_heads().is_empty() && d.get_missing_deps(&[]).is_empty() {
