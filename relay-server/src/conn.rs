@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use automerge::sync;
+use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket};
 use crdt_model::wire::{ClientFrame, PROTOCOL_MAJOR, RelayFrame, Version, codes};
 use crdt_model::{DeviceId, OrderId, StoreId};
@@ -19,6 +20,8 @@ use crate::server::AppState;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Feed entries per `feed` frame during catch-up.
 const FEED_PAGE: usize = 500;
+/// Most queued frames written before one flush.
+const OUTBOX_BATCH: u64 = 64;
 
 /// A token bucket: `rate` frames per second with a burst of `2 * rate`.
 struct RateLimit {
@@ -187,7 +190,7 @@ async fn run(
     ws: &mut WebSocket,
     peer: &Arc<Peer>,
     state: &AppState,
-    outbox: &mut mpsc::Receiver<RelayFrame>,
+    outbox: &mut mpsc::Receiver<Bytes>,
     shutdown: &mut watch::Receiver<bool>,
 ) {
     let mut limit = RateLimit::new(state.config.rate_per_sec);
@@ -248,7 +251,21 @@ async fn run(
                 }
             }
             Some(frame) = outbox.recv() => {
-                if !send(ws, state, &frame).await {
+                // Write everything already queued, then flush once: one syscall for a burst
+                // (receipt, sync message, feed) instead of one per frame.
+                let mut batch = 1u64;
+                let mut ok = ws.feed(Message::Binary(frame)).await.is_ok();
+                while ok && batch < OUTBOX_BATCH {
+                    match outbox.try_recv() {
+                        Ok(more) => {
+                            batch += 1;
+                            ok = ws.feed(Message::Binary(more)).await.is_ok();
+                        }
+                        Err(_) => break,
+                    }
+                }
+                state.metrics.frames_out.fetch_add(batch, Ordering::Relaxed);
+                if !ok || ws.flush().await.is_err() {
                     return;
                 }
             }
@@ -259,7 +276,8 @@ async fn run(
             _ = shutdown.changed() => {
                 // The hub has flushed its commits: deliver the receipts still queued, then go.
                 while let Ok(frame) = outbox.try_recv() {
-                    if !send(ws, state, &frame).await {
+                    state.metrics.frames_out.fetch_add(1, Ordering::Relaxed);
+                    if ws.send(Message::Binary(frame)).await.is_err() {
                         return;
                     }
                 }

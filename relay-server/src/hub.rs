@@ -17,10 +17,11 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, Change, ChangeHash, ReadDoc};
+use axum::body::Bytes;
 use crdt_model::wire::{FeedEntry, RelayFrame, codes, heads_to_wire};
 use crdt_model::{
     Author, DeviceId, Entropy, Order, OrderId, OrderNumber, OrderStatus, OrderView, Role, StoreId,
@@ -40,6 +41,10 @@ pub type ConnId = u64;
 const COMPACT_EVERY: u32 = 64;
 /// Frames queued for one connection before it is considered too slow and closed.
 pub const OUTBOX_CAPACITY: usize = 4096;
+/// How long feed entries are collected before they go out: every device of a store gets one
+/// `feed` frame per window instead of one per commit, and an order edited many times in the
+/// window appears once, with its latest state.
+const FEED_COALESCE: Duration = Duration::from_millis(5);
 
 /// Tunables of the hub.
 #[derive(Clone, Debug)]
@@ -90,7 +95,7 @@ pub struct Peer {
     pub device: DeviceId,
     /// Its store.
     pub store: StoreId,
-    outbox: mpsc::Sender<RelayFrame>,
+    outbox: mpsc::Sender<Bytes>,
     closed: AtomicBool,
     /// Woken when the hub gives up on the connection (outbox overflow).
     pub kill: Notify,
@@ -100,6 +105,14 @@ impl Peer {
     /// Queues a frame for the connection. A connection that cannot keep up is closed rather
     /// than letting its queue grow without bound.
     pub fn send(&self, frame: RelayFrame) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        self.send_encoded(Bytes::from(frame.encode()));
+    }
+
+    /// Queues an already encoded frame (a broadcast encodes once for every connection).
+    pub fn send_encoded(&self, frame: Bytes) {
         if self.closed.load(Ordering::Relaxed) {
             return;
         }
@@ -115,10 +128,14 @@ impl Peer {
     }
 }
 
-/// Connections by store, for the feed.
+/// Connections by store, for the feed, and the feed entries waiting to go out.
 #[derive(Debug, Default)]
 struct Registry {
     by_store: RwLock<HashMap<StoreId, HashMap<ConnId, Arc<Peer>>>>,
+    /// Committed feed entries not broadcast yet, by store, the latest per order.
+    pending: std::sync::Mutex<HashMap<StoreId, HashMap<String, FeedEntry>>>,
+    /// Woken when `pending` goes from empty to not empty.
+    wake: Notify,
 }
 
 impl Registry {
@@ -144,10 +161,53 @@ impl Registry {
     fn broadcast(&self, store: &StoreId, frame: &RelayFrame) {
         if let Ok(m) = self.by_store.read()
             && let Some(conns) = m.get(store)
+            && !conns.is_empty()
         {
+            let bytes = Bytes::from(frame.encode());
             for p in conns.values() {
-                p.send(frame.clone());
+                p.send_encoded(bytes.clone());
             }
+        }
+    }
+
+    /// Queues a committed order's feed entry for the next coalesced broadcast.
+    fn publish(&self, store: StoreId, entry: FeedEntry) {
+        let Ok(mut pending) = self.pending.lock() else {
+            return;
+        };
+        let was_empty = pending.is_empty();
+        let slot = pending.entry(store).or_default();
+        match slot.get(&entry.order) {
+            Some(old) if old.seq >= entry.seq => {}
+            _ => {
+                slot.insert(entry.order.clone(), entry);
+            }
+        }
+        drop(pending);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Broadcasts every pending feed entry: one frame per store, entries in feed order.
+    fn flush_feed(&self) {
+        let pending = match self.pending.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => return,
+        };
+        for (store, entries) in pending {
+            let mut entries: Vec<FeedEntry> = entries.into_values().collect();
+            entries.sort_unstable_by_key(|e| e.seq);
+            self.broadcast(&store, &RelayFrame::Feed { entries });
+        }
+    }
+
+    /// The feed task: waits for entries, lets more gather for [`FEED_COALESCE`], sends them.
+    async fn run_feed(self: Arc<Self>) {
+        loop {
+            self.wake.notified().await;
+            tokio::time::sleep(FEED_COALESCE).await;
+            self.flush_feed();
         }
     }
 }
@@ -733,7 +793,11 @@ impl Worker {
             }
         };
         tracing::debug!(%order, changes = inflight.changes.len(), seconds = c.seconds, "committed");
-        if let Err(e) = d.committed.apply_changes(inflight.changes.iter().cloned()) {
+        if d.inflight.is_empty() {
+            // Nothing else is queued: `working` is exactly what redb now holds, and a clone is
+            // far cheaper than applying the changes a second time.
+            d.committed = d.working.clone();
+        } else if let Err(e) = d.committed.apply_changes(inflight.changes.iter().cloned()) {
             tracing::error!(%order, error = %e, "cannot apply committed changes in memory");
         }
         self.metrics
@@ -765,13 +829,8 @@ impl Worker {
             let view = crdt_model::view_of(&d.committed);
             let _ = r.send(view.map_err(RelayError::from));
         }
-        let store = outcome.meta.store.clone();
-        self.registry.broadcast(
-            &store,
-            &RelayFrame::Feed {
-                entries: vec![feed_entry(&outcome.meta)],
-            },
-        );
+        self.registry
+            .publish(outcome.meta.store.clone(), feed_entry(&outcome.meta));
         let newly = outcome.newly_numbered;
         d.meta = Some(outcome.meta);
         if newly {
@@ -868,6 +927,7 @@ struct HubInner {
     metrics: Arc<Metrics>,
     relay: DeviceId,
     handles: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    feed_task: tokio::task::JoinHandle<()>,
     committer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -911,6 +971,7 @@ impl Hub {
             handles.push(tokio::spawn(w.run(rx, done_rx)));
             workers.push(tx);
         }
+        let feed_task = tokio::spawn(Arc::clone(&registry).run_feed());
         Ok(Self {
             inner: Arc::new(HubInner {
                 workers,
@@ -919,6 +980,7 @@ impl Hub {
                 metrics,
                 relay: identity.device,
                 handles: std::sync::Mutex::new(handles),
+                feed_task,
                 committer: std::sync::Mutex::new(committer),
             }),
         })
@@ -941,7 +1003,7 @@ impl Hub {
         &self,
         device: DeviceId,
         store: StoreId,
-        outbox: mpsc::Sender<RelayFrame>,
+        outbox: mpsc::Sender<Bytes>,
     ) -> Arc<Peer> {
         let peer = Arc::new(Peer {
             conn: self.inner.next_conn.fetch_add(1, Ordering::Relaxed),
@@ -1023,6 +1085,8 @@ impl Hub {
         for h in handles {
             let _ = h.await;
         }
+        self.inner.feed_task.abort();
+        self.inner.registry.flush_feed();
         let committer = self.inner.committer.lock().ok().and_then(|mut c| c.take());
         if let Some(c) = committer {
             let _ = tokio::task::spawn_blocking(move || c.join()).await;

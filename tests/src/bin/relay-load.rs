@@ -680,6 +680,22 @@ fn thread_ticks(prefix: &str) -> u64 {
     total
 }
 
+/// The relay's counters, scraped from its `/metrics` endpoint (name -> value, unlabelled only).
+async fn relay_counters(addr: SocketAddr, admin: &str) -> Result<HashMap<String, f64>> {
+    let (status, body) = e2e::harness::http(addr, "GET", "/metrics", admin, None).await?;
+    if status != 200 {
+        bail!("/metrics answered {status}");
+    }
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.contains('{'))
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_owned(), v.trim().parse().ok()?))
+        })
+        .collect())
+}
+
 fn pct(sorted: &[Duration], p: f64) -> String {
     if sorted.is_empty() {
         return "-".into();
@@ -782,6 +798,7 @@ fn main() -> Result<()> {
     let wall = t0.elapsed().as_secs_f64();
     let p1 = read_proc();
     let load1 = thread_ticks("load-rt");
+    let counters = relay_rt.block_on(relay_counters(addr, &relay.admin));
     relay_rt.block_on(relay.stop())?;
 
     let mut stats = stats;
@@ -855,6 +872,30 @@ fn main() -> Result<()> {
         p1.hwm_kb as f64 / 1024.0
     );
     println!("| threads at end | {} |", p1.threads);
+    match counters {
+        Ok(c) => {
+            let changes = c
+                .get("relay_changes_accepted_total")
+                .copied()
+                .unwrap_or(0.0);
+            let per = |k: &str| c.get(k).copied().unwrap_or(0.0) / changes.max(1.0);
+            println!(
+                "| relay CPU per accepted change (relay CPU s / relay_changes_accepted_total) | {:.0} µs ({changes:.0} changes) |",
+                (cpu_total - cpu_load).max(0.0) / changes.max(1.0) * 1e6
+            );
+            println!(
+                "| changes per group commit | {:.2} ({:.0} commits) |",
+                1.0 / per("relay_commits_total").max(f64::MIN_POSITIVE),
+                c.get("relay_commits_total").copied().unwrap_or(0.0)
+            );
+            println!(
+                "| frames in / out per accepted change | {:.2} / {:.2} |",
+                per("relay_frames_in_total"),
+                per("relay_frames_out_total")
+            );
+        }
+        Err(e) => println!("| relay counters | unavailable: {e} |"),
+    }
     println!(
         "| run wall (connect, create, fetch, measure, drain) | {:.2} s |",
         measured_wall.as_secs_f64()
