@@ -62,7 +62,7 @@ pub use order::{
     number_of, status_of, store_of, view_of,
 };
 pub use payment::{PaymentKind, PaymentState};
-pub use policy::{Author, Role, validate};
+pub use policy::{Author, Role, validate, validate_changes};
 pub use status::{ActiveStatus, OrderStatus, StatusEntry, StatusLattice};
 pub use view::{Conflict, LateEdit, LateEditKind, LineView, OrderView, PaymentView, Totals};
 

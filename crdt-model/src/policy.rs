@@ -1,9 +1,10 @@
 //! The policy: which changes an order accepts, judged with the author's identity.
 //!
 //! The relay applies incoming changes to a fork of its stored document and calls [`validate`]
-//! with the document before and after; it persists and fans out only on `Ok`. Each new change
-//! is judged **from its author's point of view**: the document at the change's dependencies is
-//! what the author had seen, and `diff(deps, [change])` is exactly what it did. So
+//! (or [`validate_changes`]) with the document before and after; it persists and fans out only
+//! on `Ok`. Each new change is judged **from its author's point of view**: its own decoded
+//! operations say exactly what it did, and the document at the change's dependencies is what
+//! the author had seen. So
 //!
 //! * a change whose author had already seen the order Done/Deleted may only void or refund a
 //!   payment or acknowledge a late edit (the relay may also write the number): anything else is
@@ -11,11 +12,18 @@
 //! * a change *concurrent* with the close passes here and is flagged as a late edit by the view;
 //! * a payment transition must move forward from the state its author saw.
 //!
+//! Reading a document at historical heads is the expensive part, so each question is answered
+//! from the current document whenever that answer is exact (entries are write-once and keyed
+//! by fresh ids, terminal statuses and removal markers never disappear) and at the change's
+//! dependencies only otherwise: an honest add-line or quantity change needs no historical read.
+//!
 //! Structure and types are checked on the merged result with the same strict parser the view
 //! uses, so a document that passes always loads and views.
 
+use std::collections::HashMap;
+
 use automerge::{
-    Automerge, Change, ChangeHash, ObjType, PatchAction, Prop, ROOT, ScalarValue, Value,
+    ActorId, Automerge, Change, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue, Value, legacy,
 };
 
 use crate::error::{ModelError, PolicyViolation};
@@ -55,11 +63,21 @@ pub fn validate(
     author: &Author,
 ) -> Result<usize, PolicyViolation> {
     let new_changes = after.get_changes(&before.get_heads());
+    validate_changes(before, after, &new_changes, author)
+}
+
+/// [`validate`] for callers that already hold the new changes: `changes` must be exactly the
+/// changes `after` has and `before` lacks (in any order).
+pub fn validate_changes(
+    before: &Automerge,
+    after: &Automerge,
+    new_changes: &[Change],
+    author: &Author,
+) -> Result<usize, PolicyViolation> {
     if new_changes.is_empty() {
         return Ok(0);
     }
-    let mut touched = Touched::default();
-    for change in &new_changes {
+    for change in new_changes {
         match device_of_actor(change.actor_id()) {
             Some(d) if d == author.device => {}
             _ => {
@@ -69,27 +87,56 @@ pub fn validate(
             }
         }
     }
-    let header = Header::read(&Reader::new(after, None)).map_err(not_an_order)?;
-    if !before.get_heads().is_empty() {
-        let old = Header::read(&Reader::new(before, None)).map_err(not_an_order)?;
-        if old != header {
-            return Err(PolicyViolation::ImmutableField("header".into()));
+    let existing = !before.get_heads().is_empty();
+    // Root header fields can only be written by a change with no dependencies (the rules
+    // below refuse them otherwise), so without such a change the header is the stored one.
+    let creates = new_changes.iter().any(|c| c.deps().is_empty());
+    let header = if existing && !creates {
+        Header::read(&Reader::new(before, None)).map_err(not_an_order)?
+    } else {
+        let header = Header::read(&Reader::new(after, None)).map_err(not_an_order)?;
+        if existing {
+            let old = Header::read(&Reader::new(before, None)).map_err(not_an_order)?;
+            if old != header {
+                return Err(PolicyViolation::ImmutableField("header".into()));
+            }
         }
-    }
+        header
+    };
     if author.role == Role::Device && header.store != author.store {
         return Err(PolicyViolation::ForeignStore);
     }
-    for change in &new_changes {
-        check_change(after, change, author, &header, &mut touched)?;
+    let r = Reader::new(after, None);
+    let terminal_now = if existing {
+        let roots = schema::Roots::read(&r).map_err(not_an_order)?;
+        let log = schema::read_status_log(&r, &roots.status).map_err(not_an_order)?;
+        schema::lattice(&log).is_terminal()
+    } else {
+        false
+    };
+    let mut touched = Touched::default();
+    let mut paths = Paths {
+        doc: after,
+        known: HashMap::new(),
+    };
+    for change in new_changes {
+        check_change(
+            after,
+            change,
+            author,
+            &header,
+            terminal_now,
+            &mut paths,
+            &mut touched,
+        )?;
     }
     // Structure and types of the merged result, with the parser the view uses. The stored
     // order was valid, so only the entries the new changes touched need parsing; a new order
     // is parsed whole.
-    let r = Reader::new(after, None);
-    if before.get_heads().is_empty() {
-        Snapshot::read(&r).map_err(not_an_order)?;
-    } else {
+    if existing {
         touched.check(&r, header.currency).map_err(not_an_order)?;
+    } else {
+        Snapshot::read(&r).map_err(not_an_order)?;
     }
     Ok(new_changes.len())
 }
@@ -132,7 +179,10 @@ fn not_an_order(e: ModelError) -> PolicyViolation {
     PolicyViolation::NotAnOrder(e.to_string())
 }
 
-/// What the author saw when it wrote a change.
+/// What the author saw when it wrote a change: the document at the change's dependencies.
+///
+/// Historical reads are the expensive part of a check, so every question is first answered
+/// from the current document where that is exact, and only then at the dependencies.
 struct Seen<'a> {
     r: Reader<'a>,
     empty: bool,
@@ -140,6 +190,7 @@ struct Seen<'a> {
 }
 
 impl Seen<'_> {
+    /// Whether `path` existed at the change's dependencies (exact, historical).
     fn has(&self, path: &[&str]) -> Result<bool, PolicyViolation> {
         let mut obj = ROOT;
         for (i, key) in path.iter().enumerate() {
@@ -153,18 +204,178 @@ impl Seen<'_> {
     }
 }
 
+/// An operation id as (counter, actor).
+type OpKey = (u64, ActorId);
+
+fn op_key(id: &legacy::OpId) -> OpKey {
+    (id.0, id.1.clone())
+}
+
+fn ex_id(k: &OpKey) -> ObjId {
+    // The actor index is a hint; a wrong one makes Automerge look the actor up.
+    ObjId::Id(k.0, k.1.clone(), usize::MAX)
+}
+
+/// What one change did, read from its own operations.
+struct ChangeOps {
+    ops: Vec<legacy::Op>,
+    /// Id of each operation (same order as `ops`).
+    ids: Vec<OpKey>,
+    /// Objects the change created: id -> (parent object, key).
+    made: HashMap<OpKey, (legacy::ObjectId, String)>,
+    /// Scalar values the change wrote into the objects it created: object -> key -> value.
+    fields: HashMap<OpKey, HashMap<String, ScalarValue>>,
+}
+
+impl ChangeOps {
+    fn decode(change: &Change) -> Self {
+        let expanded = change.decode();
+        let start = expanded.start_op.get();
+        let actor = expanded.actor_id;
+        let ops = expanded.operations;
+        let mut ids = Vec::with_capacity(ops.len());
+        let mut made = HashMap::new();
+        let mut fields: HashMap<OpKey, HashMap<String, ScalarValue>> = HashMap::new();
+        for (i, op) in ops.iter().enumerate() {
+            let id = (start + i as u64, actor.clone());
+            if let (legacy::OpType::Make(_), legacy::Key::Map(k)) = (&op.action, &op.key) {
+                made.insert(id.clone(), (op.obj.clone(), k.to_string()));
+            }
+            ids.push(id);
+        }
+        for op in &ops {
+            if let (legacy::ObjectId::Id(o), legacy::Key::Map(k), legacy::OpType::Put(v)) =
+                (&op.obj, &op.key, &op.action)
+            {
+                let o = op_key(o);
+                if made.contains_key(&o) {
+                    fields
+                        .entry(o)
+                        .or_default()
+                        .insert(k.to_string(), v.clone());
+                }
+            }
+        }
+        Self {
+            ops,
+            ids,
+            made,
+            fields,
+        }
+    }
+
+    fn made_here(&self, obj: &legacy::ObjectId) -> bool {
+        matches!(obj, legacy::ObjectId::Id(o) if self.made.contains_key(&op_key(o)))
+    }
+
+    /// Whether an operation id belongs to this change.
+    fn is_mine(&self, id: &ObjId) -> bool {
+        match (id, self.ids.first(), self.ids.last()) {
+            (ObjId::Id(ctr, actor, _), Some(first), Some(last)) => {
+                *actor == first.1 && (first.0..=last.0).contains(ctr)
+            }
+            _ => false,
+        }
+    }
+
+    /// A scalar this change wrote into `obj`, an object it created.
+    fn field(&self, obj: &legacy::ObjectId, key: &str) -> Option<&ScalarValue> {
+        match obj {
+            legacy::ObjectId::Id(o) => self.fields.get(&op_key(o))?.get(key),
+            legacy::ObjectId::Root => None,
+        }
+    }
+}
+
+/// Paths of objects, resolved once per validation.
+struct Paths<'a> {
+    doc: &'a Automerge,
+    known: HashMap<OpKey, Vec<String>>,
+}
+
+impl Paths<'_> {
+    /// The path of `obj`, which `ops`' change created or which exists in the document.
+    fn of(
+        &mut self,
+        obj: &legacy::ObjectId,
+        ops: &ChangeOps,
+    ) -> Result<Vec<String>, PolicyViolation> {
+        let legacy::ObjectId::Id(id) = obj else {
+            return Ok(Vec::new());
+        };
+        let key = op_key(id);
+        if let Some((parent, k)) = ops.made.get(&key) {
+            let mut p = self.of(parent, ops)?;
+            p.push(k.clone());
+            return Ok(p);
+        }
+        if let Some(p) = self.known.get(&key) {
+            return Ok(p.clone());
+        }
+        let parents = self
+            .doc
+            .parents(ex_id(&key))
+            .map_err(|e| PolicyViolation::NotAnOrder(format!("unknown object: {e}")))?;
+        let mut path: Vec<String> = parents
+            .map(|p| match p.prop {
+                Prop::Map(k) => k,
+                Prop::Seq(i) => i.to_string(),
+            })
+            .collect();
+        path.reverse();
+        self.known.insert(key, path.clone());
+        Ok(path)
+    }
+}
+
+/// What an operation does, in the terms the rules use.
+enum Action {
+    /// A scalar put into a map key.
+    Put(ScalarValue),
+    /// An object created at a map key.
+    Make(ObjType),
+    /// A counter increment at a map key.
+    Increment,
+    /// An element inserted into (or overwritten in) a list.
+    ListElement(Option<ScalarValue>),
+}
+
+/// Whether `key` of `obj` existed at the change's dependencies. Exact: answered from the
+/// current document when only this change (or nobody) wrote the key, historically otherwise.
+fn key_seen(
+    after: &Automerge,
+    seen: &Seen<'_>,
+    ops: &ChangeOps,
+    obj: &ObjId,
+    path: &[&str],
+) -> Result<bool, PolicyViolation> {
+    let Some(key) = path.last() else {
+        return Ok(true);
+    };
+    let all = after
+        .get_all(obj, *key)
+        .map_err(|e| not_an_order(e.into()))?;
+    if all.iter().all(|(_, id)| ops.is_mine(id)) {
+        return Ok(false);
+    }
+    seen.has(path)
+}
+
 fn check_change(
     after: &Automerge,
     change: &Change,
     author: &Author,
     header: &Header,
+    terminal_now: bool,
+    paths: &mut Paths<'_>,
     touched: &mut Touched,
 ) -> Result<(), PolicyViolation> {
     let deps = change.deps();
-    let hash: ChangeHash = change.hash();
     let r = Reader::new(after, Some(deps));
     let empty = deps.is_empty();
-    let closed = if empty {
+    // Status entries are write-once and terminal ones win, so an order that is not closed now
+    // was not closed at any earlier point either.
+    let closed = if empty || !terminal_now {
         None
     } else {
         let roots = schema::Roots::read(&r).map_err(not_an_order)?;
@@ -175,54 +386,69 @@ fn check_change(
     let seen = Seen { r, empty, closed };
     let me = author.device.to_string();
     let device_role = author.role == Role::Device;
-    let after_change = Reader::new(after, Some(std::slice::from_ref(&hash)));
+    let ops = ChangeOps::decode(change);
 
-    for patch in after.diff(deps, std::slice::from_ref(&hash)) {
-        let mut path: Vec<String> = patch
-            .path
-            .iter()
-            .map(|(_, p)| match p {
-                Prop::Map(k) => k.clone(),
-                Prop::Seq(i) => i.to_string(),
-            })
-            .collect();
-        let value = match &patch.action {
-            PatchAction::PutMap { key, value, .. } => {
-                path.push(key.clone());
-                Some(value.0.clone())
+    for (op, id) in ops.ops.iter().zip(&ops.ids) {
+        let mut path = paths.of(&op.obj, &ops)?;
+        let action = match (&op.key, &op.action) {
+            (legacy::Key::Map(k), act) => {
+                path.push(k.to_string());
+                match act {
+                    legacy::OpType::Put(v) => Action::Put(v.clone()),
+                    legacy::OpType::Make(t) => Action::Make(*t),
+                    legacy::OpType::Increment(_) => Action::Increment,
+                    legacy::OpType::Delete => return Err(deleted(&path)),
+                    _ => return Err(PolicyViolation::UnknownField(path.join("."))),
+                }
             }
-            PatchAction::Increment {
-                prop: Prop::Map(k), ..
-            } => {
-                path.push(k.clone());
-                None
+            (legacy::Key::Seq(_), legacy::OpType::Put(v)) => Action::ListElement(Some(v.clone())),
+            (legacy::Key::Seq(_), legacy::OpType::Delete) => return Err(deleted(&path)),
+            (legacy::Key::Seq(_), _) => {
+                return Err(PolicyViolation::UnknownField(path.join(".")));
             }
-            PatchAction::Insert { .. } | PatchAction::PutSeq { .. } => None,
-            PatchAction::DeleteMap { key } => {
-                path.push(key.clone());
-                return Err(deleted(&path));
-            }
-            PatchAction::DeleteSeq { .. } => return Err(deleted(&path)),
-            _ => return Err(PolicyViolation::UnknownField(path.join("."))),
         };
         let p: Vec<&str> = path.iter().map(String::as_str).collect();
         touched.note(&p);
-        let is_insert = matches!(
-            patch.action,
-            PatchAction::Insert { .. } | PatchAction::PutSeq { .. }
-        );
-        let is_increment = matches!(patch.action, PatchAction::Increment { .. });
+        let is_increment = matches!(action, Action::Increment);
+        let is_list_element = matches!(action, Action::ListElement(_));
+        // The object this operation writes into, and whether this change created it.
+        let target = &op.obj;
+        let target_new = ops.made_here(target);
+        let target_ex = match target {
+            legacy::ObjectId::Root => ROOT,
+            legacy::ObjectId::Id(o) => ex_id(&op_key(o)),
+        };
+        let value = match &action {
+            Action::Put(v) => Some(Value::Scalar(std::borrow::Cow::Owned(v.clone()))),
+            Action::Make(t) => Some(Value::Object(*t)),
+            Action::Increment => None,
+            Action::ListElement(v) => v.clone().map(|v| Value::Scalar(std::borrow::Cow::Owned(v))),
+        };
+        // Entry-level operations (creating `container.key`) and field-level ones (writing
+        // into an entry) are told apart by the path's length.
+        let entry_made = |ops: &ChangeOps| -> Option<legacy::ObjectId> {
+            matches!(action, Action::Make(_))
+                .then(|| legacy::ObjectId::Id(legacy::OpId(id.0, id.1.clone())))
+                .filter(|o| ops.made_here(o))
+        };
         if let Some(status) = seen.closed {
             let allowed = match p.as_slice() {
                 // Judged below: only the relay, only once.
                 [keys::NUMBER] => true,
                 [keys::ACKS, ..] => true,
-                [keys::PAYMENTS, _pid, keys::TRANSITIONS, tid, ..] => {
-                    let st = transition_state(&after_change, &p[..4])?;
-                    !seen.has(&p[..4])?
+                [keys::PAYMENTS, _pid, keys::TRANSITIONS, tid] => {
+                    // A new transition entry, created by this change.
+                    let st = entry_made(&ops)
+                        .and_then(|o| ops.field(&o, keys::STATE).cloned())
+                        .and_then(|v| match v {
+                            ScalarValue::Str(s) => s.parse::<PaymentState>().ok(),
+                            _ => None,
+                        });
+                    !key_seen(after, &seen, &ops, &target_ex, &p)?
                         && st.is_some_and(PaymentState::allowed_after_close)
                         && !tid.is_empty()
                 }
+                [keys::PAYMENTS, _pid, keys::TRANSITIONS, _tid, _field] => target_new,
                 _ => false,
             };
             if !allowed {
@@ -253,15 +479,44 @@ fn check_change(
                     });
                 }
             }
-            [keys::LINES, lid, rest @ ..] => {
-                let fresh = !seen.has(&[keys::LINES, lid])?;
+            [keys::LINES, _lid] => {
+                let Some(line) = entry_made(&ops) else {
+                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
+                };
+                if key_seen(after, &seen, &ops, &target_ex, &p)? {
+                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
+                }
+                check_by_field(&ops, &line, &p, keys::CREATED_BY, &me, device_role)?;
+            }
+            // An element of a line's modifiers: only while the change creates the list.
+            [keys::LINES, _lid, keys::MODIFIERS] if is_list_element => {
+                if !target_new {
+                    return Err(PolicyViolation::ImmutableField(path.join(".")));
+                }
+                if !matches!(value, Some(Value::Scalar(ref v)) if matches!(v.as_ref(), ScalarValue::Str(_)))
+                {
+                    return Err(PolicyViolation::WrongType {
+                        path: path.join("."),
+                        expected: "a string",
+                    });
+                }
+            }
+            [keys::LINES, _lid, rest @ ..] if is_list_element || rest.len() > 1 => {
+                return Err(PolicyViolation::UnknownField(path.join(".")));
+            }
+            [keys::LINES, _lid, rest @ ..] => {
+                // Writes into a line: a line this change created takes any field once; an
+                // existing line only its editable ones, and none once its author saw it
+                // removed.
+                if target_new {
+                    check_line_field(rest, &value, &path)?;
+                    continue;
+                }
                 match rest {
-                    [] if fresh => check_by(&after_change, &p, keys::CREATED_BY, &me, device_role)?,
-                    [] => return Err(PolicyViolation::EntryRewritten(path.join("."))),
-                    _ if fresh => check_line_field(rest, &value, &path)?,
-                    [f] if seen.has(&[keys::LINES, lid, keys::REMOVED_BY])? => {
+                    [f] if line_removed_seen(after, &seen, &ops, &target_ex, &p)? => {
                         return Err(PolicyViolation::EntryRewritten(format!(
-                            "lines.{lid}.{f} (line removed)"
+                            "lines.{}.{f} (line removed)",
+                            p[1]
                         )));
                     }
                     [keys::QTY] if is_increment => {}
@@ -277,60 +532,119 @@ fn check_change(
                     _ => return Err(PolicyViolation::UnknownField(path.join("."))),
                 }
             }
-            [keys::PAYMENTS, pid, rest @ ..] => {
-                let fresh = !seen.has(&[keys::PAYMENTS, pid])?;
-                match rest {
-                    [] if fresh => check_new_payment(&after_change, pid, header, &me, device_role)?,
-                    [] => return Err(PolicyViolation::EntryRewritten(path.join("."))),
-                    [keys::TRANSITIONS] if fresh => {}
-                    [keys::TRANSITIONS, tid, ..] => {
-                        let tpath = [keys::PAYMENTS, *pid, keys::TRANSITIONS, *tid];
-                        if seen.has(&tpath)? {
-                            return Err(PolicyViolation::EntryRewritten(path.join(".")));
-                        }
-                        if rest.len() == 2 {
-                            check_transition(
-                                &seen,
-                                &after_change,
-                                &tpath,
-                                fresh,
-                                &me,
-                                device_role,
-                            )?;
-                        }
-                    }
-                    [f, ..] if fresh && is_payment_field(f) => {}
-                    [f, ..] if is_payment_field(f) => {
-                        return Err(PolicyViolation::EntryRewritten(path.join(".")));
-                    }
-                    _ => return Err(PolicyViolation::UnknownField(path.join("."))),
-                }
-            }
-            [keys::STATUS, eid, rest @ ..] => {
-                if seen.has(&[keys::STATUS, eid])? {
-                    return Err(PolicyViolation::StatusRewritten((*eid).to_owned()));
-                }
-                if rest.is_empty() {
-                    check_status_entry(&seen, &after_change, eid, &me, device_role)?;
-                } else if !matches!(rest, [keys::STATUS | keys::CLOCK | keys::AT | keys::BY]) {
-                    return Err(PolicyViolation::UnknownField(path.join(".")));
-                }
-            }
-            [keys::ACKS, eid, rest @ ..] => {
-                if seen.has(&[keys::ACKS, eid])? {
+            [keys::PAYMENTS, pid] => {
+                let Some(payment) = entry_made(&ops) else {
+                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
+                };
+                if key_seen(after, &seen, &ops, &target_ex, &p)? {
                     return Err(PolicyViolation::EntryRewritten(path.join(".")));
                 }
-                if rest.is_empty() {
-                    check_by(&after_change, &p, keys::BY, &me, device_role)?;
-                } else if !matches!(rest, [keys::EDIT | keys::BY | keys::AT | keys::NOTE]) {
+                check_new_payment(&ops, &payment, pid, header, &me, device_role)?;
+            }
+            [keys::PAYMENTS, _pid, keys::TRANSITIONS] if target_new => {
+                if !matches!(action, Action::Make(ObjType::Map)) {
+                    return Err(PolicyViolation::WrongType {
+                        path: path.join("."),
+                        expected: "a map",
+                    });
+                }
+            }
+            [keys::PAYMENTS, pid, keys::TRANSITIONS, _tid] => {
+                let Some(transition) = entry_made(&ops) else {
+                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
+                };
+                if key_seen(after, &seen, &ops, &target_ex, &p)? {
+                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
+                }
+                // The payment is new when this change created it (the transitions map is
+                // created with it).
+                let payment_is_new = target_new;
+                check_transition(
+                    &seen,
+                    &ops,
+                    &transition,
+                    &p,
+                    pid,
+                    header,
+                    payment_is_new,
+                    &me,
+                    device_role,
+                )?;
+            }
+            [keys::PAYMENTS, _pid, keys::TRANSITIONS, _tid, f] => {
+                if !target_new {
+                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
+                }
+                if !matches!(*f, keys::STATE | keys::REFERENCE | keys::BY | keys::AT) {
                     return Err(PolicyViolation::UnknownField(path.join(".")));
                 }
             }
-            _ if is_insert => return Err(PolicyViolation::UnknownField(path.join("."))),
+            [keys::PAYMENTS, _pid, f] if is_payment_field(f) => {
+                if !target_new {
+                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
+                }
+            }
+            [keys::PAYMENTS, ..] => return Err(PolicyViolation::UnknownField(path.join("."))),
+            [keys::STATUS, eid] => {
+                let Some(entry) = entry_made(&ops) else {
+                    return Err(PolicyViolation::StatusRewritten((*eid).to_owned()));
+                };
+                if key_seen(after, &seen, &ops, &target_ex, &p)? {
+                    return Err(PolicyViolation::StatusRewritten((*eid).to_owned()));
+                }
+                check_status_entry(&seen, &ops, &entry, eid, &me, device_role)?;
+            }
+            [keys::STATUS, eid, rest @ ..] => {
+                if !target_new {
+                    return Err(PolicyViolation::StatusRewritten((*eid).to_owned()));
+                }
+                if !matches!(rest, [keys::STATUS | keys::CLOCK | keys::AT | keys::BY]) {
+                    return Err(PolicyViolation::UnknownField(path.join(".")));
+                }
+            }
+            [keys::ACKS, _eid] => {
+                let Some(entry) = entry_made(&ops) else {
+                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
+                };
+                if key_seen(after, &seen, &ops, &target_ex, &p)? {
+                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
+                }
+                check_by_field(&ops, &entry, &p, keys::BY, &me, device_role)?;
+            }
+            [keys::ACKS, _eid, rest @ ..] => {
+                if !target_new {
+                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
+                }
+                if !matches!(rest, [keys::EDIT | keys::BY | keys::AT | keys::NOTE]) {
+                    return Err(PolicyViolation::UnknownField(path.join(".")));
+                }
+            }
             _ => return Err(PolicyViolation::UnknownField(path.join("."))),
         }
     }
     Ok(())
+}
+
+/// Whether the line holding `line_obj` was removed when the change's author wrote it.
+fn line_removed_seen(
+    after: &Automerge,
+    seen: &Seen<'_>,
+    ops: &ChangeOps,
+    line_obj: &ObjId,
+    field_path: &[&str],
+) -> Result<bool, PolicyViolation> {
+    // A removal marker that only this change wrote (or none) means "not removed before";
+    // markers are write-once, so an order without one now had none earlier either.
+    let all = after
+        .get_all(line_obj, keys::REMOVED_BY)
+        .map_err(|e| not_an_order(e.into()))?;
+    if all.iter().all(|(_, id)| ops.is_mine(id)) {
+        return Ok(false);
+    }
+    match field_path {
+        [keys::LINES, lid, ..] => seen.has(&[keys::LINES, lid, keys::REMOVED_BY]),
+        _ => Ok(false),
+    }
 }
 
 fn deleted(path: &[String]) -> PolicyViolation {
@@ -458,25 +772,24 @@ fn check_by_value(
     }
 }
 
-/// The entry at `entry` (as of the change) must name the author in field `field`.
-fn check_by(
-    r: &Reader<'_>,
+/// The entry `obj`, created by this change, must name the author in field `field`.
+fn check_by_field(
+    ops: &ChangeOps,
+    obj: &legacy::ObjectId,
     entry: &[&str],
     field: &str,
     me: &str,
     device_role: bool,
 ) -> Result<(), PolicyViolation> {
-    let obj = resolve(r, entry)?;
-    let v = r
-        .opt_scalar(&obj, field)
-        .map_err(not_an_order)?
-        .map(|s| Value::Scalar(std::borrow::Cow::Owned(s)));
+    let v = ops
+        .field(obj, field)
+        .map(|s| Value::Scalar(std::borrow::Cow::Owned(s.clone())));
     let mut path: Vec<String> = entry.iter().map(|s| (*s).to_owned()).collect();
     path.push(field.to_owned());
     check_by_value(&v, me, device_role, &path)
 }
 
-fn resolve(r: &Reader<'_>, path: &[&str]) -> Result<automerge::ObjId, PolicyViolation> {
+fn resolve(r: &Reader<'_>, path: &[&str]) -> Result<ObjId, PolicyViolation> {
     let mut obj = ROOT;
     for key in path {
         match r.get(&obj, key).map_err(not_an_order)? {
@@ -492,21 +805,24 @@ fn resolve(r: &Reader<'_>, path: &[&str]) -> Result<automerge::ObjId, PolicyViol
     Ok(obj)
 }
 
-fn transition_state(
-    r: &Reader<'_>,
-    tpath: &[&str],
-) -> Result<Option<PaymentState>, PolicyViolation> {
-    let obj = resolve(r, tpath)?;
-    Ok(
-        match r.opt_scalar(&obj, keys::STATE).map_err(not_an_order)? {
-            Some(ScalarValue::Str(s)) => s.parse().ok(),
-            _ => None,
-        },
-    )
+fn check_reference_field(
+    ops: &ChangeOps,
+    obj: &legacy::ObjectId,
+    here: &str,
+) -> Result<(), PolicyViolation> {
+    if let Some(ScalarValue::Str(reference)) = ops.field(obj, keys::REFERENCE)
+        && check_reference(reference).is_err()
+    {
+        return Err(PolicyViolation::CardNumberInReference(format!(
+            "{here}.reference"
+        )));
+    }
+    Ok(())
 }
 
 fn check_new_payment(
-    r: &Reader<'_>,
+    ops: &ChangeOps,
+    obj: &legacy::ObjectId,
     pid: &str,
     header: &Header,
     me: &str,
@@ -514,9 +830,8 @@ fn check_new_payment(
 ) -> Result<(), PolicyViolation> {
     let here = format!("payments.{pid}");
     let _: PaymentId = pid.parse().map_err(not_an_order)?;
-    let obj = resolve(r, &[keys::PAYMENTS, pid])?;
-    match r.opt_scalar(&obj, keys::AMOUNT).map_err(not_an_order)? {
-        Some(ScalarValue::Int(a)) if a > 0 && a <= MAX_PAYMENT => {}
+    match ops.field(obj, keys::AMOUNT) {
+        Some(ScalarValue::Int(a)) if *a > 0 && *a <= MAX_PAYMENT => {}
         Some(ScalarValue::Int(_)) => {
             return Err(PolicyViolation::InvalidAmount(format!("{here}.amount")));
         }
@@ -527,7 +842,7 @@ fn check_new_payment(
             });
         }
     }
-    match r.opt_scalar(&obj, keys::CURRENCY).map_err(not_an_order)? {
+    match ops.field(obj, keys::CURRENCY) {
         Some(ScalarValue::Str(c)) if c.as_str() == header.currency.code() => {}
         Some(ScalarValue::Str(c)) => return Err(PolicyViolation::InvalidCurrency(c.to_string())),
         _ => {
@@ -537,75 +852,74 @@ fn check_new_payment(
             });
         }
     }
-    if let Some(ScalarValue::Str(reference)) =
-        r.opt_scalar(&obj, keys::REFERENCE).map_err(not_an_order)?
-        && check_reference(&reference).is_err()
-    {
-        return Err(PolicyViolation::CardNumberInReference(format!(
-            "{here}.reference"
-        )));
-    }
-    check_by(r, &[keys::PAYMENTS, pid], keys::CREATED_BY, me, device_role)
+    check_reference_field(ops, obj, &here)?;
+    check_by_field(
+        ops,
+        obj,
+        &[keys::PAYMENTS, pid],
+        keys::CREATED_BY,
+        me,
+        device_role,
+    )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check_transition(
     seen: &Seen<'_>,
-    r: &Reader<'_>,
-    tpath: &[&str; 4],
+    ops: &ChangeOps,
+    obj: &legacy::ObjectId,
+    tpath: &[&str],
+    pid: &str,
+    header: &Header,
     payment_is_new: bool,
     me: &str,
     device_role: bool,
 ) -> Result<(), PolicyViolation> {
     let here = tpath.join(".");
-    let to = transition_state(r, tpath)?.ok_or_else(|| PolicyViolation::WrongType {
+    let to = match ops.field(obj, keys::STATE) {
+        Some(ScalarValue::Str(s)) => s.parse::<PaymentState>().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| PolicyViolation::WrongType {
         path: format!("{here}.state"),
         expected: "a payment state",
     })?;
     if payment_is_new {
         if !to.is_initial() {
             return Err(PolicyViolation::PaymentBackwards {
-                payment: tpath[1].to_owned(),
+                payment: pid.to_owned(),
                 from: PaymentState::Pending,
                 to,
             });
         }
     } else {
+        // Forward from the state the author saw (a historical read; transitions are rare).
         let payments = resolve(&seen.r, &[keys::PAYMENTS])?;
-        let currency = Header::read(&seen.r).map_err(not_an_order)?.currency;
         let rec =
-            schema::read_payment(&seen.r, &payments, tpath[1], currency).map_err(not_an_order)?;
+            schema::read_payment(&seen.r, &payments, pid, header.currency).map_err(not_an_order)?;
         let from = rec.state();
         if !from.can_move_to(to) {
             return Err(PolicyViolation::PaymentBackwards {
-                payment: tpath[1].to_owned(),
+                payment: pid.to_owned(),
                 from,
                 to,
             });
         }
     }
-    let obj = resolve(r, tpath)?;
-    if let Some(ScalarValue::Str(reference)) =
-        r.opt_scalar(&obj, keys::REFERENCE).map_err(not_an_order)?
-        && check_reference(&reference).is_err()
-    {
-        return Err(PolicyViolation::CardNumberInReference(format!(
-            "{here}.reference"
-        )));
-    }
-    check_by(r, tpath, keys::BY, me, device_role)
+    check_reference_field(ops, obj, &here)?;
+    check_by_field(ops, obj, tpath, keys::BY, me, device_role)
 }
 
 fn check_status_entry(
     seen: &Seen<'_>,
-    r: &Reader<'_>,
+    ops: &ChangeOps,
+    obj: &legacy::ObjectId,
     eid: &str,
     me: &str,
     device_role: bool,
 ) -> Result<(), PolicyViolation> {
-    let path = [keys::STATUS, eid];
-    let obj = resolve(r, &path)?;
-    let clock = match r.opt_scalar(&obj, keys::CLOCK).map_err(not_an_order)? {
-        Some(ScalarValue::Uint(c)) => c,
+    let clock = match ops.field(obj, keys::CLOCK) {
+        Some(ScalarValue::Uint(c)) => *c,
         _ => {
             return Err(PolicyViolation::WrongType {
                 path: format!("status.{eid}.clock"),
@@ -624,5 +938,5 @@ fn check_status_entry(
             });
         }
     }
-    check_by(r, &path, keys::BY, me, device_role)
+    check_by_field(ops, obj, &[keys::STATUS, eid], keys::BY, me, device_role)
 }

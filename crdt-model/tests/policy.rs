@@ -502,3 +502,137 @@ fn impersonating_another_device_in_an_entry_is_refused() {
     });
     assert!(matches!(judge(&s), Err(PolicyViolation::ForeignActor(_))));
 }
+
+#[test]
+fn a_line_with_modifiers_passes() {
+    let mut s = setup();
+    let at = s.t.tick();
+    s.order
+        .add_line(
+            at,
+            &mut s.t.rng,
+            LineDraft {
+                sku: "burger".into(),
+                name: "Burger".into(),
+                unit_price: 900,
+                quantity: 1,
+                modifiers: vec!["no onions".into(), "extra cheese".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(judge(&s), Ok(1));
+}
+
+#[test]
+fn a_modifier_that_is_not_a_string_or_added_later_is_refused() {
+    let mut s = setup();
+    let at = s.t.tick();
+    let lines = obj(s.order.doc(), &["lines"]);
+    let lid = LineId::generate(at, &mut s.t.rng).to_string();
+    let me = s.t.author().device.to_string();
+    forge(&mut s.order, |tx| {
+        let l = tx.put_object(&lines, lid.as_str(), ObjType::Map).unwrap();
+        tx.put(&l, "sku", "x").unwrap();
+        tx.put(&l, "name", "x").unwrap();
+        tx.put(&l, "unit_price", 1i64).unwrap();
+        tx.put(&l, "qty", ScalarValue::counter(1)).unwrap();
+        let m = tx.put_object(&l, "modifiers", ObjType::List).unwrap();
+        tx.insert(&m, 0, 42i64).unwrap();
+        tx.put(&l, "note", "").unwrap();
+        tx.put(&l, "created_by", me.as_str()).unwrap();
+        tx.put(&l, "created_at", ScalarValue::Timestamp(at.0))
+            .unwrap();
+    });
+    assert!(matches!(judge(&s), Err(PolicyViolation::WrongType { .. })));
+
+    // A modifier appended to an existing line.
+    let mut s = setup();
+    let line = first_key(s.order.doc(), &["lines"]);
+    let mods = obj(s.order.doc(), &["lines", &line, "modifiers"]);
+    forge(&mut s.order, |tx| {
+        tx.insert(&mods, 0, "late").unwrap();
+    });
+    assert!(matches!(judge(&s), Err(PolicyViolation::ImmutableField(_))));
+}
+
+#[test]
+fn an_edit_concurrent_with_a_line_removal_passes_but_one_after_seeing_it_is_refused() {
+    let mut s = setup();
+    let mut other = Term::new(17);
+    let mut replica = other.replica(&s.order);
+    let line = first_key(s.order.doc(), &["lines"]);
+    let line_id: LineId = line.parse().unwrap();
+    // This device removes the line; the relay stores it.
+    let at = s.t.tick();
+    s.order.remove_line(at, line_id).unwrap();
+    s.relay = s.order.doc().clone();
+    // Meanwhile the other terminal, which has not seen the removal, changes the quantity.
+    let at = other.tick();
+    replica.change_quantity(at, line_id, 2).unwrap();
+    let merged = after(&s.relay, replica.doc());
+    assert_eq!(validate(&s.relay, &merged, &other.author()), Ok(1));
+
+    // Once it has seen the removal, the same edit (forged past the typed API) is refused.
+    let mut replica =
+        other.replica(&Order::from_doc(merged.clone(), other.writer.clone()).unwrap());
+    let relay = merged;
+    let line_obj = obj(replica.doc(), &["lines", &line]);
+    forge(&mut replica, |tx| {
+        tx.increment(&line_obj, "qty", 1).unwrap();
+    });
+    let merged = after(&relay, replica.doc());
+    assert!(matches!(
+        validate(&relay, &merged, &other.author()),
+        Err(PolicyViolation::EntryRewritten(_))
+    ));
+}
+
+#[test]
+fn a_capture_concurrent_with_a_void_passes() {
+    let mut s = setup();
+    let at = s.t.tick();
+    let p = s
+        .order
+        .begin_payment(
+            at,
+            &mut s.t.rng,
+            PaymentDraft {
+                kind: PaymentKind::CardTerminal,
+                amount: 300,
+                reference: String::new(),
+            },
+        )
+        .unwrap();
+    let at = s.t.tick();
+    s.order
+        .authorize_payment(at, &mut s.t.rng, p, "AUTH-1")
+        .unwrap();
+    let mut other = Term::new(19);
+    let mut replica = other.replica(&s.order);
+    let at = s.t.tick();
+    s.order.void_payment(at, &mut s.t.rng, p).unwrap();
+    s.relay = s.order.doc().clone();
+    let at = other.tick();
+    replica.capture_payment(at, &mut other.rng, p).unwrap();
+    let merged = after(&s.relay, replica.doc());
+    assert_eq!(validate(&s.relay, &merged, &other.author()), Ok(1));
+}
+
+#[test]
+fn a_batch_that_creates_then_edits_a_line_passes() {
+    let mut s = setup();
+    let l = s.t.add_line(&mut s.order, "Soda", 250, 1);
+    let at = s.t.tick();
+    s.order.change_quantity(at, l, 3).unwrap();
+    s.order.set_note(at, l, "no ice").unwrap();
+    let at = s.t.tick();
+    s.order.remove_line(at, l).unwrap();
+    assert_eq!(judge(&s), Ok(4));
+    // A write into the removed line in the same batch is refused.
+    let line_obj = obj(s.order.doc(), &["lines", &l.to_string()]);
+    forge(&mut s.order, |tx| {
+        tx.put(&line_obj, "note", "after removal").unwrap();
+    });
+    assert!(matches!(judge(&s), Err(PolicyViolation::EntryRewritten(_))));
+}

@@ -25,7 +25,7 @@ use axum::body::Bytes;
 use crdt_model::wire::{FeedEntry, RelayFrame, codes, heads_to_wire};
 use crdt_model::{
     Author, DeviceId, Entropy, Order, OrderId, OrderNumber, OrderStatus, OrderView, Role, StoreId,
-    Timestamp, Writer, validate,
+    Timestamp, Writer, validate, validate_changes,
 };
 use serde_bytes::ByteBuf;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -642,7 +642,7 @@ impl Worker {
             store: peer.store.clone(),
             role: Role::Device,
         };
-        if let Err(violation) = validate(&d.working, &fork, &author) {
+        if let Err(violation) = validate_changes(&d.working, &fork, &new_changes, &author) {
             if violation == crdt_model::PolicyViolation::ForeignStore {
                 // Another store's order: the same answer as for an order that does not exist.
                 pd.state = sync::State::new();
