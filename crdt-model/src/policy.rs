@@ -431,6 +431,11 @@ fn check_change(
                 .then(|| legacy::ObjectId::Id(legacy::OpId(id.0, id.1.clone())))
                 .filter(|o| ops.made_here(o))
         };
+        // The entry this operation creates, which its author must not have seen already.
+        let new_entry = |rewritten: PolicyViolation| match entry_made(&ops) {
+            Some(o) if !key_seen(after, &seen, &ops, &target_ex, &p)? => Ok(o),
+            _ => Err(rewritten),
+        };
         if let Some(status) = seen.closed {
             let allowed = match p.as_slice() {
                 // Judged below: only the relay, only once.
@@ -480,12 +485,7 @@ fn check_change(
                 }
             }
             [keys::LINES, _lid] => {
-                let Some(line) = entry_made(&ops) else {
-                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
-                };
-                if key_seen(after, &seen, &ops, &target_ex, &p)? {
-                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
-                }
+                let line = new_entry(PolicyViolation::EntryRewritten(path.join(".")))?;
                 check_by_field(&ops, &line, &p, keys::CREATED_BY, &me, device_role)?;
             }
             // An element of a line's modifiers: only while the change creates the list.
@@ -533,12 +533,7 @@ fn check_change(
                 }
             }
             [keys::PAYMENTS, pid] => {
-                let Some(payment) = entry_made(&ops) else {
-                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
-                };
-                if key_seen(after, &seen, &ops, &target_ex, &p)? {
-                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
-                }
+                let payment = new_entry(PolicyViolation::EntryRewritten(path.join(".")))?;
                 check_new_payment(&ops, &payment, pid, header, &me, device_role)?;
             }
             [keys::PAYMENTS, _pid, keys::TRANSITIONS] if target_new => {
@@ -550,12 +545,7 @@ fn check_change(
                 }
             }
             [keys::PAYMENTS, pid, keys::TRANSITIONS, _tid] => {
-                let Some(transition) = entry_made(&ops) else {
-                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
-                };
-                if key_seen(after, &seen, &ops, &target_ex, &p)? {
-                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
-                }
+                let transition = new_entry(PolicyViolation::EntryRewritten(path.join(".")))?;
                 // The payment is new when this change created it (the transitions map is
                 // created with it).
                 let payment_is_new = target_new;
@@ -586,12 +576,7 @@ fn check_change(
             }
             [keys::PAYMENTS, ..] => return Err(PolicyViolation::UnknownField(path.join("."))),
             [keys::STATUS, eid] => {
-                let Some(entry) = entry_made(&ops) else {
-                    return Err(PolicyViolation::StatusRewritten((*eid).to_owned()));
-                };
-                if key_seen(after, &seen, &ops, &target_ex, &p)? {
-                    return Err(PolicyViolation::StatusRewritten((*eid).to_owned()));
-                }
+                let entry = new_entry(PolicyViolation::StatusRewritten((*eid).to_owned()))?;
                 check_status_entry(&seen, &ops, &entry, eid, &me, device_role)?;
             }
             [keys::STATUS, eid, rest @ ..] => {
@@ -603,12 +588,7 @@ fn check_change(
                 }
             }
             [keys::ACKS, _eid] => {
-                let Some(entry) = entry_made(&ops) else {
-                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
-                };
-                if key_seen(after, &seen, &ops, &target_ex, &p)? {
-                    return Err(PolicyViolation::EntryRewritten(path.join(".")));
-                }
+                let entry = new_entry(PolicyViolation::EntryRewritten(path.join(".")))?;
                 check_by_field(&ops, &entry, &p, keys::BY, &me, device_role)?;
             }
             [keys::ACKS, _eid, rest @ ..] => {
