@@ -322,6 +322,9 @@ fn spawn_committer(
 
 /// A write queued for commit, and who waits for it.
 struct Inflight {
+    /// `working` as it was right after these changes were accepted: what `committed` becomes
+    /// once they are durable (a clone costs a few µs, applying the changes again tens).
+    snapshot: Automerge,
     changes: Vec<Change>,
     origins: Vec<Arc<Peer>>,
     reply: Option<ViewReply>,
@@ -336,6 +339,11 @@ struct PeerDoc {
     /// next message, and replies to it are generated as if they were queued, so the sync
     /// protocol asks for the missing dependency instead of for the queued change again.
     queued: Vec<Vec<u8>>,
+}
+
+/// The last state the policy accepted: the newest queued write's, or the committed one.
+fn last_accepted<'a>(inflight: &'a VecDeque<Inflight>, committed: &'a Automerge) -> &'a Automerge {
+    inflight.back().map_or(committed, |i| &i.snapshot)
 }
 
 /// Most bytes of not-yet-applicable changes kept per (order, connection).
@@ -598,15 +606,40 @@ impl Worker {
                 ));
                 return;
             }
-            Self::reply(&metrics, order, d, conn);
+            // While a write of this order is being committed, the committed document lacks
+            // changes the peer may already have sent: a reply now would ask for them again,
+            // and the peer (which already sent them) would answer with its heads, in a loop
+            // until the commit lands. Every peer of the order gets a message after each
+            // commit, so the reply is simply left to that.
+            if d.inflight.is_empty() {
+                Self::reply(&metrics, order, d, conn);
+            }
             return;
         }
-        let mut fork = d.working.fork();
-        for q in &pd.queued {
-            let _ = fork.load_incremental(q);
-        }
+        // The common case applies the message straight to `working` and puts `working` back
+        // from the last accepted state if the policy refuses it; a peer with queued chunks
+        // (a dependency went missing) gets a fork, so nothing unapplied lingers in `working`.
+        let base = last_accepted(&d.inflight, &d.committed);
+        let before_heads = d.working.get_heads();
+        let direct = pd.queued.is_empty();
+        let mut fork = if direct {
+            None
+        } else {
+            let mut f = d.working.fork();
+            for q in &pd.queued {
+                let _ = f.load_incremental(q);
+            }
+            Some(f)
+        };
+        let target = match fork.as_mut() {
+            Some(f) => f,
+            None => &mut d.working,
+        };
         let chunks: Vec<Vec<u8>> = msg.changes.iter().map(<[u8]>::to_vec).collect();
-        if let Err(e) = fork.receive_sync_message(&mut pd.state, msg) {
+        if let Err(e) = target.receive_sync_message(&mut pd.state, msg) {
+            if direct {
+                d.working = base.clone();
+            }
             pd.state = sync::State::new();
             pd.queued.clear();
             peer.send(RelayFrame::error(
@@ -617,17 +650,26 @@ impl Worker {
             return;
         }
         // Keep what could not be applied yet; drop the queue once everything applied.
-        if fork.get_missing_deps(&[]).is_empty() {
+        if target.get_missing_deps(&[]).is_empty() {
             pd.queued.clear();
         } else {
+            if direct {
+                // Rebuild `working` with only what applied, so it holds no pending chunk.
+                let applied = target.get_changes(&before_heads);
+                let mut clean = base.clone();
+                if let Err(e) = clean.apply_changes(applied) {
+                    tracing::error!(%order, error = %e, "cannot re-apply accepted changes");
+                }
+                d.working = clean;
+            }
             pd.queued.extend(chunks);
             if pd.queued.iter().map(Vec::len).sum::<usize>() > MAX_QUEUED_BYTES {
                 pd.queued.clear();
                 pd.state = sync::State::new();
             }
         }
-        let before_heads = d.working.get_heads();
-        let new_changes = fork.get_changes(&before_heads);
+        let after: &Automerge = fork.as_ref().unwrap_or(&d.working);
+        let new_changes = after.get_changes(&before_heads);
         if new_changes.is_empty() {
             // Everything was known already (a retry). If some of it is still being committed,
             // this connection waits for that commit's receipt too.
@@ -642,7 +684,10 @@ impl Worker {
             store: peer.store.clone(),
             role: Role::Device,
         };
-        if let Err(violation) = validate_changes(&d.working, &fork, &new_changes, &author) {
+        if let Err(violation) = validate_changes(base, after, &new_changes, &author) {
+            if direct {
+                d.working = base.clone();
+            }
             if violation == crdt_model::PolicyViolation::ForeignStore {
                 // Another store's order: the same answer as for an order that does not exist.
                 pd.state = sync::State::new();
@@ -663,7 +708,9 @@ impl Worker {
             });
             return;
         }
-        d.working = fork.with_actor(relay_actor);
+        if let Some(f) = fork {
+            d.working = f.with_actor(relay_actor);
+        }
         metrics.receipts_pending.fetch_add(1, Ordering::Relaxed);
         self.enqueue(order, new_changes, vec![peer], None);
     }
@@ -743,6 +790,7 @@ impl Worker {
             at: now_ms(),
         };
         d.inflight.push_back(Inflight {
+            snapshot: d.working.clone(),
             changes,
             origins,
             reply,
@@ -793,13 +841,7 @@ impl Worker {
             }
         };
         tracing::debug!(%order, changes = inflight.changes.len(), seconds = c.seconds, "committed");
-        if d.inflight.is_empty() {
-            // Nothing else is queued: `working` is exactly what redb now holds, and a clone is
-            // far cheaper than applying the changes a second time.
-            d.committed = d.working.clone();
-        } else if let Err(e) = d.committed.apply_changes(inflight.changes.iter().cloned()) {
-            tracing::error!(%order, error = %e, "cannot apply committed changes in memory");
-        }
+        d.committed = inflight.snapshot;
         self.metrics
             .changes_accepted
             .fetch_add(inflight.changes.len() as u64, Ordering::Relaxed);
