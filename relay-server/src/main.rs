@@ -35,6 +35,9 @@ enum Command {
         /// Orders kept in memory; idle ones beyond this are dropped and reloaded on demand.
         #[arg(long, env = "RELAY_CACHE_ORDERS", default_value_t = 10_000)]
         cache_orders: usize,
+        /// redb page cache, MiB (the hot orders themselves are cached as documents).
+        #[arg(long, env = "RELAY_REDB_CACHE_MIB", default_value_t = 64)]
+        redb_cache_mib: usize,
         /// Concurrent device connections.
         #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 20_000)]
         max_connections: usize,
@@ -150,6 +153,7 @@ fn main() -> Result<()> {
             data,
             workers,
             cache_orders,
+            redb_cache_mib,
             max_connections,
             max_frame_bytes,
             rate,
@@ -168,6 +172,7 @@ fn main() -> Result<()> {
                 tls: tls_cert
                     .zip(tls_key)
                     .map(|(cert, key)| relay_server::tls::TlsFiles { cert, key }),
+                redb_cache_bytes: redb_cache_mib.saturating_mul(1024 * 1024),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

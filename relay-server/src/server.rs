@@ -41,6 +41,8 @@ pub struct RelayConfig {
     pub rate_per_sec: u32,
     /// Serve TLS (wss:// and https://) with this certificate and key.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// redb page cache, bytes (see [`RelayStore::open_with_cache`]).
+    pub redb_cache_bytes: usize,
 }
 
 impl Default for RelayConfig {
@@ -52,6 +54,7 @@ impl Default for RelayConfig {
             max_connections: 20_000,
             rate_per_sec: 2_000,
             tls: None,
+            redb_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -438,7 +441,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RelayError> {
-    let store = Arc::new(RelayStore::open(&config.data)?);
+    let store = Arc::new(RelayStore::open_with_cache(
+        &config.data,
+        config.redb_cache_bytes,
+    )?);
     serve_store(config, store, listener, shutdown).await
 }
 

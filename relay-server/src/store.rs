@@ -306,6 +306,9 @@ fn check_name(name: &str) -> Result<(), RelayError> {
     Ok(())
 }
 
+/// redb page cache used by [`RelayStore::open`]: 64 MiB.
+pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 impl RelayStore {
     /// Opens (creating if missing) `dir` and `dir/relay.redb`.
     ///
@@ -316,6 +319,14 @@ impl RelayStore {
     /// without the create flag, and redb verifies every page checksum on open (so damage is a
     /// typed error rather than a panic later).
     pub fn open(dir: &Path) -> Result<Self, RelayError> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`RelayStore::open`] with redb's page cache limited to `cache_bytes`. The hub keeps the
+    /// hot orders' documents in memory itself, so redb's cache mostly serves metadata, the
+    /// feed and cache misses; a large one only adds resident memory (redb's default is 1 GiB,
+    /// which the integrity check on open fills on a big database).
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self, RelayError> {
         std::fs::create_dir_all(dir).map_err(|e| RelayError::Open {
             path: dir.to_path_buf(),
             reason: e.to_string(),
@@ -339,6 +350,7 @@ impl RelayStore {
         };
         let mut builder = redb::Builder::new();
         builder.set_check_integrity_on_open(true);
+        builder.set_cache_size(cache_bytes);
         let db = if existing {
             builder.open(&path)
         } else {
