@@ -541,6 +541,7 @@ fn run_connections(bin: &Path, a: &ConnArgs) -> Result<()> {
         let pid = relay.pid();
         tokio::time::sleep(Duration::from_secs(a.settle)).await;
         let idle = mem_of(pid);
+        let gen_idle = mem_of(std::process::id());
 
         let (go_tx, go_rx) = watch::channel(false);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -581,6 +582,7 @@ fn run_connections(bin: &Path, a: &ConnArgs) -> Result<()> {
         let connected = connect_lat.len();
         tokio::time::sleep(Duration::from_secs(a.settle)).await;
         let after_connect = mem_of(pid);
+        let gen_connect = mem_of(std::process::id());
         let c1 = counters(addr, &admin).await;
 
         let _ = go_tx.send(true);
@@ -643,6 +645,12 @@ fn run_connections(bin: &Path, a: &ConnArgs) -> Result<()> {
             mib(after_orders.file_kb)
         );
         println!("| relay VmHWM (peak) | {} |", mib(after_orders.hwm_kb));
+        println!(
+            "| load generator RSS before / after connect, per connection (client WebSocket read buffer 8 KiB) | {} / {}, {} |",
+            mib(gen_idle.rss_kb),
+            mib(gen_connect.rss_kb),
+            per(gen_idle.rss_kb, gen_connect.rss_kb, connected)
+        );
         println!(
             "| per connection / per open order | {} / {} |",
             per(idle.rss_kb, after_connect.rss_kb, connected),
@@ -747,6 +755,8 @@ struct Filled {
     /// Order ids by store.
     ids: Vec<Vec<OrderId>>,
     wall: Duration,
+    /// Of which in `RelayStore::commit` (the builders run meanwhile).
+    commit: Duration,
     mismatched_numbers: u64,
 }
 
@@ -767,7 +777,7 @@ fn fill(dir: &Path, a: &OrderArgs) -> Result<Filled> {
     let mut mismatched = 0u64;
     let next = Arc::new(AtomicU64::new(0));
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Vec<OrderWrite>)>>(builders * 2);
-    std::thread::scope(|scope| -> Result<()> {
+    let commit = std::thread::scope(|scope| -> Result<Duration> {
         for _ in 0..builders {
             let tx = tx.clone();
             let next = Arc::clone(&next);
@@ -793,6 +803,7 @@ fn fill(dir: &Path, a: &OrderArgs) -> Result<Filled> {
         let mut waiting: HashMap<usize, Vec<OrderWrite>> = HashMap::new();
         let mut want = 0;
         let mut written = 0usize;
+        let mut commit_time = Duration::ZERO;
         let mut last_report = Instant::now();
         while want < batches {
             let (b, writes) = match rx.recv() {
@@ -801,7 +812,9 @@ fn fill(dir: &Path, a: &OrderArgs) -> Result<Filled> {
             };
             waiting.insert(b, writes);
             while let Some(writes) = waiting.remove(&want) {
+                let tc = Instant::now();
                 let out = store.commit(&writes)?;
+                commit_time += tc.elapsed();
                 for (w, o) in writes.iter().zip(&out) {
                     let s = written % stores;
                     if o.number.0 != (written / stores + 1) as u64 || !o.newly_numbered {
@@ -815,18 +828,20 @@ fn fill(dir: &Path, a: &OrderArgs) -> Result<Filled> {
                     last_report = Instant::now();
                     let done = written;
                     eprintln!(
-                        "  filled {done} orders in {:.0} s ({:.0}/s)",
+                        "  filled {done} orders in {:.0} s ({:.0}/s, {:.0} s in redb commits)",
                         t0.elapsed().as_secs_f64(),
-                        done as f64 / t0.elapsed().as_secs_f64()
+                        done as f64 / t0.elapsed().as_secs_f64(),
+                        commit_time.as_secs_f64()
                     );
                 }
             }
         }
-        Ok(())
+        Ok(commit_time)
     })?;
     Ok(Filled {
         ids,
         wall: t0.elapsed(),
+        commit,
         mismatched_numbers: mismatched,
     })
 }
@@ -934,10 +949,11 @@ fn run_orders(bin: &Path, a: &OrderArgs) -> Result<()> {
     } else {
         let f = fill(&dir, a)?;
         let line = format!(
-            "{} orders in {:.1} s = {:.0} orders/s ({} per transaction, {} builder threads); numbers differing from the documents': {}",
+            "{} orders in {:.1} s = {:.0} orders/s ({:.1} s in RelayStore::commit; {} per transaction, {} builder threads); numbers differing from the documents': {}",
             a.orders,
             f.wall.as_secs_f64(),
             a.orders as f64 / f.wall.as_secs_f64().max(1e-9),
+            f.commit.as_secs_f64(),
             a.batch,
             a.builders,
             f.mismatched_numbers
