@@ -119,6 +119,11 @@ struct OrderArgs {
     /// Reuse the orders already in `--data` (same `--orders`/`--stores`) instead of filling.
     #[arg(long)]
     skip_fill: bool,
+    /// With `--skip-fill`: first load this many random orders with `RelayStore` directly in
+    /// this process (no hub, no document cache) and report this process's RSS: what redb alone
+    /// costs.
+    #[arg(long, default_value_t = 0)]
+    probe_redb: usize,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -923,6 +928,50 @@ async fn fetch_orders(
     }
 }
 
+/// Opens the store in this process (before it has allocated anything else) and loads `n`
+/// random orders, found by number, the way the relay does on a cache miss (`load_order`, then
+/// the document is built and dropped), sampling this process's RSS: what redb alone costs.
+fn probe_redb(dir: &Path, stores: usize, per_store: usize, n: usize, every: usize) -> Result<()> {
+    let me = std::process::id();
+    let before = mem_of(me);
+    let t = Instant::now();
+    let store = RelayStore::open(dir)?;
+    let opened = mem_of(me);
+    let names: Vec<StoreId> = (0..stores).map(store_name).collect::<Result<_>>()?;
+    println!();
+    println!(
+        "redb probe (this process, RelayStore only): RSS before open {}, after open {} ({:.2} s)",
+        mib(before.rss_kb),
+        mib(opened.rss_kb),
+        t.elapsed().as_secs_f64()
+    );
+    println!();
+    println!(
+        "| orders loaded (load_order + to_doc, dropped) | RSS of this process | growth since open |"
+    );
+    println!("|---|---|---|");
+    let mut rng = SplitMix64::new(11);
+    for loaded in 1..=n {
+        let s = loaded % stores;
+        let number = 1 + rng.next_u64() % per_store.max(1) as u64;
+        let id = store
+            .order_by_number(&names[s], OrderNumber(number))?
+            .context("order number missing")?;
+        let stored = store.load_order(id)?.context("order missing")?;
+        drop(stored.to_doc()?);
+        if loaded % every == 0 || loaded == n {
+            let m = mem_of(me);
+            println!(
+                "| {loaded} | {} | {} |",
+                mib(m.rss_kb),
+                mib(m.rss_kb.saturating_sub(opened.rss_kb))
+            );
+        }
+    }
+    println!();
+    Ok(())
+}
+
 fn run_orders(bin: &Path, a: &OrderArgs) -> Result<()> {
     let tmp;
     let dir: PathBuf = match &a.data {
@@ -943,6 +992,15 @@ fn run_orders(bin: &Path, a: &OrderArgs) -> Result<()> {
         a.touch,
         dir.display()
     );
+    if a.probe_redb > 0 && a.skip_fill {
+        probe_redb(
+            &dir,
+            stores,
+            a.orders / stores,
+            a.probe_redb,
+            a.sample_every.max(1),
+        )?;
+    }
     let (ids, fill_line) = if a.skip_fill {
         let ids = read_ids(&dir, stores)?;
         (ids, "reused an existing fill".to_string())
@@ -1115,6 +1173,7 @@ fn main() -> Result<()> {
         window: 16,
         data: None,
         skip_fill: false,
+        probe_redb: 0,
     };
     match cli.command {
         Some(Cmd::Connections(a)) => {
