@@ -20,7 +20,13 @@
 //! target/release/relay-scale connections            # 10,000 devices
 //! target/release/relay-scale orders                 # 1,000,000 orders, touch 100,000
 //! target/release/relay-scale --quick                # both, small (CI)
+//! # refill once, then touch again (and measure redb alone first) without refilling:
+//! target/release/relay-scale orders --data /tmp/relay-scale-1m
+//! target/release/relay-scale orders --data /tmp/relay-scale-1m --skip-fill --probe-redb 100000
 //! ```
+//!
+//! The relay child inherits the environment, so allocator settings can be tried without a
+//! rebuild (e.g. `MALLOC_ARENA_MAX=1 relay-scale orders ...`).
 //!
 //! The load generator holds one socket per device: it needs `ulimit -n` above `--devices`
 //! (it checks and says so). The relay child gets the same limit.
