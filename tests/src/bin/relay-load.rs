@@ -130,6 +130,8 @@ struct Stats {
     receipted_in_window: u64,
     receipt_lat: Vec<Duration>,
     prop_lat: Vec<Duration>,
+    /// Propagation samples by the second of the measured run their change was sent in.
+    prop_by_sec: Vec<(u64, Duration)>,
     rejected: u64,
     unavailable: u64,
     errors: HashMap<String, u64>,
@@ -154,6 +156,7 @@ impl Stats {
         self.receipted_in_window += o.receipted_in_window;
         self.receipt_lat.extend(o.receipt_lat);
         self.prop_lat.extend(o.prop_lat);
+        self.prop_by_sec.extend(o.prop_by_sec);
         self.rejected += o.rejected;
         self.unavailable += o.unavailable;
         for (k, v) in o.errors {
@@ -302,7 +305,15 @@ impl Device {
                             if doc.get_change_by_hash(&h).is_none() {
                                 break;
                             }
-                            self.stats.prop_lat.push(at.saturating_duration_since(t));
+                            let lat = at.saturating_duration_since(t);
+                            self.stats.prop_lat.push(lat);
+                            if let Some(start) = self
+                                .deadline
+                                .and_then(|d| d.checked_sub(Duration::from_secs(shared.seconds)))
+                            {
+                                let sec = t.saturating_duration_since(start).as_secs();
+                                self.stats.prop_by_sec.push((sec, lat));
+                            }
                             q.pop_front();
                         }
                     }
@@ -840,6 +851,23 @@ fn main() -> Result<()> {
         pct(&stats.prop_lat, 0.99),
         pct(&stats.prop_lat, 1.0)
     );
+    if !stats.prop_by_sec.is_empty() {
+        let mut by_sec: std::collections::BTreeMap<u64, Vec<Duration>> = Default::default();
+        for (sec, lat) in &stats.prop_by_sec {
+            by_sec.entry(*sec).or_default().push(*lat);
+        }
+        let cells: Vec<String> = by_sec
+            .into_values()
+            .map(|mut v| {
+                v.sort();
+                pct(&v, 0.99).replace(" ms", "")
+            })
+            .collect();
+        println!(
+            "| terminal-to-terminal p99 (ms) by second of the run the change was sent in | {} |",
+            cells.join(" / ")
+        );
+    }
     println!("| rejected | {} |", stats.rejected);
     println!("| unavailable | {} |", stats.unavailable);
     println!("| error frames | {errors} {:?} |", stats.errors);
@@ -887,6 +915,15 @@ fn main() -> Result<()> {
                 "| changes per group commit | {:.2} ({:.0} commits) |",
                 1.0 / per("relay_commits_total").max(f64::MIN_POSITIVE),
                 c.get("relay_commits_total").copied().unwrap_or(0.0)
+            );
+            println!(
+                "| mean group commit (one redb write transaction, fsync included) | {:.2} ms |",
+                c.get("relay_commit_seconds_sum").copied().unwrap_or(0.0)
+                    / c.get("relay_commit_seconds_count")
+                        .copied()
+                        .unwrap_or(0.0)
+                        .max(1.0)
+                    * 1e3
             );
             println!(
                 "| frames in / out per accepted change | {:.2} / {:.2} |",
