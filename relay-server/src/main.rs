@@ -11,6 +11,13 @@ use relay_server::store::RelayStore;
 use relay_server::{RelayConfig, RelayError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// mimalloc instead of glibc malloc: with glibc's per-thread arenas the relay's RSS kept
+/// growing while its order cache churned (relay-scale: +920 MiB after 100,000 distinct orders
+/// fetched through a 10,000-order cache; flat with MALLOC_ARENA_MAX=1), so freed memory was
+/// spread over arenas rather than reused.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The POS relay: validates, persists (redb) and fans out orders.
 #[derive(Parser, Debug)]
 #[command(version, about)]
