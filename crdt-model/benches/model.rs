@@ -316,6 +316,21 @@ fn main() {
         },
     ));
 
+    results.push(measure(
+        "view_of (parse + view, no cached parse), Done order",
+        n,
+        || {
+            black_box(view_of(full.doc()).unwrap());
+        },
+    ));
+    results.push(measure(
+        "reference: Automerge::load alone (full lifecycle order)",
+        n,
+        || {
+            black_box(Automerge::load(&bytes).unwrap());
+        },
+    ));
+
     // Two replicas diverged by one change each, merged.
     let mut fx5 = Fixture::new(5);
     let base = fx5.lifecycle_open();

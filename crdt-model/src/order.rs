@@ -5,6 +5,7 @@
 //! keys they mean to change (no whole-struct reconcile), and entries go under fresh unique keys.
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use automerge::{
     ActorId, Automerge, Change, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue,
@@ -176,6 +177,8 @@ struct Cache {
     status: Option<StatusState>,
     /// Lines read (strictly parsed) at `heads`, by id.
     lines: HashMap<LineId, LineState>,
+    /// The whole order parsed at `heads` (filled by a load or a view; shared by clones).
+    snapshot: OnceLock<Arc<Snapshot>>,
 }
 
 /// The status facts an operation needs.
@@ -194,6 +197,14 @@ struct LineState {
 }
 
 impl Cache {
+    /// An empty cache for the document's current heads.
+    fn at(doc: &Automerge) -> Self {
+        Self {
+            heads: doc.get_heads(),
+            ..Self::default()
+        }
+    }
+
     /// Makes the cache describe `heads`: kept if it already does, emptied otherwise.
     fn validate(&mut self, heads: Vec<ChangeHash>) {
         if self.heads != heads {
@@ -257,11 +268,11 @@ impl Order {
         let parsed = Header::read(&r).and_then(|h| Ok((h, Roots::read(&r)?)));
         match parsed {
             Ok((header, roots)) => Ok(Self {
+                cache: Cache::at(&doc),
                 doc: doc.with_actor(writer.actor.clone()),
                 writer,
                 roots,
                 header,
-                cache: Cache::default(),
             }),
             Err(e) => Err(Box::new((doc, e))),
         }
@@ -274,20 +285,33 @@ impl Order {
         let header = Header::read(&r)?;
         let roots = Roots::read(&r)?;
         Ok(Self {
+            cache: Cache::at(&doc),
             doc,
             writer,
             roots,
             header,
-            cache: Cache::default(),
         })
     }
 
     /// Loads a saved order. Arbitrary bytes give a typed error, never a panic; the whole
     /// document is checked against the schema.
     pub fn load(bytes: &[u8], writer: Writer) -> Result<Self, ModelError> {
-        let doc = Automerge::load(bytes).map_err(|e| ModelError::Load(e.to_string()))?;
-        Snapshot::read(&Reader::new(&doc, None))?;
-        Self::from_doc(doc, writer)
+        let doc = Automerge::load(bytes)
+            .map_err(|e| ModelError::Load(e.to_string()))?
+            .with_actor(writer.actor.clone());
+        // The strict parse that checks the document is kept for the first view.
+        let snapshot = Snapshot::read(&Reader::new(&doc, None))?;
+        let cache = Cache::at(&doc);
+        let order = Self {
+            writer,
+            roots: snapshot.roots.clone(),
+            header: snapshot.header.clone(),
+            cache,
+            doc,
+        };
+        // Cannot fail: the cell was just made empty.
+        let _ = order.cache.snapshot.set(Arc::new(snapshot));
+        Ok(order)
     }
 
     /// The compacted document bytes.
@@ -413,8 +437,22 @@ impl Order {
     }
 
     /// The hydrated read-only view with totals, late edits and conflicts.
+    ///
+    /// The parsed document is kept for the next view at the same heads.
     pub fn view(&self) -> Result<OrderView, ModelError> {
-        view::build(&self.doc)
+        if self.cache.heads != self.doc.get_heads() {
+            return view::build(&self.doc);
+        }
+        let snapshot = match self.cache.snapshot.get() {
+            Some(s) => Arc::clone(s),
+            None => {
+                let s = Arc::new(Snapshot::read(&Reader::new(&self.doc, None))?);
+                // Another clone of the cell may have been filled meanwhile: same heads, same parse.
+                let _ = self.cache.snapshot.set(Arc::clone(&s));
+                s
+            }
+        };
+        view::build_from(&self.doc, &snapshot)
     }
 
     /// Merges another replica of the same order; returns the hashes of changes new to `self`.
@@ -442,6 +480,7 @@ impl Order {
         let r = Reader::new(&self.doc, None);
         self.header = Header::read(&r)?;
         self.roots = Roots::read(&r)?;
+        self.cache = Cache::at(&self.doc);
         Ok(())
     }
 
@@ -457,7 +496,7 @@ impl Order {
     /// Runs `f` as one transaction and commits it. On success, `update` brings the cache from
     /// the heads before to the heads after: it must record every cached fact the transaction
     /// changed (status entries written, lines added, quantities, removals). If the cache did
-    /// not describe the heads before, it is dropped instead.
+    /// not describe the heads before, it is emptied instead.
     fn commit<O>(
         &mut self,
         at: Timestamp,
@@ -472,9 +511,11 @@ impl Order {
             .map_err(|f| f.error)?;
         if cache_valid {
             self.cache.heads = self.doc.get_heads();
+            // The parse of the whole document is not carried over.
+            self.cache.snapshot = OnceLock::new();
             update(&mut self.cache, &result);
         } else {
-            self.cache = Cache::default();
+            self.cache = Cache::at(&self.doc);
         }
         Ok(result)
     }

@@ -697,6 +697,7 @@ pub(crate) fn read_acks(
 #[derive(Clone, Debug)]
 pub(crate) struct Snapshot {
     pub(crate) header: Header,
+    pub(crate) roots: Roots,
     pub(crate) number: Option<OrderNumber>,
     pub(crate) lines: BTreeMap<LineId, LineRec>,
     pub(crate) payments: BTreeMap<PaymentId, PaymentRec>,
@@ -720,6 +721,7 @@ impl Snapshot {
             status,
             acks: read_acks(r, &roots.acks)?,
             header,
+            roots,
         })
     }
 }

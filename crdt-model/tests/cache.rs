@@ -200,10 +200,20 @@ fn views_follow_merges_and_own_edits() {
     let at = ta.tick();
     a.set_note(at, line, "hot").unwrap();
     assert_eq!(a.view().unwrap().lines[0].note, "hot");
+    // A view, then an own edit at the cached heads, then a view again.
+    let at = ta.tick();
+    a.change_quantity(at, line, 1).unwrap();
+    assert_eq!(a.view().unwrap().lines[0].quantity, 5);
+    let at = ta.tick();
+    a.change_quantity(at, line, 1).unwrap();
+    assert_eq!(a.view().unwrap().lines[0].quantity, 6);
     close_remotely(&mut tb, &mut b);
     sync_docs(&mut a, &mut b);
     let v3 = a.view().unwrap();
     assert_eq!(v3.status, OrderStatus::Done);
+    // a's last edits were concurrent with the close: listed, not counted.
+    assert_eq!(v3.late_edits.len(), 1);
+    assert_eq!(v3.lines[0].quantity, 4);
     assert_eq!(v3, view_of(b.doc()).unwrap());
     // Loaded orders start from the snapshot parsed while loading.
     let loaded = Order::load(&a.save(), ta.writer.clone()).unwrap();
