@@ -21,6 +21,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
+use std::sync::Arc;
 
 use automerge::iter::DocItem;
 use automerge::{
@@ -272,34 +273,50 @@ impl<'a> DocIndex<'a> {
             map_ranges: HashMap::new(),
             list_ranges: HashMap::new(),
         };
+        // Items of one object come together (the iterator hands out one `Arc` per object), so
+        // each object's entries are one range, recorded when the next object starts. An object
+        // without visible entries never shows up and reads as empty.
+        let mut open: Option<(Arc<ObjId>, bool, usize)> = None;
         for item in doc.iter_at(ROOT, heads) {
-            // Items of one object come together; an object without visible entries never
-            // shows up and reads as empty.
-            match item.item {
-                DocItem::Map(m) => {
-                    let at = index.maps.len();
-                    index
-                        .map_ranges
-                        .entry(ObjId::clone(&item.obj))
-                        .or_insert(at..at)
-                        .end = at + 1;
-                    index.maps.push(FieldEntry::of(m));
-                }
-                DocItem::List(l) => {
-                    let at = index.lists.len();
-                    index
-                        .list_ranges
-                        .entry(ObjId::clone(&item.obj))
-                        .or_insert(at..at)
-                        .end = at + 1;
-                    index.lists.push(l.value);
-                }
+            let is_list = match &item.item {
+                DocItem::Map(_) => false,
+                DocItem::List(_) => true,
                 // The schema has no text objects: where one stands, the parser refuses its
                 // container type or expects a scalar, without reading its content.
+                DocItem::Text(_) => continue,
+            };
+            if !open
+                .as_ref()
+                .is_some_and(|(o, l, _)| Arc::ptr_eq(o, &item.obj) && *l == is_list)
+            {
+                index.close(open.take());
+                let start = if is_list {
+                    index.lists.len()
+                } else {
+                    index.maps.len()
+                };
+                open = Some((Arc::clone(&item.obj), is_list, start));
+            }
+            match item.item {
+                DocItem::Map(m) => index.maps.push(FieldEntry::of(m)),
+                DocItem::List(l) => index.lists.push(l.value),
                 DocItem::Text(_) => {}
             }
         }
+        index.close(open);
         index
+    }
+
+    /// Records the range of the object whose entries were just read.
+    fn close(&mut self, open: Option<(Arc<ObjId>, bool, usize)>) {
+        if let Some((obj, is_list, start)) = open {
+            let (ranges, end) = if is_list {
+                (&mut self.list_ranges, self.lists.len())
+            } else {
+                (&mut self.map_ranges, self.maps.len())
+            };
+            ranges.insert(ObjId::clone(&obj), start..end);
+        }
     }
 
     fn map(&self, obj: &ObjId) -> &[FieldEntry<'a>] {
