@@ -323,6 +323,17 @@ fn main() {
             black_box(view_of(full.doc()).unwrap());
         },
     ));
+    // The same order after the relay wrote its number: the close is no longer the only head,
+    // so the view also parses the order as closed (to list late edits).
+    let mut numbered = full.clone();
+    numbered.assign_number(fx4.at(), OrderNumber(42)).unwrap();
+    results.push(measure(
+        "view_of, Done order numbered after the close (2nd parse at close)",
+        n,
+        || {
+            black_box(view_of(numbered.doc()).unwrap());
+        },
+    ));
     results.push(measure(
         "reference: Automerge::load alone (full lifecycle order)",
         n,
