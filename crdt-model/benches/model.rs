@@ -21,7 +21,20 @@ struct Stats {
     n: usize,
 }
 
+/// `BENCH_FILTER=substring` runs only the operations whose name contains it (for profiling).
+fn selected(name: &str) -> bool {
+    std::env::var("BENCH_FILTER").map_or(true, |f| name.contains(f.as_str()))
+}
+
 fn measure(name: &'static str, n: usize, mut f: impl FnMut()) -> Stats {
+    if !selected(name) {
+        return Stats {
+            name,
+            median_us: f64::NAN,
+            p99_us: f64::NAN,
+            n: 0,
+        };
+    }
     // Warm up.
     for _ in 0..(n / 10).max(1) {
         f();
@@ -185,6 +198,45 @@ fn main() {
         o.change_quantity(Timestamp(now), line, 1).unwrap();
     }));
 
+    {
+        use automerge::transaction::{CommitOptions, Transactable};
+        use automerge::{ObjType, ROOT, ScalarValue};
+        // The floor under "edit line quantity + commit": the same write on a bare document with
+        // the same history shape. Incrementing a counter costs more as its increments pile up
+        // (Automerge sums them on every access); a put on one key does not.
+        for (label, inc) in [
+            ("reference: bare Automerge counter increment + commit", true),
+            ("reference: bare Automerge put (same key) + commit", false),
+        ] {
+            let mut d = Automerge::new();
+            let lines = d
+                .transact(|tx| {
+                    let l = tx.put_object(ROOT, "lines", ObjType::Map)?;
+                    let o = tx.put_object(&l, "x", ObjType::Map)?;
+                    tx.put(&o, "qty", ScalarValue::counter(1))?;
+                    tx.put(&o, "p", 1)?;
+                    Ok::<_, automerge::AutomergeError>(o)
+                })
+                .unwrap()
+                .result;
+            let mut k = 0i64;
+            results.push(measure(label, n, || {
+                k += 1;
+                d.transact_with(
+                    |_| CommitOptions::default().with_time(k),
+                    |tx| {
+                        if inc {
+                            tx.increment(&lines, "qty", 1)
+                        } else {
+                            tx.put(&lines, "p", k)
+                        }
+                    },
+                )
+                .unwrap();
+            }));
+        }
+    }
+
     let mut fx2 = Fixture::new(2);
     let mut o2 = fx2.order();
     results.push(measure(
@@ -261,6 +313,32 @@ fn main() {
         n,
         || {
             black_box(full.view().unwrap());
+        },
+    ));
+
+    results.push(measure(
+        "view_of (parse + view, no cached parse), Done order",
+        n,
+        || {
+            black_box(view_of(full.doc()).unwrap());
+        },
+    ));
+    // The same order after the relay wrote its number: the close is no longer the only head,
+    // so the view also parses the order as closed (to list late edits).
+    let mut numbered = full.clone();
+    numbered.assign_number(fx4.at(), OrderNumber(42)).unwrap();
+    results.push(measure(
+        "view_of, Done order numbered after the close (2nd parse at close)",
+        n,
+        || {
+            black_box(view_of(numbered.doc()).unwrap());
+        },
+    ));
+    results.push(measure(
+        "reference: Automerge::load alone (full lifecycle order)",
+        n,
+        || {
+            black_box(Automerge::load(&bytes).unwrap());
         },
     ));
 

@@ -4,6 +4,9 @@
 //! leaves the document untouched (a refused operation rolls back). Operations write only the
 //! keys they mean to change (no whole-struct reconcile), and entries go under fresh unique keys.
 
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
 use automerge::{
     ActorId, Automerge, Change, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue,
     transaction::{CommitOptions, Transactable, Transaction},
@@ -16,7 +19,7 @@ use crate::ids::{
 use crate::money::{Currency, Money};
 use crate::payment::{PaymentKind, PaymentState, check_reference};
 use crate::schema::{self, Header, Reader, Roots, SCHEMA_VERSION, Snapshot, keys};
-use crate::status::{ActiveStatus, OrderStatus, next_clock};
+use crate::status::{ActiveStatus, OrderStatus, StatusLattice, next_clock};
 use crate::view::{self, OrderView};
 
 /// Highest unit price accepted, in minor units (10^12: ten billion major units).
@@ -155,6 +158,62 @@ pub struct Order {
     writer: Writer,
     roots: Roots,
     header: Header,
+    cache: Cache,
+}
+
+/// What this handle has already read from the document, valid only while the document's heads
+/// are `heads`.
+///
+/// Heads name the exact set of changes, and the document's content is a function of that set,
+/// so equal heads mean equal content: a merge, `apply_changes`, a sync message or any write
+/// through [`Order::doc_mut`] changes the heads and so drops the cache. This handle's own
+/// operations carry the cache over to the heads they produce, updating what they changed
+/// ([`Order::commit`]); the cache is never trusted across anything else.
+#[derive(Debug, Clone, Default)]
+struct Cache {
+    /// The heads the cached facts describe (empty: nothing checked yet).
+    heads: Vec<ChangeHash>,
+    /// The join of the status log and the clock a new entry must carry.
+    status: Option<StatusState>,
+    /// Lines read (strictly parsed) at `heads`, by id.
+    lines: HashMap<LineId, LineState>,
+    /// The whole order parsed at `heads` (filled by a load or a view; shared by clones).
+    snapshot: OnceLock<Arc<Snapshot>>,
+}
+
+/// The status facts an operation needs.
+#[derive(Debug, Clone, Copy)]
+struct StatusState {
+    lattice: StatusLattice,
+    next_clock: u64,
+}
+
+/// The line facts an edit needs.
+#[derive(Debug, Clone)]
+struct LineState {
+    obj: ObjId,
+    qty: i64,
+    removed: bool,
+}
+
+impl Cache {
+    /// An empty cache for the document's current heads.
+    fn at(doc: &Automerge) -> Self {
+        Self {
+            heads: doc.get_heads(),
+            ..Self::default()
+        }
+    }
+
+    /// Makes the cache describe `heads`: kept if it already does, emptied otherwise.
+    fn validate(&mut self, heads: Vec<ChangeHash>) {
+        if self.heads != heads {
+            *self = Self {
+                heads,
+                ..Self::default()
+            };
+        }
+    }
 }
 
 fn text(field: &'static str, s: &str) -> Result<(), ModelError> {
@@ -209,6 +268,7 @@ impl Order {
         let parsed = Header::read(&r).and_then(|h| Ok((h, Roots::read(&r)?)));
         match parsed {
             Ok((header, roots)) => Ok(Self {
+                cache: Cache::at(&doc),
                 doc: doc.with_actor(writer.actor.clone()),
                 writer,
                 roots,
@@ -225,6 +285,7 @@ impl Order {
         let header = Header::read(&r)?;
         let roots = Roots::read(&r)?;
         Ok(Self {
+            cache: Cache::at(&doc),
             doc,
             writer,
             roots,
@@ -235,9 +296,22 @@ impl Order {
     /// Loads a saved order. Arbitrary bytes give a typed error, never a panic; the whole
     /// document is checked against the schema.
     pub fn load(bytes: &[u8], writer: Writer) -> Result<Self, ModelError> {
-        let doc = Automerge::load(bytes).map_err(|e| ModelError::Load(e.to_string()))?;
-        Snapshot::read(&Reader::new(&doc, None))?;
-        Self::from_doc(doc, writer)
+        let doc = Automerge::load(bytes)
+            .map_err(|e| ModelError::Load(e.to_string()))?
+            .with_actor(writer.actor.clone());
+        // The strict parse that checks the document is kept for the first view.
+        let snapshot = Snapshot::read(&Reader::new(&doc, None))?;
+        let cache = Cache::at(&doc);
+        let order = Self {
+            writer,
+            roots: snapshot.roots.clone(),
+            header: snapshot.header.clone(),
+            cache,
+            doc,
+        };
+        // Cannot fail: the cell was just made empty.
+        let _ = order.cache.snapshot.set(Arc::new(snapshot));
+        Ok(order)
     }
 
     /// The compacted document bytes.
@@ -295,8 +369,36 @@ impl Order {
 
     /// The effective business status (the join of the status log).
     pub fn status(&self) -> Result<OrderStatus, ModelError> {
+        if let Some(st) = self.cache.status
+            && self.cache.heads == self.doc.get_heads()
+        {
+            return Ok(st.lattice.status());
+        }
+        Ok(self.read_status()?.lattice.status())
+    }
+
+    fn read_status(&self) -> Result<StatusState, ModelError> {
         let log = schema::read_status_log(&Reader::new(&self.doc, None), &self.roots.status)?;
-        Ok(schema::lattice(&log).status())
+        Ok(StatusState {
+            lattice: schema::lattice(&log),
+            next_clock: next_clock(log.iter().map(|r| &r.entry)),
+        })
+    }
+
+    /// The cache, made valid for the current heads.
+    fn cache(&mut self) -> &mut Cache {
+        self.cache.validate(self.doc.get_heads());
+        &mut self.cache
+    }
+
+    /// The status facts at the current heads (cached).
+    fn status_state(&mut self) -> Result<StatusState, ModelError> {
+        if let Some(st) = self.cache().status {
+            return Ok(st);
+        }
+        let st = self.read_status()?;
+        self.cache.status = Some(st);
+        Ok(st)
     }
 
     /// How the change `hash` relates to the order's close, read from the change graph:
@@ -335,8 +437,22 @@ impl Order {
     }
 
     /// The hydrated read-only view with totals, late edits and conflicts.
+    ///
+    /// The parsed document is kept for the next view at the same heads.
     pub fn view(&self) -> Result<OrderView, ModelError> {
-        view::build(&self.doc)
+        if self.cache.heads != self.doc.get_heads() {
+            return view::build(&self.doc);
+        }
+        let snapshot = match self.cache.snapshot.get() {
+            Some(s) => Arc::clone(s),
+            None => {
+                let s = Arc::new(Snapshot::read(&Reader::new(&self.doc, None))?);
+                // Another clone of the cell may have been filled meanwhile: same heads, same parse.
+                let _ = self.cache.snapshot.set(Arc::clone(&s));
+                s
+            }
+        };
+        view::build_from(&self.doc, &snapshot)
     }
 
     /// Merges another replica of the same order; returns the hashes of changes new to `self`.
@@ -364,11 +480,12 @@ impl Order {
         let r = Reader::new(&self.doc, None);
         self.header = Header::read(&r)?;
         self.roots = Roots::read(&r)?;
+        self.cache = Cache::at(&self.doc);
         Ok(())
     }
 
-    fn ensure_open(&self) -> Result<(), ModelError> {
-        let status = self.status()?;
+    fn ensure_open(&mut self) -> Result<(), ModelError> {
+        let status = self.status_state()?.lattice.status();
         if status.is_terminal() {
             Err(ModelError::OrderClosed { status })
         } else {
@@ -376,28 +493,58 @@ impl Order {
         }
     }
 
+    /// Runs `f` as one transaction and commits it. On success, `update` brings the cache from
+    /// the heads before to the heads after: it must record every cached fact the transaction
+    /// changed (status entries written, lines added, quantities, removals). If the cache did
+    /// not describe the heads before, it is emptied instead.
     fn commit<O>(
         &mut self,
         at: Timestamp,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<O, ModelError>,
+        update: impl FnOnce(&mut Cache, &O),
     ) -> Result<O, ModelError> {
-        self.doc
+        let cache_valid = self.cache.heads == self.doc.get_heads();
+        let result = self
+            .doc
             .transact_with(|_| CommitOptions::default().with_time(at.as_secs()), f)
             .map(|s| s.result)
-            .map_err(|f| f.error)
+            .map_err(|f| f.error)?;
+        if cache_valid {
+            self.cache.heads = self.doc.get_heads();
+            // The parse of the whole document is not carried over.
+            self.cache.snapshot = OnceLock::new();
+            update(&mut self.cache, &result);
+        } else {
+            self.cache = Cache::at(&self.doc);
+        }
+        Ok(result)
     }
 
-    fn line(&self, line: LineId) -> Result<schema::LineRec, ModelError> {
-        let r = Reader::new(&self.doc, None);
-        let key = line.to_string();
-        if r.get(&self.roots.lines, &key)?.is_none() {
-            return Err(ModelError::LineNotFound(line));
-        }
-        let rec = schema::read_line(&r, &self.roots.lines, &key)?;
-        if rec.removed.is_some() {
+    /// The facts about an editable line at the current heads (cached): refused when the line
+    /// does not exist or was removed.
+    fn line(&mut self, line: LineId) -> Result<LineState, ModelError> {
+        let state = match self.cache().lines.get(&line) {
+            Some(state) => state.clone(),
+            None => {
+                let r = Reader::new(&self.doc, None);
+                let key = line.to_string();
+                if r.get(&self.roots.lines, &key)?.is_none() {
+                    return Err(ModelError::LineNotFound(line));
+                }
+                let rec = schema::read_line(&r, &self.roots.lines, &key)?;
+                let state = LineState {
+                    obj: rec.obj,
+                    qty: rec.qty,
+                    removed: rec.removed.is_some(),
+                };
+                self.cache.lines.insert(line, state.clone());
+                state
+            }
+        };
+        if state.removed {
             return Err(ModelError::LineRemoved(line));
         }
-        Ok(rec)
+        Ok(state)
     }
 
     fn payment(&self, payment: PaymentId) -> Result<schema::PaymentRec, ModelError> {
@@ -428,21 +575,36 @@ impl Order {
         let id = LineId::generate(at, rng);
         let lines = self.roots.lines.clone();
         let device = self.writer.device.to_string();
-        self.commit(at, |tx| {
-            let line = tx.put_object(&lines, id.to_string(), ObjType::Map)?;
-            tx.put(&line, keys::SKU, draft.sku.as_str())?;
-            tx.put(&line, keys::NAME, draft.name.as_str())?;
-            tx.put(&line, keys::UNIT_PRICE, draft.unit_price)?;
-            tx.put(&line, keys::QTY, ScalarValue::counter(draft.quantity))?;
-            let mods = tx.put_object(&line, keys::MODIFIERS, ObjType::List)?;
-            for (i, m) in draft.modifiers.iter().enumerate() {
-                tx.insert(&mods, i, m.as_str())?;
-            }
-            tx.put(&line, keys::NOTE, draft.note.as_str())?;
-            tx.put(&line, keys::CREATED_BY, device.as_str())?;
-            tx.put(&line, keys::CREATED_AT, ScalarValue::Timestamp(at.0))?;
-            Ok(id)
-        })
+        let quantity = draft.quantity;
+        let (id, _) = self.commit(
+            at,
+            |tx| {
+                let line = tx.put_object(&lines, id.to_string(), ObjType::Map)?;
+                tx.put(&line, keys::SKU, draft.sku.as_str())?;
+                tx.put(&line, keys::NAME, draft.name.as_str())?;
+                tx.put(&line, keys::UNIT_PRICE, draft.unit_price)?;
+                tx.put(&line, keys::QTY, ScalarValue::counter(draft.quantity))?;
+                let mods = tx.put_object(&line, keys::MODIFIERS, ObjType::List)?;
+                for (i, m) in draft.modifiers.iter().enumerate() {
+                    tx.insert(&mods, i, m.as_str())?;
+                }
+                tx.put(&line, keys::NOTE, draft.note.as_str())?;
+                tx.put(&line, keys::CREATED_BY, device.as_str())?;
+                tx.put(&line, keys::CREATED_AT, ScalarValue::Timestamp(at.0))?;
+                Ok((id, line))
+            },
+            |c, (id, obj)| {
+                c.lines.insert(
+                    *id,
+                    LineState {
+                        obj: obj.clone(),
+                        qty: quantity,
+                        removed: false,
+                    },
+                );
+            },
+        )?;
+        Ok(id)
     }
 
     /// Changes a line's quantity by `delta` (the "+"/"-" buttons). Quantity is a counter:
@@ -463,7 +625,15 @@ impl Order {
         if delta == 0 {
             return Ok(());
         }
-        self.commit(at, |tx| Ok(tx.increment(&rec.obj, keys::QTY, delta)?))
+        self.commit(
+            at,
+            |tx| Ok(tx.increment(&rec.obj, keys::QTY, delta)?),
+            |c, _| {
+                if let Some(l) = c.lines.get_mut(&line) {
+                    l.qty = new;
+                }
+            },
+        )
     }
 
     /// Sets a line's quantity to `quantity`, recorded as the difference from what this replica
@@ -489,9 +659,12 @@ impl Order {
         self.ensure_open()?;
         check_price(unit_price)?;
         let rec = self.line(line)?;
-        self.commit(at, |tx| {
-            Ok(tx.put(&rec.obj, keys::UNIT_PRICE, unit_price)?)
-        })
+        // Price and note are not cached.
+        self.commit(
+            at,
+            |tx| Ok(tx.put(&rec.obj, keys::UNIT_PRICE, unit_price)?),
+            |_, _| {},
+        )
     }
 
     /// Replaces a line's note (last writer wins; concurrent notes are flagged).
@@ -499,7 +672,7 @@ impl Order {
         self.ensure_open()?;
         text("note", note)?;
         let rec = self.line(line)?;
-        self.commit(at, |tx| Ok(tx.put(&rec.obj, keys::NOTE, note)?))
+        self.commit(at, |tx| Ok(tx.put(&rec.obj, keys::NOTE, note)?), |_, _| {})
     }
 
     /// Removes a line: a write-once removal marker, so the line stays in the document (and in
@@ -508,11 +681,19 @@ impl Order {
         self.ensure_open()?;
         let rec = self.line(line)?;
         let device = self.writer.device.to_string();
-        self.commit(at, |tx| {
-            tx.put(&rec.obj, keys::REMOVED_BY, device.as_str())?;
-            tx.put(&rec.obj, keys::REMOVED_AT, ScalarValue::Timestamp(at.0))?;
-            Ok(())
-        })
+        self.commit(
+            at,
+            |tx| {
+                tx.put(&rec.obj, keys::REMOVED_BY, device.as_str())?;
+                tx.put(&rec.obj, keys::REMOVED_AT, ScalarValue::Timestamp(at.0))?;
+                Ok(())
+            },
+            |c, _| {
+                if let Some(l) = c.lines.get_mut(&line) {
+                    l.removed = true;
+                }
+            },
+        )
     }
 
     /// Moves an open order between active statuses (a new status log entry).
@@ -533,18 +714,20 @@ impl Order {
         status: OrderStatus,
     ) -> Result<(), ModelError> {
         let (obj, entry, clock, device) = self.status_entry_args(at, rng)?;
-        self.commit(at, |tx| {
-            put_status(tx, &obj, entry, status, clock, at, &device)
-        })
+        self.commit(
+            at,
+            |tx| put_status(tx, &obj, entry, status, clock, at, &device),
+            // A new status entry: read the log again when next needed.
+            |c, _| c.status = None,
+        )
     }
 
     fn status_entry_args(
-        &self,
+        &mut self,
         at: Timestamp,
         rng: &mut dyn Entropy,
     ) -> Result<(ObjId, EntryId, u64, String), ModelError> {
-        let log = schema::read_status_log(&Reader::new(&self.doc, None), &self.roots.status)?;
-        let clock = next_clock(log.iter().map(|r| &r.entry));
+        let clock = self.status_state()?.next_clock;
         Ok((
             self.roots.status.clone(),
             EntryId::generate(at, rng),
@@ -576,7 +759,12 @@ impl Order {
         };
         let payments = self.roots.payments.clone();
         let device = self.writer.device.to_string();
-        self.commit(at, |tx| put_payment(tx, &payments, &args, &device))?;
+        // Payments are not cached.
+        self.commit(
+            at,
+            |tx| put_payment(tx, &payments, &args, &device),
+            |_, _| {},
+        )?;
         Ok(id)
     }
 
@@ -617,7 +805,7 @@ impl Order {
         to: PaymentState,
         reference: Option<&str>,
     ) -> Result<(), ModelError> {
-        let status = self.status()?;
+        let status = self.status_state()?.lattice.status();
         if status.is_terminal() && !to.allowed_after_close() {
             return Err(ModelError::OrderClosed { status });
         }
@@ -632,9 +820,11 @@ impl Order {
         let tid = EntryId::generate(at, rng);
         let transitions = self.transitions_obj(payment)?;
         let device = self.writer.device.to_string();
-        self.commit(at, |tx| {
-            put_transition(tx, &transitions, tid, to, at, &device, reference)
-        })
+        self.commit(
+            at,
+            |tx| put_transition(tx, &transitions, tid, to, at, &device, reference),
+            |_, _| {},
+        )
     }
 
     fn transitions_obj(&self, payment: PaymentId) -> Result<ObjId, ModelError> {
@@ -747,37 +937,42 @@ impl Order {
                 EntryId::generate(at, rng),
             ))),
         };
-        self.commit(at, |tx| {
-            let paid_with = match &plan {
-                None => None,
-                Some(Ok(args)) => {
-                    put_payment(tx, &payments, args, &device)?;
-                    Some(args.id)
-                }
-                Some(Err((pid, transitions, tid))) => {
-                    put_transition(
-                        tx,
-                        transitions,
-                        *tid,
-                        PaymentState::Captured,
-                        at,
-                        &device,
-                        None,
-                    )?;
-                    Some(*pid)
-                }
-            };
-            put_status(
-                tx,
-                &status_obj,
-                entry,
-                OrderStatus::Done,
-                clock,
-                at,
-                &device,
-            )?;
-            Ok(paid_with)
-        })
+        self.commit(
+            at,
+            |tx| {
+                let paid_with = match &plan {
+                    None => None,
+                    Some(Ok(args)) => {
+                        put_payment(tx, &payments, args, &device)?;
+                        Some(args.id)
+                    }
+                    Some(Err((pid, transitions, tid))) => {
+                        put_transition(
+                            tx,
+                            transitions,
+                            *tid,
+                            PaymentState::Captured,
+                            at,
+                            &device,
+                            None,
+                        )?;
+                        Some(*pid)
+                    }
+                };
+                put_status(
+                    tx,
+                    &status_obj,
+                    entry,
+                    OrderStatus::Done,
+                    clock,
+                    at,
+                    &device,
+                )?;
+                Ok(paid_with)
+            },
+            // A new status entry (payments are not cached).
+            |c, _| c.status = None,
+        )
     }
 
     /// Deletes (cancels) the order. Refused while a payment is captured and not refunded, or
@@ -812,10 +1007,15 @@ impl Order {
         match self.number()? {
             Some(n) if n == number => Ok(false),
             Some(n) => Err(ModelError::NumberAlreadyAssigned(n.0)),
-            None => self.commit(at, |tx| {
-                tx.put(ROOT, keys::NUMBER, number.0)?;
-                Ok(true)
-            }),
+            // The number is not cached.
+            None => self.commit(
+                at,
+                |tx| {
+                    tx.put(ROOT, keys::NUMBER, number.0)?;
+                    Ok(true)
+                },
+                |_, _| {},
+            ),
         }
     }
 
@@ -847,14 +1047,19 @@ impl Order {
         let id = EntryId::generate(at, rng);
         let acks = self.roots.acks.clone();
         let device = self.writer.device.to_string();
-        self.commit(at, |tx| {
-            let o = tx.put_object(&acks, id.to_string(), ObjType::Map)?;
-            tx.put(&o, keys::EDIT, edit)?;
-            tx.put(&o, keys::BY, device.as_str())?;
-            tx.put(&o, keys::AT, ScalarValue::Timestamp(at.0))?;
-            tx.put(&o, keys::NOTE, note)?;
-            Ok(())
-        })
+        // Acknowledgements are not cached.
+        self.commit(
+            at,
+            |tx| {
+                let o = tx.put_object(&acks, id.to_string(), ObjType::Map)?;
+                tx.put(&o, keys::EDIT, edit)?;
+                tx.put(&o, keys::BY, device.as_str())?;
+                tx.put(&o, keys::AT, ScalarValue::Timestamp(at.0))?;
+                tx.put(&o, keys::NOTE, note)?;
+                Ok(())
+            },
+            |_, _| {},
+        )
     }
 }
 

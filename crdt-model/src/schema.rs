@@ -18,9 +18,16 @@
 //!
 //! See `docs/model.md` for every entry's fields and who may write them.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::Arc;
 
-use automerge::{Automerge, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
+use automerge::iter::DocItem;
+use automerge::{
+    Automerge, ChangeHash, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, ScalarValueRef, Value,
+    ValueRef,
+};
 
 use crate::error::ModelError;
 use crate::ids::{DeviceId, EntryId, LineId, OrderId, OrderNumber, PaymentId, StoreId, Timestamp};
@@ -96,11 +103,18 @@ pub mod keys {
 pub(crate) struct Reader<'a> {
     pub(crate) doc: &'a Automerge,
     pub(crate) heads: Option<&'a [ChangeHash]>,
+    /// Every map and list of the document at `heads`, read in one pass ([`DocIndex`]); when
+    /// present, [`Self::fields`] and [`Self::list_strings`] read from it.
+    index: Option<&'a DocIndex<'a>>,
 }
 
 impl<'a> Reader<'a> {
     pub(crate) fn new(doc: &'a Automerge, heads: Option<&'a [ChangeHash]>) -> Self {
-        Self { doc, heads }
+        Self {
+            doc,
+            heads,
+            index: None,
+        }
     }
 
     pub(crate) fn get(
@@ -126,6 +140,17 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn list_strings(&self, obj: &ObjId, path: &str) -> Result<Vec<String>, ModelError> {
+        if let Some(index) = self.index {
+            return index
+                .list(obj)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    ValueRef::Scalar(ScalarValueRef::Str(s)) => Ok(s.to_string()),
+                    _ => Err(bad(&format!("{path}[{i}]"), "a string")),
+                })
+                .collect();
+        }
         let len = match self.heads {
             None => self.doc.length(obj),
             Some(h) => self.doc.length_at(obj, h),
@@ -208,40 +233,146 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// One map's entries, read in a single pass (much cheaper than one `get` per key).
-pub(crate) struct Fields {
-    entries: Vec<(String, Value<'static>, ObjId, bool)>,
-    path: String,
+/// One entry of a map: its key, winning value, whether other values conflict with it, and the
+/// object id when the value is a container.
+#[derive(Clone, Debug)]
+pub(crate) struct FieldEntry<'a> {
+    key: Cow<'a, str>,
+    value: ValueRef<'a>,
+    obj: Option<ObjId>,
+    conflict: bool,
 }
 
-impl Reader<'_> {
-    /// Every entry of the map `obj` (winning values, with the conflict flag).
-    pub(crate) fn fields(&self, obj: &ObjId, path: &str) -> Fields {
-        let items: Vec<_> = match self.heads {
-            None => self
-                .doc
-                .map_range(obj, ..)
-                .map(|i| (i.key.to_string(), i.id(), i.conflict, i.value.into_value()))
-                .collect(),
-            Some(h) => self
-                .doc
-                .map_range_at(obj, .., h)
-                .map(|i| (i.key.to_string(), i.id(), i.conflict, i.value.into_value()))
-                .collect(),
-        };
-        Fields {
-            entries: items
-                .into_iter()
-                .map(|(k, id, c, v)| (k, v, id, c))
-                .collect(),
-            path: path.to_owned(),
+impl<'a> FieldEntry<'a> {
+    fn of(item: automerge::iter::MapRangeItem<'a>) -> Self {
+        let obj = matches!(item.value, ValueRef::Object(_)).then(|| item.id());
+        Self {
+            key: item.key,
+            value: item.value,
+            obj,
+            conflict: item.conflict,
         }
     }
 }
 
-impl Fields {
-    fn find(&self, key: &str) -> Option<&(String, Value<'static>, ObjId, bool)> {
-        self.entries.iter().find(|e| e.0 == key)
+/// Every map and list of a document, read in one pass of [`ReadDoc::iter_at`] (one traversal
+/// of the op set instead of one range query per object), keyed by object id.
+pub(crate) struct DocIndex<'a> {
+    maps: Vec<FieldEntry<'a>>,
+    lists: Vec<ValueRef<'a>>,
+    map_ranges: HashMap<ObjId, Range<usize>>,
+    list_ranges: HashMap<ObjId, Range<usize>>,
+}
+
+impl<'a> DocIndex<'a> {
+    /// Reads the whole document at `heads` (current heads when `None`).
+    pub(crate) fn read(doc: &'a Automerge, heads: Option<&[ChangeHash]>) -> Self {
+        let mut index = Self {
+            maps: Vec::new(),
+            lists: Vec::new(),
+            map_ranges: HashMap::new(),
+            list_ranges: HashMap::new(),
+        };
+        // Items of one object come together (the iterator hands out one `Arc` per object), so
+        // each object's entries are one range, recorded when the next object starts. An object
+        // without visible entries never shows up and reads as empty.
+        let mut open: Option<(Arc<ObjId>, bool, usize)> = None;
+        for item in doc.iter_at(ROOT, heads) {
+            let is_list = match &item.item {
+                DocItem::Map(_) => false,
+                DocItem::List(_) => true,
+                // The schema has no text objects: where one stands, the parser refuses its
+                // container type or expects a scalar, without reading its content.
+                DocItem::Text(_) => continue,
+            };
+            if !open
+                .as_ref()
+                .is_some_and(|(o, l, _)| Arc::ptr_eq(o, &item.obj) && *l == is_list)
+            {
+                index.close(open.take());
+                let start = if is_list {
+                    index.lists.len()
+                } else {
+                    index.maps.len()
+                };
+                open = Some((Arc::clone(&item.obj), is_list, start));
+            }
+            match item.item {
+                DocItem::Map(m) => index.maps.push(FieldEntry::of(m)),
+                DocItem::List(l) => index.lists.push(l.value),
+                DocItem::Text(_) => {}
+            }
+        }
+        index.close(open);
+        index
+    }
+
+    /// Records the range of the object whose entries were just read.
+    fn close(&mut self, open: Option<(Arc<ObjId>, bool, usize)>) {
+        if let Some((obj, is_list, start)) = open {
+            let (ranges, end) = if is_list {
+                (&mut self.list_ranges, self.lists.len())
+            } else {
+                (&mut self.map_ranges, self.maps.len())
+            };
+            ranges.insert(ObjId::clone(&obj), start..end);
+        }
+    }
+
+    fn map(&self, obj: &ObjId) -> &[FieldEntry<'a>] {
+        self.map_ranges
+            .get(obj)
+            .and_then(|r| self.maps.get(r.clone()))
+            .unwrap_or_default()
+    }
+
+    fn list(&self, obj: &ObjId) -> &[ValueRef<'a>] {
+        self.list_ranges
+            .get(obj)
+            .and_then(|r| self.lists.get(r.clone()))
+            .unwrap_or_default()
+    }
+
+    /// A reader of `doc` at `heads` that reads maps and lists from this index.
+    pub(crate) fn reader(
+        &'a self,
+        doc: &'a Automerge,
+        heads: Option<&'a [ChangeHash]>,
+    ) -> Reader<'a> {
+        Reader {
+            doc,
+            heads,
+            index: Some(self),
+        }
+    }
+}
+
+/// One map's entries, read in a single pass (much cheaper than one `get` per key).
+pub(crate) struct Fields<'a, 'p> {
+    entries: Cow<'a, [FieldEntry<'a>]>,
+    path: &'p str,
+}
+
+impl<'a> Reader<'a> {
+    /// Every entry of the map `obj` (winning values, with the conflict flag).
+    pub(crate) fn fields<'p>(&self, obj: &ObjId, path: &'p str) -> Fields<'a, 'p> {
+        let entries = match (self.index, self.heads) {
+            (Some(index), _) => Cow::Borrowed(index.map(obj)),
+            (None, None) => Cow::Owned(self.doc.map_range(obj, ..).map(FieldEntry::of).collect()),
+            (None, Some(h)) => Cow::Owned(
+                self.doc
+                    .map_range_at(obj, .., h)
+                    .map(FieldEntry::of)
+                    .collect(),
+            ),
+        };
+        Fields { entries, path }
+    }
+}
+
+impl Fields<'_, '_> {
+    fn find(&self, key: &str) -> Option<&FieldEntry<'_>> {
+        self.entries.iter().find(|e| e.key == key)
     }
 
     fn bad(&self, key: &str, expected: &str) -> ModelError {
@@ -250,18 +381,21 @@ impl Fields {
 
     /// Entry keys.
     pub(crate) fn keys(&self) -> impl Iterator<Item = &str> {
-        self.entries.iter().map(|e| e.0.as_str())
+        self.entries.iter().map(|e| e.key.as_ref())
     }
 
     /// Whether concurrent writes left more than one value at `key`.
     pub(crate) fn conflicted(&self, key: &str) -> bool {
-        self.find(key).is_some_and(|e| e.3)
+        self.find(key).is_some_and(|e| e.conflict)
     }
 
-    fn scalar(&self, key: &str) -> Result<Option<&ScalarValue>, ModelError> {
+    fn scalar(&self, key: &str) -> Result<Option<&ScalarValueRef<'_>>, ModelError> {
         match self.find(key) {
             None => Ok(None),
-            Some((_, Value::Scalar(s), _, _)) => Ok(Some(s.as_ref())),
+            Some(FieldEntry {
+                value: ValueRef::Scalar(s),
+                ..
+            }) => Ok(Some(s)),
             Some(_) => Err(self.bad(key, "a scalar")),
         }
     }
@@ -269,8 +403,17 @@ impl Fields {
     /// The one container of type `ty` at `key`; a duplicated container is not an order.
     pub(crate) fn container(&self, key: &str, ty: ObjType) -> Result<ObjId, ModelError> {
         match self.find(key) {
-            Some((_, Value::Object(t), id, false)) if *t == ty => Ok(id.clone()),
-            Some((_, Value::Object(_), _, true)) => Err(ModelError::NotAnOrder(format!(
+            Some(FieldEntry {
+                value: ValueRef::Object(t),
+                obj: Some(id),
+                conflict: false,
+                ..
+            }) if *t == ty => Ok(id.clone()),
+            Some(FieldEntry {
+                value: ValueRef::Object(_),
+                conflict: true,
+                ..
+            }) => Err(ModelError::NotAnOrder(format!(
                 "{}.{key}: container created more than once",
                 self.path
             ))),
@@ -279,12 +422,17 @@ impl Fields {
         }
     }
 
-    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<String>, ModelError> {
+    /// The string at `key`, borrowed.
+    fn opt_str_ref(&self, key: &str) -> Result<Option<&str>, ModelError> {
         match self.scalar(key)? {
             None => Ok(None),
-            Some(ScalarValue::Str(s)) => Ok(Some(s.to_string())),
+            Some(ScalarValueRef::Str(s)) => Ok(Some(s.as_ref())),
             Some(_) => Err(self.bad(key, "a string")),
         }
+    }
+
+    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<String>, ModelError> {
+        Ok(self.opt_str_ref(key)?.map(str::to_owned))
     }
 
     pub(crate) fn str(&self, key: &str) -> Result<String, ModelError> {
@@ -293,7 +441,7 @@ impl Fields {
 
     pub(crate) fn int(&self, key: &str) -> Result<i64, ModelError> {
         match self.scalar(key)? {
-            Some(ScalarValue::Int(i)) => Ok(*i),
+            Some(ScalarValueRef::Int(i)) => Ok(*i),
             _ => Err(self.bad(key, "an integer")),
         }
     }
@@ -301,7 +449,7 @@ impl Fields {
     pub(crate) fn opt_uint(&self, key: &str) -> Result<Option<u64>, ModelError> {
         match self.scalar(key)? {
             None => Ok(None),
-            Some(ScalarValue::Uint(u)) => Ok(Some(*u)),
+            Some(ScalarValueRef::Uint(u)) => Ok(Some(*u)),
             Some(_) => Err(self.bad(key, "an unsigned integer")),
         }
     }
@@ -313,7 +461,7 @@ impl Fields {
 
     pub(crate) fn counter(&self, key: &str) -> Result<i64, ModelError> {
         match self.scalar(key)? {
-            Some(ScalarValue::Counter(c)) => Ok(i64::from(c)),
+            Some(ScalarValueRef::Counter(c)) => Ok(*c),
             _ => Err(self.bad(key, "a counter")),
         }
     }
@@ -321,7 +469,7 @@ impl Fields {
     pub(crate) fn opt_ts(&self, key: &str) -> Result<Option<Timestamp>, ModelError> {
         match self.scalar(key)? {
             None => Ok(None),
-            Some(ScalarValue::Timestamp(t)) => Ok(Some(Timestamp(*t))),
+            Some(ScalarValueRef::Timestamp(t)) => Ok(Some(Timestamp(*t))),
             Some(_) => Err(self.bad(key, "a timestamp")),
         }
     }
@@ -335,7 +483,11 @@ impl Fields {
         &self,
         key: &str,
     ) -> Result<T, ModelError> {
-        parse(&self.str(key)?, &format!("{}.{key}", self.path))
+        let s = self
+            .opt_str_ref(key)?
+            .ok_or_else(|| self.bad(key, "a string"))?;
+        s.parse()
+            .map_err(|e: ModelError| ModelError::NotAnOrder(format!("{}.{key}: {e}", self.path)))
     }
 }
 
@@ -367,7 +519,7 @@ impl Roots {
         Self::from_fields(&r.fields(&ROOT, ""))
     }
 
-    pub(crate) fn from_fields(f: &Fields) -> Result<Self, ModelError> {
+    pub(crate) fn from_fields(f: &Fields<'_, '_>) -> Result<Self, ModelError> {
         Ok(Self {
             lines: f.container(keys::LINES, ObjType::Map)?,
             payments: f.container(keys::PAYMENTS, ObjType::Map)?,
@@ -392,7 +544,7 @@ impl Header {
         Self::from_fields(&r.fields(&ROOT, ""))
     }
 
-    pub(crate) fn from_fields(f: &Fields) -> Result<Self, ModelError> {
+    pub(crate) fn from_fields(f: &Fields<'_, '_>) -> Result<Self, ModelError> {
         let schema = f.uint(keys::SCHEMA)?;
         if schema != SCHEMA_VERSION {
             return Err(ModelError::NotAnOrder(format!(
@@ -697,6 +849,7 @@ pub(crate) fn read_acks(
 #[derive(Clone, Debug)]
 pub(crate) struct Snapshot {
     pub(crate) header: Header,
+    pub(crate) roots: Roots,
     pub(crate) number: Option<OrderNumber>,
     pub(crate) lines: BTreeMap<LineId, LineRec>,
     pub(crate) payments: BTreeMap<PaymentId, PaymentRec>,
@@ -705,7 +858,18 @@ pub(crate) struct Snapshot {
 }
 
 impl Snapshot {
+    /// Parses the whole order, reading the document in one pass ([`DocIndex`]).
     pub(crate) fn read(r: &Reader<'_>) -> Result<Self, ModelError> {
+        if r.index.is_some() {
+            return Self::parse(r);
+        }
+        let index = DocIndex::read(r.doc, r.heads);
+        Self::parse(&index.reader(r.doc, r.heads))
+    }
+
+    /// Parses the whole order through `r` (from its index if it has one, else one range query
+    /// per object).
+    fn parse(r: &Reader<'_>) -> Result<Self, ModelError> {
         let root = r.fields(&ROOT, "");
         let header = Header::from_fields(&root)?;
         let roots = Roots::from_fields(&root)?;
@@ -720,6 +884,188 @@ impl Snapshot {
             status,
             acks: read_acks(r, &roots.acks)?,
             header,
+            roots,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{DeviceId, Entropy, OrderId, SplitMix64, StoreId};
+    use crate::money::Currency;
+    use crate::order::{FinalPayment, LineDraft, NewOrder, Order, PaymentDraft, Writer};
+    use crate::payment::{PaymentKind, PaymentState};
+    use crate::status::{ActiveStatus, OrderStatus};
+    use automerge::transaction::Transactable;
+
+    /// The one-pass parse and the per-object parse agree, result and error alike.
+    fn same_parse(doc: &Automerge, heads: Option<&[ChangeHash]>) {
+        let indexed = Snapshot::read(&Reader::new(doc, heads));
+        let per_object = Snapshot::parse(&Reader::new(doc, heads));
+        assert_eq!(format!("{indexed:?}"), format!("{per_object:?}"));
+    }
+
+    /// Every historical state of `doc` (after each change) and the current one.
+    fn same_parse_everywhere(doc: &Automerge) {
+        same_parse(doc, None);
+        for c in doc.get_changes(&[]) {
+            same_parse(doc, Some(&[c.hash()]));
+        }
+    }
+
+    fn writer(seed: u64) -> (Writer, SplitMix64) {
+        let mut rng = SplitMix64::new(seed);
+        let device = DeviceId::generate(Timestamp(1), &mut rng);
+        (Writer::new(device, 1), rng)
+    }
+
+    fn line(name: &str, qty: i64, modifiers: &[&str]) -> LineDraft {
+        LineDraft {
+            sku: name.to_lowercase(),
+            name: name.into(),
+            unit_price: 250,
+            quantity: qty,
+            modifiers: modifiers.iter().map(|m| (*m).to_owned()).collect(),
+            note: String::new(),
+        }
+    }
+
+    /// Two replicas with concurrent edits (conflicting prices and notes, concurrent statuses,
+    /// counter overshoot), a payment history and a close, merged.
+    fn busy_order() -> Order {
+        let (wa, mut ra) = writer(1);
+        let (wb, mut rb) = writer(2);
+        let t = |n: i64| Timestamp(1_700_000_000_000 + n * 1_000);
+        let new = NewOrder {
+            id: OrderId::generate(t(0), &mut ra),
+            store: StoreId::new("s1").unwrap(),
+            currency: Currency::new("EUR").unwrap(),
+        };
+        let mut a = Order::create(new, wa, t(0), &mut ra).unwrap();
+        let l1 = a.add_line(t(1), &mut ra, line("Tea", 2, &[])).unwrap();
+        let l2 = a
+            .add_line(t(2), &mut ra, line("Soup", 1, &["no salt", "hot"]))
+            .unwrap();
+        let mut b = Order::load(&a.save(), wb).unwrap();
+        a.set_unit_price(t(3), l1, 300).unwrap();
+        b.set_unit_price(t(3), l1, 350).unwrap();
+        a.set_note(t(4), l2, "a").unwrap();
+        b.set_note(t(4), l2, "b").unwrap();
+        a.change_quantity(t(5), l1, -1).unwrap();
+        b.change_quantity(t(5), l1, -1).unwrap();
+        a.set_status(t(6), &mut ra, ActiveStatus::Delayed).unwrap();
+        b.set_status(t(6), &mut rb, ActiveStatus::InDelivery)
+            .unwrap();
+        let p = b
+            .add_payment(
+                t(7),
+                &mut rb,
+                PaymentDraft {
+                    kind: PaymentKind::CardTerminal,
+                    amount: 100,
+                    reference: "**** 1234".into(),
+                },
+                PaymentState::Pending,
+            )
+            .unwrap();
+        b.authorize_payment(t(8), &mut rb, p, "AUTH 1").unwrap();
+        b.remove_line(t(9), l2).unwrap();
+        a.merge(&mut b).unwrap();
+        b.merge(&mut a).unwrap();
+        let due = a.view().unwrap().totals.balance_due;
+        a.complete_sale(
+            t(10),
+            &mut ra,
+            Some(FinalPayment::New(PaymentDraft {
+                kind: PaymentKind::Cash,
+                amount: due.max(1),
+                reference: String::new(),
+            })),
+        )
+        .unwrap();
+        b.add_line(t(10), &mut rb, line("Late", 1, &["x"])).unwrap();
+        b.void_payment(t(11), &mut rb, p).unwrap();
+        a.merge(&mut b).unwrap();
+        assert_eq!(a.status().unwrap(), OrderStatus::Done);
+        a
+    }
+
+    #[test]
+    fn one_pass_parse_matches_per_object_parse() {
+        same_parse_everywhere(busy_order().doc());
+    }
+
+    #[test]
+    fn one_pass_parse_matches_on_malformed_documents() {
+        let base = busy_order();
+        let v = base.view().unwrap();
+        let lines = base.doc().get(ROOT, keys::LINES).unwrap().unwrap().1;
+        let line = |id: &str| base.doc().get(&lines, id).unwrap().unwrap().1;
+        let l1 = line(&v.lines[0].id.to_string());
+        let late = line(&v.late_lines[0].id.to_string());
+        type Forge = Box<dyn Fn(&mut automerge::transaction::Transaction<'_>)>;
+        let (l1a, l1b, l1c, l1d, latea) = (l1.clone(), l1.clone(), l1.clone(), l1, late);
+        let forgeries: Vec<Forge> = vec![
+            // A text object where a string belongs.
+            Box::new(move |tx| {
+                tx.put_object(&l1a, keys::NOTE, ObjType::Text).unwrap();
+            }),
+            // A map where the modifiers list belongs.
+            Box::new(move |tx| {
+                tx.put_object(&l1b, keys::MODIFIERS, ObjType::Map).unwrap();
+            }),
+            // A modifier that is not a string.
+            Box::new(move |tx| {
+                let m = tx.put_object(&l1c, keys::MODIFIERS, ObjType::List).unwrap();
+                tx.insert(&m, 0, "ok").unwrap();
+                tx.insert(&m, 1, 7_i64).unwrap();
+            }),
+            // The quantity as a plain integer, and an unknown field.
+            Box::new(move |tx| {
+                tx.put(&l1d, keys::QTY, 3_i64).unwrap();
+                tx.put(&l1d, "extra", "x").unwrap();
+            }),
+            // A half removal marker.
+            Box::new(move |tx| {
+                tx.put(&latea, keys::REMOVED_BY, "nobody").unwrap();
+            }),
+            // A bad entry key and a second status container.
+            Box::new(|tx| {
+                let s = tx.put_object(ROOT, "junk", ObjType::Map).unwrap();
+                tx.put(&s, "k", 1_u64).unwrap();
+            }),
+        ];
+        for forge in &forgeries {
+            let mut doc = base.doc().clone();
+            doc.transact(|tx| {
+                forge(tx);
+                Ok::<_, automerge::AutomergeError>(())
+            })
+            .unwrap();
+            same_parse_everywhere(&doc);
+        }
+        // A container created concurrently twice: one of them is hidden.
+        let mut x = base.doc().fork();
+        let mut y = base.doc().fork();
+        for d in [&mut x, &mut y] {
+            d.transact(|tx| {
+                let m = tx.put_object(ROOT, keys::ACKS, ObjType::Map)?;
+                tx.put(&m, "k", "v")
+            })
+            .unwrap();
+        }
+        x.merge(&mut y).unwrap();
+        same_parse_everywhere(&x);
+        // Random bytes in the document's strings do not matter; random entries might.
+        let mut rng = SplitMix64::new(5);
+        let mut doc = base.doc().clone();
+        let status = doc.get(ROOT, keys::STATUS).unwrap().unwrap().1;
+        doc.transact(|tx| {
+            let e = tx.put_object(&status, format!("{:x}", rng.next_u64()), ObjType::Map)?;
+            tx.put(&e, keys::STATUS, "done")
+        })
+        .unwrap();
+        same_parse_everywhere(&doc);
     }
 }

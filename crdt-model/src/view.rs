@@ -237,8 +237,12 @@ pub(crate) fn close_of(
 
 /// Builds the view of the order held in `doc`.
 pub(crate) fn build(doc: &Automerge) -> Result<OrderView, ModelError> {
+    build_from(doc, &Snapshot::read(&Reader::new(doc, None))?)
+}
+
+/// Builds the view of the order held in `doc`, whose parse at its current heads is `now`.
+pub(crate) fn build_from(doc: &Automerge, now: &Snapshot) -> Result<OrderView, ModelError> {
     let r = Reader::new(doc, None);
-    let now = Snapshot::read(&r)?;
     let lattice = schema::lattice(&now.status);
     let top = lattice
         .top()
@@ -250,19 +254,23 @@ pub(crate) fn build(doc: &Automerge) -> Result<OrderView, ModelError> {
         .ok_or_else(|| ModelError::NotAnOrder("status entry vanished".into()))?;
 
     let close = close_of(doc, &now.status);
+    // The order as closed is the document at heads `[C]`. When `C` is the only head, that is
+    // the document now (the same set of changes), so the parse we have is reused.
+    let closed_then;
     let closed = match &close {
-        Some((_, hash)) => Some(Snapshot::read(&Reader::new(
-            doc,
-            Some(std::slice::from_ref(hash)),
-        ))?),
+        Some((_, hash)) if doc.get_heads().as_slice() == std::slice::from_ref(hash) => Some(now),
+        Some((_, hash)) => {
+            closed_then = Snapshot::read(&Reader::new(doc, Some(std::slice::from_ref(hash))))?;
+            Some(&closed_then)
+        }
         None => None,
     };
     let acked = |id: &str| now.acks.values().find(|a| a.edit == id).map(|a| a.by);
     let mut late_edits = Vec::new();
     let mut late_lines = Vec::new();
-    let counted_source = closed.as_ref().map_or(&now.lines, |c| &c.lines);
+    let counted_source = closed.map_or(&now.lines, |c| &c.lines);
 
-    if let Some(c) = &closed {
+    if let Some(c) = closed {
         let closed_as = top.status;
         for (id, line) in &now.lines {
             let before = c.lines.get(id);
