@@ -346,21 +346,30 @@ fn last_accepted<'a>(inflight: &'a VecDeque<Inflight>, committed: &'a Automerge)
     inflight.back().map_or(committed, |i| &i.snapshot)
 }
 
+/// Whether `doc` holds change `hash`. Only for documents with no pending (unapplied)
+/// changes; unlike `get_change_by_hash`, which rebuilds the change from the op set in
+/// automerge 0.12, this is a lookup.
+fn holds(doc: &Automerge, hash: &ChangeHash) -> bool {
+    !doc.get_missing_deps(std::slice::from_ref(hash))
+        .contains(hash)
+}
+
 /// The changes among `chunks` that `before` lacks and `after` holds, dependencies first;
-/// `None` if a chunk is not a single change (the caller then asks the document).
+/// `None` if a chunk is not a single change or a document has pending (unapplied) changes
+/// (the caller then asks the document).
 fn new_changes_in(
     chunks: &[Vec<u8>],
     before: &Automerge,
     after: &Automerge,
 ) -> Option<Vec<Change>> {
+    if !before.get_missing_deps(&[]).is_empty() || !after.get_missing_deps(&[]).is_empty() {
+        return None;
+    }
     let mut fresh: Vec<Change> = Vec::with_capacity(chunks.len());
     for chunk in chunks {
         let change = Change::from_bytes(chunk.clone()).ok()?;
         let hash = change.hash();
-        if before.get_change_by_hash(&hash).is_none()
-            && after.get_change_by_hash(&hash).is_some()
-            && !fresh.iter().any(|c| c.hash() == hash)
-        {
+        if !holds(before, &hash) && holds(after, &hash) && !fresh.iter().any(|c| c.hash() == hash) {
             fresh.push(change);
         }
     }

@@ -565,7 +565,8 @@ async fn oversized_frames_close_the_connection_and_change_nothing() {
         order: order.id().to_string(),
         data: ByteBuf::from(vec![0x42; 64 * 1024]),
     };
-    c.send(&huge).await;
+    // The relay may close the connection before the whole message is written.
+    c.send_may_be_cut(&huge).await;
     // The relay closes the connection (possibly after an error frame).
     let mut closed = false;
     for _ in 0..10 {

@@ -234,6 +234,12 @@ impl Client {
             .unwrap();
     }
 
+    /// Sends a frame the relay may refuse by closing the connection while it is still being
+    /// written: a write error is then the expected outcome, not a test failure.
+    pub async fn send_may_be_cut(&mut self, frame: &ClientFrame) {
+        let _ = self.ws.send(Message::Binary(frame.encode().into())).await;
+    }
+
     pub async fn send_raw(&mut self, bytes: Vec<u8>) {
         self.ws.send(Message::Binary(bytes.into())).await.unwrap();
     }
