@@ -193,10 +193,37 @@ fn main() {
         )
         .unwrap();
     let mut now = T0;
-    results.push(measure("edit line quantity + commit", n, || {
-        now += 1;
-        o.change_quantity(Timestamp(now), line, 1).unwrap();
-    }));
+    results.push(measure(
+        "edit line quantity + commit, one order, history growing to 2,000 changes",
+        n,
+        || {
+            now += 1;
+            o.change_quantity(Timestamp(now), line, 1).unwrap();
+        },
+    ));
+
+    // The same edit on orders of a realistic size: 20 lines, ~21 changes, each order edited
+    // ten times in turn (so histories stay under ~40 changes), one order per sample.
+    let mut fx5 = Fixture::new(5);
+    let mut typical: Vec<(Order, LineId)> = (0..n.clamp(1, 200))
+        .map(|_| {
+            let o = fx5.lifecycle_open();
+            let line = o.view().unwrap().lines[3].id;
+            (o, line)
+        })
+        .collect();
+    let mut k = 0usize;
+    results.push(measure(
+        "edit line quantity + commit, 20-line order (< 40 changes)",
+        n,
+        || {
+            let i = k % typical.len();
+            k += 1;
+            now += 1;
+            let (o, line) = &mut typical[i];
+            o.change_quantity(Timestamp(now), *line, 1).unwrap();
+        },
+    ));
 
     {
         use automerge::transaction::{CommitOptions, Transactable};
