@@ -25,8 +25,8 @@
 //! target/release/relay-scale orders --data /tmp/relay-scale-1m --skip-fill --probe-redb 100000
 //! ```
 //!
-//! The relay child inherits the environment, so allocator settings can be tried without a
-//! rebuild (e.g. `MALLOC_ARENA_MAX=1 relay-scale orders ...`).
+//! The relay binary uses mimalloc; with glibc malloc its RSS kept growing in `orders` (see
+//! docs/performance.md). The child inherits the environment (e.g. `RUST_LOG`).
 //!
 //! The load generator holds one socket per device: it needs `ulimit -n` above `--devices`
 //! (it checks and says so). The relay child gets the same limit.
