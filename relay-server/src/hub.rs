@@ -942,6 +942,8 @@ impl Worker {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(%order, error = %e, "stored order does not parse");
+                // `working` was moved out above: put the last accepted state back.
+                d.working = last_accepted(&d.inflight, &d.committed).clone();
                 return;
             }
         };
