@@ -140,8 +140,52 @@ enum Link {
     Online,
 }
 
+/// An order's document. It becomes a typed [`Order`] at its first local edit and stays one, so
+/// the model's per-order caches (status, lines, parse; valid while the heads match) survive
+/// from one edit to the next instead of being rebuilt around the bare document every time.
+enum Held {
+    Raw(Box<Automerge>),
+    Typed(Box<Order>),
+}
+
+impl Held {
+    fn doc(&self) -> &Automerge {
+        match self {
+            Held::Raw(d) => d,
+            Held::Typed(o) => o.doc(),
+        }
+    }
+
+    /// For merges and sync messages; the typed order notices through its heads.
+    fn doc_mut(&mut self) -> &mut Automerge {
+        match self {
+            Held::Raw(d) => d,
+            Held::Typed(o) => o.doc_mut(),
+        }
+    }
+
+    /// The typed order, parsed from the document on first use.
+    fn typed(&mut self, writer: &Writer) -> Result<&mut Order, ModelError> {
+        if let Held::Raw(d) = self {
+            match Order::try_from_doc(std::mem::take(&mut **d), writer.clone()) {
+                Ok(o) => *self = Held::Typed(Box::new(o)),
+                Err(back) => {
+                    let (doc, e) = *back;
+                    **d = doc;
+                    return Err(e);
+                }
+            }
+        }
+        match self {
+            Held::Typed(o) => Ok(o),
+            // Just made typed above.
+            Held::Raw(_) => Err(ModelError::NotAnOrder("order not parsed".into())),
+        }
+    }
+}
+
 struct Slot {
-    doc: Automerge,
+    held: Held,
     record: OrderRecord,
     sync: sync::State,
     /// Subscribed on the current connection (a sync message was sent since it opened).
@@ -204,7 +248,7 @@ impl Engine {
                 s.order,
                 Slot {
                     fetching: doc.get_heads().is_empty(),
-                    doc,
+                    held: Held::Raw(Box::new(doc)),
                     tail_len: s.tail.len(),
                     record: s.record,
                     sync: sync::State::new(),
@@ -422,20 +466,25 @@ impl Engine {
             tracing::warn!(%id, "undecodable sync message from relay");
             return;
         };
-        let before = slot.doc.get_heads();
-        if let Err(e) = slot.doc.receive_sync_message(&mut slot.sync, msg) {
+        let before = slot.held.doc().get_heads();
+        if let Err(e) = slot
+            .held
+            .doc_mut()
+            .receive_sync_message(&mut slot.sync, msg)
+        {
             tracing::warn!(%id, error = %e, "sync message refused");
             slot.sync = sync::State::new();
             return;
         }
         let new: Vec<Vec<u8>> = slot
-            .doc
+            .held
+            .doc()
             .get_changes(&before)
             .iter()
             .map(|c| c.raw_bytes().to_vec())
             .collect();
         if !new.is_empty() {
-            let arrived = slot.fetching && crdt_model::store_of(&slot.doc).is_ok();
+            let arrived = slot.fetching && crdt_model::store_of(slot.held.doc()).is_ok();
             if arrived {
                 slot.fetching = false;
                 self.events.push_back(Event::OrderArrived(id));
@@ -473,12 +522,13 @@ impl Engine {
         if receipted.is_empty()
             || !receipted
                 .iter()
-                .all(|h| slot.doc.get_change_by_hash(h).is_some())
+                .all(|h| slot.held.doc().get_change_by_hash(h).is_some())
         {
             return;
         }
         let mine = slot
-            .doc
+            .held
+            .doc()
             .get_changes(&receipted)
             .iter()
             .any(|c| c.actor_id() == &self.writer.actor);
@@ -556,7 +606,7 @@ impl Engine {
                     let theirs = heads_from_wire(&e.heads).unwrap_or_default();
                     let behind = theirs
                         .iter()
-                        .any(|h| slot.doc.get_change_by_hash(h).is_none());
+                        .any(|h| slot.held.doc().get_change_by_hash(h).is_none());
                     if behind && !slot.subscribed && slot.record.status != LocalSyncStatus::Blocked
                     {
                         self.send_sync(id);
@@ -578,7 +628,9 @@ impl Engine {
         self.orders.insert(
             id,
             Slot {
-                doc: Automerge::new().with_actor(self.writer.actor.clone()),
+                held: Held::Raw(Box::new(
+                    Automerge::new().with_actor(self.writer.actor.clone()),
+                )),
                 record: OrderRecord::new(LocalSyncStatus::Synced, now),
                 sync: sync::State::new(),
                 subscribed: false,
@@ -616,7 +668,7 @@ impl Engine {
         if slot.record.status == LocalSyncStatus::Blocked {
             return;
         }
-        if let Some(m) = slot.doc.generate_sync_message(&mut slot.sync) {
+        if let Some(m) = slot.held.doc().generate_sync_message(&mut slot.sync) {
             slot.subscribed = true;
             self.outbox.push_back(ClientFrame::Sync {
                 order: id.to_string(),
@@ -629,7 +681,7 @@ impl Engine {
         let Some(slot) = self.orders.get_mut(&id) else {
             return;
         };
-        let number = crdt_model::number_of(&slot.doc).ok().flatten();
+        let number = crdt_model::number_of(slot.held.doc()).ok().flatten();
         if number.is_some() && number != slot.number {
             slot.number = number;
             if let Some(n) = number {
@@ -658,7 +710,8 @@ impl Engine {
             slot.record.blocked = None;
         }
         if next == LocalSyncStatus::Synced {
-            let terminal = crdt_model::status_of(&slot.doc).is_ok_and(OrderStatus::is_terminal);
+            let terminal =
+                crdt_model::status_of(slot.held.doc()).is_ok_and(OrderStatus::is_terminal);
             if terminal && slot.record.charging.is_empty() {
                 slot.record.settled_at.get_or_insert(now);
             }
@@ -683,7 +736,7 @@ impl Engine {
             slot.tail_len = 0;
             self.effects.push_back(Effect::Compact {
                 order: id,
-                snapshot: slot.doc.save(),
+                snapshot: slot.held.doc().save(),
                 record: slot.record.clone(),
             });
         } else {
@@ -721,7 +774,7 @@ impl Engine {
         self.orders.insert(
             id,
             Slot {
-                doc: order.into_doc(),
+                held: Held::Typed(Box::new(order)),
                 record: OrderRecord::new(LocalSyncStatus::Syncing, now),
                 sync: sync::State::new(),
                 subscribed: false,
@@ -757,24 +810,15 @@ impl Engine {
         if slot.fetching {
             return Err(ReplicatorError::UnknownOrder(id));
         }
-        let doc = std::mem::take(&mut slot.doc);
-        let mut order = match Order::try_from_doc(doc, self.writer.clone()) {
-            Ok(o) => o,
-            Err(back) => {
-                let (doc, e) = *back;
-                slot.doc = doc;
-                return Err(e.into());
-            }
-        };
+        let order = slot.held.typed(&self.writer)?;
         let before = order.heads();
-        let result = op(&mut order);
+        let result = op(order);
         let changes: Vec<Vec<u8>> = order
             .doc()
             .get_changes(&before)
             .iter()
             .map(|c| c.raw_bytes().to_vec())
             .collect();
-        slot.doc = order.into_doc();
         let value = result?;
         if !changes.is_empty() {
             self.transition(id, trigger, now);
@@ -839,7 +883,10 @@ impl Engine {
             .get(&id)
             .filter(|s| !s.fetching)
             .ok_or(ReplicatorError::UnknownOrder(id))?;
-        Ok(Order::from_doc(slot.doc.clone(), self.writer.clone())?)
+        Ok(Order::from_doc(
+            slot.held.doc().clone(),
+            self.writer.clone(),
+        )?)
     }
 
     /// The order's view.
@@ -849,7 +896,10 @@ impl Engine {
             .get(&id)
             .filter(|s| !s.fetching)
             .ok_or(ReplicatorError::UnknownOrder(id))?;
-        Ok(crdt_model::view_of(&slot.doc)?)
+        Ok(match &slot.held {
+            Held::Typed(o) => o.view()?,
+            Held::Raw(d) => crdt_model::view_of(d)?,
+        })
     }
 
     /// The order's local sync status; Removed for an evicted order.
