@@ -560,6 +560,10 @@ async fn oversized_frames_close_the_connection_and_change_nothing() {
     let mut c = Client::connect(relay.addr, d, &t).await;
     let mut order = c.create("s1");
     c.sync_until_receipted(&mut order).await;
+    // The relay writes the order's number in a commit of its own after the first one: wait
+    // for it, or it may land between `before` and the check below.
+    c.pump_until(&mut order, |o| o.number().unwrap().is_some())
+        .await;
     let before = relay.store.order_meta(order.id()).unwrap().unwrap();
     let huge = ClientFrame::Sync {
         order: order.id().to_string(),
