@@ -334,10 +334,6 @@ struct PeerDoc {
     peer: Arc<Peer>,
     state: sync::State,
     last_receipt: Vec<ChangeHash>,
-    /// The last receipt's heads, if the peer already had all of them when it was sent. A
-    /// device ignores a receipt naming changes it lacks (the relay's number, a concurrent
-    /// edit still on its way), so once its heads catch up it gets the receipt again.
-    confirmed: Vec<ChangeHash>,
     /// Change chunks this peer sent that cannot be applied yet (a dependency is missing, e.g.
     /// skipped because of a Bloom filter false positive). They are re-applied with the peer's
     /// next message, and replies to it are generated as if they were queued, so the sync
@@ -394,18 +390,6 @@ fn new_changes_in(
 const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
 
 impl PeerDoc {
-    /// Whether the peer's last message showed exactly these heads (so it has every change
-    /// they name).
-    fn has_all(&self, heads: &[ChangeHash]) -> bool {
-        self.state.their_heads.as_ref().is_some_and(|theirs| {
-            let mut a = theirs.clone();
-            a.sort_unstable();
-            let mut b = heads.to_vec();
-            b.sort_unstable();
-            a == b
-        })
-    }
-
     /// `doc`, plus this peer's queued chunks when it has any.
     fn view_of(&self, doc: &Automerge) -> Option<Automerge> {
         if self.queued.is_empty() {
@@ -651,7 +635,6 @@ impl Worker {
             peer: Arc::clone(&peer),
             state: sync::State::new(),
             last_receipt: Vec::new(),
-            confirmed: Vec::new(),
             queued: Vec::new(),
         });
         if !has_changes {
@@ -794,16 +777,12 @@ impl Worker {
                 data: ByteBuf::from(m.encode()),
             });
         }
-        let caught_up = pd.has_all(&heads);
-        if !heads.is_empty() && (pd.last_receipt != heads || (caught_up && pd.confirmed != heads)) {
+        if pd.last_receipt != heads && !heads.is_empty() {
             pd.peer.send(RelayFrame::Receipt {
                 order: order.to_string(),
                 heads: heads_to_wire(&heads),
             });
             metrics.receipts_sent.fetch_add(1, Ordering::Relaxed);
-            if caught_up {
-                pd.confirmed.clone_from(&heads);
-            }
             pd.last_receipt = heads;
         }
     }
@@ -916,23 +895,8 @@ impl Worker {
             .changes_accepted
             .fetch_add(inflight.changes.len() as u64, Ordering::Relaxed);
         let heads = d.committed.get_heads();
-        // Sync messages first, receipts second: a receipt may name changes the device does
-        // not have yet (the relay's number, another terminal's edit), and a device only
-        // trusts a receipt whose heads it knows. The sync message carrying those changes must
-        // therefore be ahead of the receipt in the connection's queue.
-        for pd in d.peers.values_mut() {
-            if let Some(m) = pd.generate(&d.committed) {
-                pd.peer.send(RelayFrame::Sync {
-                    order: order.to_string(),
-                    data: ByteBuf::from(m.encode()),
-                });
-            }
-        }
         for p in &inflight.origins {
             if let Some(pd) = d.peers.get_mut(&p.conn) {
-                if pd.has_all(&heads) {
-                    pd.confirmed.clone_from(&heads);
-                }
                 pd.last_receipt = heads.clone();
             }
             p.send(RelayFrame::Receipt {
@@ -944,6 +908,14 @@ impl Worker {
         self.metrics
             .receipts_pending
             .fetch_sub(inflight.origins.len() as i64, Ordering::Relaxed);
+        for pd in d.peers.values_mut() {
+            if let Some(m) = pd.generate(&d.committed) {
+                pd.peer.send(RelayFrame::Sync {
+                    order: order.to_string(),
+                    data: ByteBuf::from(m.encode()),
+                });
+            }
+        }
         if let Some(r) = inflight.reply {
             let view = crdt_model::view_of(&d.committed);
             let _ = r.send(view.map_err(RelayError::from));
