@@ -6,7 +6,9 @@
 //! * `committed`: exactly what redb holds. Outgoing sync messages are generated from it only, so
 //!   nothing reaches another party before it is durable;
 //! * `working`: `committed` plus changes accepted by the policy and queued for commit. Incoming
-//!   messages are applied to a fork of `working`, judged, and adopted only on acceptance.
+//!   messages are applied to `working` and judged; on refusal `working` is restored from the
+//!   last accepted state (each queued write keeps that state, which becomes `committed` once
+//!   the write is durable).
 //!
 //! Accepted changes go to the committer thread, which folds every queued write into one redb
 //! transaction (group commit). When it reports back, the worker moves the changes into
