@@ -336,29 +336,42 @@ enum Action {
     Make(ObjType),
     /// A counter increment at a map key.
     Increment,
-    /// An element inserted into (or overwritten in) a list.
-    ListElement(Option<ScalarValue>),
+    /// A map key's value removed. Automerge writes one when a value is put that a concurrent
+    /// write already holds, so a last-writer-wins field takes it (the strict parse afterwards
+    /// makes sure the field keeps a value).
+    Delete,
+    /// A scalar inserted as a new element of a list.
+    ListInsert(ScalarValue),
 }
 
-/// Whether `key` of `obj` existed at the change's dependencies. Exact: answered from the
-/// current document when only this change (or nobody) wrote the key, historically otherwise.
-fn key_seen(
+/// Whether `key` of `obj` holds exactly one value in the merged document, written by the
+/// operation `id`. An entry, a header field or a write-once marker written under a key that
+/// already has a value would either hide that value (a higher operation id wins the key) or
+/// sit beside it as a conflict: neither is something an honest writer does, since entries go
+/// under fresh ids.
+fn sole_value(
     after: &Automerge,
-    seen: &Seen<'_>,
-    ops: &ChangeOps,
     obj: &ObjId,
-    path: &[&str],
+    key: &str,
+    id: &OpKey,
 ) -> Result<bool, PolicyViolation> {
-    let Some(key) = path.last() else {
-        return Ok(true);
-    };
     let all = after
-        .get_all(obj, *key)
+        .get_all(obj, key)
         .map_err(|e| not_an_order(e.into()))?;
-    if all.iter().all(|(_, id)| ops.is_mine(id)) {
-        return Ok(false);
-    }
-    seen.has(path)
+    Ok(match all.as_slice() {
+        [(_, ObjId::Id(ctr, actor, _))] => *ctr == id.0 && *actor == id.1,
+        _ => false,
+    })
+}
+
+/// Fields of an existing line whose rule allows a later write: the price and the note are
+/// last-writer-wins registers (concurrent values are kept and flagged), the quantity is a
+/// counter that takes increments, and the removal marker may be written by two tills at once.
+fn line_field_takes_more_values(field: &str) -> bool {
+    matches!(
+        field,
+        keys::UNIT_PRICE | keys::NOTE | keys::QTY | keys::REMOVED_BY | keys::REMOVED_AT
+    )
 }
 
 fn check_change(
@@ -373,8 +386,10 @@ fn check_change(
     let deps = change.deps();
     let r = Reader::new(after, Some(deps));
     let empty = deps.is_empty();
-    // Status entries are write-once and terminal ones win, so an order that is not closed now
-    // was not closed at any earlier point either.
+    // Terminal status entries are write-once and nothing may hide them (every rule below
+    // refuses an operation that replaces or shadows an entry), so an order that is not
+    // closed in the merged document was not closed at any earlier point either. Only when it
+    // is closed now is the status log read at the change's dependencies.
     let closed = if empty || !terminal_now {
         None
     } else {
@@ -390,27 +405,6 @@ fn check_change(
 
     for (op, id) in ops.ops.iter().zip(&ops.ids) {
         let mut path = paths.of(&op.obj, &ops)?;
-        let action = match (&op.key, &op.action) {
-            (legacy::Key::Map(k), act) => {
-                path.push(k.to_string());
-                match act {
-                    legacy::OpType::Put(v) => Action::Put(v.clone()),
-                    legacy::OpType::Make(t) => Action::Make(*t),
-                    legacy::OpType::Increment(_) => Action::Increment,
-                    legacy::OpType::Delete => return Err(deleted(&path)),
-                    _ => return Err(PolicyViolation::UnknownField(path.join("."))),
-                }
-            }
-            (legacy::Key::Seq(_), legacy::OpType::Put(v)) => Action::ListElement(Some(v.clone())),
-            (legacy::Key::Seq(_), legacy::OpType::Delete) => return Err(deleted(&path)),
-            (legacy::Key::Seq(_), _) => {
-                return Err(PolicyViolation::UnknownField(path.join(".")));
-            }
-        };
-        let p: Vec<&str> = path.iter().map(String::as_str).collect();
-        touched.note(&p);
-        let is_increment = matches!(action, Action::Increment);
-        let is_list_element = matches!(action, Action::ListElement(_));
         // The object this operation writes into, and whether this change created it.
         let target = &op.obj;
         let target_new = ops.made_here(target);
@@ -418,23 +412,97 @@ fn check_change(
             legacy::ObjectId::Root => ROOT,
             legacy::ObjectId::Id(o) => ex_id(&op_key(o)),
         };
+        let action = match (&op.key, &op.action) {
+            (legacy::Key::Map(k), act) => {
+                path.push(k.to_string());
+                match act {
+                    legacy::OpType::Put(v) => Action::Put(v.clone()),
+                    legacy::OpType::Make(t) => Action::Make(*t),
+                    legacy::OpType::Increment(_) => Action::Increment,
+                    legacy::OpType::Delete => Action::Delete,
+                    _ => return Err(PolicyViolation::UnknownField(path.join("."))),
+                }
+            }
+            // Lists (a line's modifiers) only take new elements, in the change that made them.
+            (legacy::Key::Seq(_), legacy::OpType::Put(v)) if op.insert => {
+                Action::ListInsert(v.clone())
+            }
+            (legacy::Key::Seq(_), legacy::OpType::Delete) => return Err(deleted(&path)),
+            (legacy::Key::Seq(_), _) => {
+                return Err(PolicyViolation::ImmutableField(path.join(".")));
+            }
+        };
+        let p: Vec<&str> = path.iter().map(String::as_str).collect();
+        touched.note(&p);
+
+        // What the operation replaces, from its own predecessors: an overwrite passes only
+        // where a field's rule allows one. Inside an object this change created, the change
+        // may only replace its own operations.
+        if !op.pred.is_empty() {
+            let allowed = if target_new {
+                op.pred.iter().all(|pr| ops.is_mine(&ex_id(&op_key(pr))))
+            } else {
+                matches!(
+                    (p.as_slice(), &action),
+                    (
+                        [keys::LINES, _, keys::UNIT_PRICE | keys::NOTE],
+                        Action::Put(_) | Action::Delete
+                    ) | ([keys::LINES, _, keys::QTY], Action::Increment)
+                )
+            };
+            if !allowed {
+                return Err(rewritten(&path));
+            }
+        } else if !target_new
+            && let (legacy::Key::Map(k), false) = (
+                &op.key,
+                matches!(p.as_slice(), [keys::LINES, _, f] if line_field_takes_more_values(f)),
+            )
+            && !sole_value(after, &target_ex, k, id)?
+        {
+            // A write beside an existing value of a key that takes one value only.
+            return Err(rewritten(&path));
+        }
+        if matches!(action, Action::Increment)
+            && !matches!(p.as_slice(), [keys::LINES, _, keys::QTY])
+        {
+            return Err(PolicyViolation::WrongType {
+                path: path.join("."),
+                expected: "no counter",
+            });
+        }
+        let is_increment = matches!(action, Action::Increment);
+        let is_list_element = matches!(action, Action::ListInsert(_));
         let value = match &action {
-            Action::Put(v) => Some(Value::Scalar(std::borrow::Cow::Owned(v.clone()))),
+            Action::Put(v) | Action::ListInsert(v) => {
+                Some(Value::Scalar(std::borrow::Cow::Owned(v.clone())))
+            }
             Action::Make(t) => Some(Value::Object(*t)),
             Action::Increment => None,
-            Action::ListElement(v) => v.clone().map(|v| Value::Scalar(std::borrow::Cow::Owned(v))),
+            Action::Delete => {
+                // Only a last-writer-wins field of an existing line may lose a value.
+                if target_new
+                    || !matches!(
+                        p.as_slice(),
+                        [keys::LINES, _, keys::UNIT_PRICE | keys::NOTE]
+                    )
+                {
+                    return Err(deleted(&path));
+                }
+                None
+            }
         };
-        // Entry-level operations (creating `container.key`) and field-level ones (writing
-        // into an entry) are told apart by the path's length.
-        let entry_made = |ops: &ChangeOps| -> Option<legacy::ObjectId> {
-            matches!(action, Action::Make(_))
-                .then(|| legacy::ObjectId::Id(legacy::OpId(id.0, id.1.clone())))
-                .filter(|o| ops.made_here(o))
-        };
-        // The entry this operation creates, which its author must not have seen already.
-        let new_entry = |rewritten: PolicyViolation| match entry_made(&ops) {
-            Some(o) if !key_seen(after, &seen, &ops, &target_ex, &p)? => Ok(o),
-            _ => Err(rewritten),
+        // The entry this operation creates: a map, made by this change, under a key that
+        // holds nothing else (checked above).
+        let new_entry = |rewritten_err: PolicyViolation| match action {
+            Action::Make(ObjType::Map) => {
+                Ok(legacy::ObjectId::Id(legacy::OpId(id.0, id.1.clone())))
+            }
+            Action::Make(_) => Err(PolicyViolation::WrongType {
+                path: path.join("."),
+                expected: "a map",
+            }),
+            _ => Err(rewritten_err),
         };
         if let Some(status) = seen.closed {
             let allowed = match p.as_slice() {
@@ -442,16 +510,20 @@ fn check_change(
                 [keys::NUMBER] => true,
                 [keys::ACKS, ..] => true,
                 [keys::PAYMENTS, _pid, keys::TRANSITIONS, tid] => {
-                    // A new transition entry, created by this change.
-                    let st = entry_made(&ops)
-                        .and_then(|o| ops.field(&o, keys::STATE).cloned())
-                        .and_then(|v| match v {
-                            ScalarValue::Str(s) => s.parse::<PaymentState>().ok(),
-                            _ => None,
-                        });
-                    !key_seen(after, &seen, &ops, &target_ex, &p)?
-                        && st.is_some_and(PaymentState::allowed_after_close)
-                        && !tid.is_empty()
+                    // A new transition entry that voids or refunds.
+                    let st = match action {
+                        Action::Make(ObjType::Map) => ops
+                            .field(
+                                &legacy::ObjectId::Id(legacy::OpId(id.0, id.1.clone())),
+                                keys::STATE,
+                            )
+                            .and_then(|v| match v {
+                                ScalarValue::Str(s) => s.parse::<PaymentState>().ok(),
+                                _ => None,
+                            }),
+                        _ => None,
+                    };
+                    st.is_some_and(PaymentState::allowed_after_close) && !tid.is_empty()
                 }
                 [keys::PAYMENTS, _pid, keys::TRANSITIONS, _tid, _field] => target_new,
                 _ => false,
@@ -473,9 +545,6 @@ fn check_change(
                 if device_role {
                     return Err(PolicyViolation::NumberWrittenByDevice);
                 }
-                if seen.has(&[keys::NUMBER])? {
-                    return Err(PolicyViolation::NumberReassigned);
-                }
                 if !matches!(value, Some(Value::Scalar(ref s)) if matches!(s.as_ref(), ScalarValue::Uint(n) if *n > 0))
                 {
                     return Err(PolicyViolation::WrongType {
@@ -484,7 +553,8 @@ fn check_change(
                     });
                 }
             }
-            [keys::LINES, _lid] => {
+            [keys::LINES, lid] => {
+                entry_id::<crate::ids::LineId>(lid, &path)?;
                 let line = new_entry(PolicyViolation::EntryRewritten(path.join(".")))?;
                 check_by_field(&ops, &line, &p, keys::CREATED_BY, &me, device_role)?;
             }
@@ -520,6 +590,7 @@ fn check_change(
                         )));
                     }
                     [keys::QTY] if is_increment => {}
+                    [keys::UNIT_PRICE | keys::NOTE] if matches!(action, Action::Delete) => {}
                     [keys::UNIT_PRICE | keys::NOTE] => check_line_field(rest, &value, &path)?,
                     [keys::REMOVED_BY] => {
                         check_line_field(rest, &value, &path)?;
@@ -544,7 +615,8 @@ fn check_change(
                     });
                 }
             }
-            [keys::PAYMENTS, pid, keys::TRANSITIONS, _tid] => {
+            [keys::PAYMENTS, pid, keys::TRANSITIONS, tid] => {
+                entry_id::<crate::ids::EntryId>(tid, &path)?;
                 let transition = new_entry(PolicyViolation::EntryRewritten(path.join(".")))?;
                 // The payment is new when this change created it (the transitions map is
                 // created with it).
@@ -576,6 +648,7 @@ fn check_change(
             }
             [keys::PAYMENTS, ..] => return Err(PolicyViolation::UnknownField(path.join("."))),
             [keys::STATUS, eid] => {
+                entry_id::<crate::ids::EntryId>(eid, &path)?;
                 let entry = new_entry(PolicyViolation::StatusRewritten((*eid).to_owned()))?;
                 check_status_entry(&seen, &ops, &entry, eid, &me, device_role)?;
             }
@@ -587,7 +660,8 @@ fn check_change(
                     return Err(PolicyViolation::UnknownField(path.join(".")));
                 }
             }
-            [keys::ACKS, _eid] => {
+            [keys::ACKS, eid] => {
+                entry_id::<crate::ids::EntryId>(eid, &path)?;
                 let entry = new_entry(PolicyViolation::EntryRewritten(path.join(".")))?;
                 check_by_field(&ops, &entry, &p, keys::BY, &me, device_role)?;
             }
@@ -603,6 +677,24 @@ fn check_change(
         }
     }
     Ok(())
+}
+
+/// An entry's key must be a well-formed id of its kind (the reader refuses anything else).
+fn entry_id<T: std::str::FromStr>(key: &str, path: &[String]) -> Result<(), PolicyViolation> {
+    key.parse::<T>()
+        .map(|_| ())
+        .map_err(|_| PolicyViolation::WrongType {
+            path: path.join("."),
+            expected: "an entry id (UUID)",
+        })
+}
+
+/// The refusal for an operation that replaces or shadows what is at `path`.
+fn rewritten(path: &[String]) -> PolicyViolation {
+    match path {
+        [k] if k == keys::NUMBER => PolicyViolation::NumberReassigned,
+        _ => deleted(path),
+    }
 }
 
 /// Whether the line holding `line_obj` was removed when the change's author wrote it.
