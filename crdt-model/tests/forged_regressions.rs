@@ -24,7 +24,7 @@ fn entry_where(doc: &Automerge, container: &[&str], field: &str, value: &str) ->
     doc.keys(&c)
         .find(|k| {
             let e = obj(doc, &[container, &[k.as_str()]].concat());
-            matches!(doc.get(&e, field).unwrap(), Some((v, _)) if v.to_str() == Some(value))
+            matches!(doc.get(&e, field).unwrap(), Some((v, _)) if v.as_str() == Some(value))
         })
         .unwrap()
 }
