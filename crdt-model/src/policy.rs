@@ -1,24 +1,31 @@
 //! The policy: which changes an order accepts, judged with the author's identity.
 //!
-//! The relay applies incoming changes to a fork of its stored document and calls [`validate`]
-//! (or [`validate_changes`]) with the document before and after; it persists and fans out only
-//! on `Ok`. Each new change is judged **from its author's point of view**: its own decoded
-//! operations say exactly what it did, and the document at the change's dependencies is what
-//! the author had seen. So
+//! The relay applies incoming changes to its working copy of the order and calls
+//! [`validate`] (or [`validate_changes`]) with the document before and after; it persists and
+//! fans out only on `Ok`. Each new change is judged by **its own decoded operations**, never by
+//! what is visible after it (a change can hide what it replaced):
 //!
-//! * a change whose author had already seen the order Done/Deleted may only void or refund a
-//!   payment or acknowledge a late edit (the relay may also write the number): anything else is
-//!   [`PolicyViolation::EditAfterClose`];
-//! * a change *concurrent* with the close passes here and is flagged as a late edit by the view;
-//! * a payment transition must move forward from the state its author saw.
+//! * an operation that names predecessors (an overwrite, a delete, an increment) passes only
+//!   where a field's rule allows replacing: a line's `unit_price` and `note`
+//!   (last-writer-wins) and its `qty` (increments); inside an object the same change created,
+//!   it may replace only that change's own operations;
+//! * an operation without predecessors on a key that takes one value (header, containers,
+//!   number, entry keys, write-once fields) must be that key's only value in the merged
+//!   document, so it can neither shadow an existing entry nor sit beside it;
+//! * what the author had seen (was the order closed? which state does a payment move from?)
+//!   is read at the change's dependencies. A change whose author had seen the order
+//!   Done/Deleted may only void or refund a payment or acknowledge a late edit (the relay may
+//!   also write the number): anything else is [`PolicyViolation::EditAfterClose`]. A change
+//!   *concurrent* with the close passes and is flagged as a late edit by the view.
 //!
-//! Reading a document at historical heads is the expensive part, so each question is answered
-//! from the current document whenever that answer is exact (entries are write-once and keyed
-//! by fresh ids, terminal statuses and removal markers never disappear) and at the change's
-//! dependencies only otherwise: an honest add-line or quantity change needs no historical read.
+//! Reading a document at historical heads is the expensive part, so it happens only where the
+//! current document cannot answer exactly. Nothing can hide a status entry or a removal
+//! marker (the two rules above), so an order that is not terminal now was never terminal, and
+//! a line without a marker written by others was never removed.
 //!
 //! Structure and types are checked on the merged result with the same strict parser the view
-//! uses, so a document that passes always loads and views.
+//! uses, so a document that passes always loads and views. The full table of who may write
+//! what is in `docs/model.md`.
 
 use std::collections::HashMap;
 
