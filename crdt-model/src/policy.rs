@@ -442,6 +442,9 @@ fn check_change(
         let p: Vec<&str> = path.iter().map(String::as_str).collect();
         touched.note(&p);
 
+        if device_role && p.as_slice() == [keys::NUMBER] {
+            return Err(PolicyViolation::NumberWrittenByDevice);
+        }
         // What the operation replaces, from its own predecessors: an overwrite passes only
         // where a field's rule allows one. Inside an object this change created, the change
         // may only replace its own operations.
