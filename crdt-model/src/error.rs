@@ -44,9 +44,13 @@ pub enum ModelError {
     /// A payment amount must be positive; prices and quantities within their bounds.
     #[error("invalid amount {0}")]
     InvalidAmount(i64),
-    /// A payment reference holds what looks like a full card number.
-    #[error("payment reference holds a full card number; store it masked")]
-    CardNumberInReference,
+    /// A free-text field (a reference, a note, a name, a payment kind...) holds what looks
+    /// like a full card number (see [`crate::text`]). The value is not repeated here.
+    #[error("{field} holds a full card number; store it masked")]
+    CardNumber {
+        /// The field.
+        field: &'static str,
+    },
     /// The order is Done or Deleted and accepts no such edit.
     #[error("order is {status} and accepts no further edits")]
     OrderClosed {

@@ -47,6 +47,7 @@ pub mod payment;
 pub mod policy;
 pub mod schema;
 pub mod status;
+pub mod text;
 pub mod view;
 pub mod wire;
 
@@ -64,6 +65,7 @@ pub use order::{
 pub use payment::{PaymentKind, PaymentState};
 pub use policy::{Author, Role, validate, validate_changes};
 pub use status::{ActiveStatus, OrderStatus, StatusEntry, StatusLattice};
+pub use text::{TextField, check_free_text, check_text_at, holds_card_number};
 pub use view::{Conflict, LateEdit, LateEditKind, LineView, OrderView, PaymentView, Totals};
 
 /// The Automerge crate this model is built on, re-exported so callers use the same version.

@@ -17,9 +17,10 @@ use crate::ids::{
     DeviceId, Entropy, EntryId, LineId, OrderId, OrderNumber, PaymentId, StoreId, Timestamp,
 };
 use crate::money::{Currency, Money};
-use crate::payment::{PaymentKind, PaymentState, check_reference};
+use crate::payment::{PaymentKind, PaymentState};
 use crate::schema::{self, Header, Reader, Roots, SCHEMA_VERSION, Snapshot, keys};
 use crate::status::{ActiveStatus, OrderStatus, StatusLattice, next_clock};
+use crate::text::{TextField, check_free_text};
 use crate::view::{self, OrderView};
 
 /// Highest unit price accepted, in minor units (10^12: ten billion major units).
@@ -214,16 +215,6 @@ impl Cache {
             };
         }
     }
-}
-
-fn text(field: &'static str, s: &str) -> Result<(), ModelError> {
-    if s.len() > MAX_TEXT {
-        return Err(ModelError::InvalidValue {
-            field,
-            value: format!("{} bytes (max {MAX_TEXT})", s.len()),
-        });
-    }
-    Ok(())
 }
 
 impl Order {
@@ -566,11 +557,11 @@ impl Order {
         self.ensure_open()?;
         check_price(draft.unit_price)?;
         check_quantity(draft.quantity)?;
-        text("sku", &draft.sku)?;
-        text("name", &draft.name)?;
-        text("note", &draft.note)?;
+        check_free_text(TextField::Sku, &draft.sku)?;
+        check_free_text(TextField::LineName, &draft.name)?;
+        check_free_text(TextField::LineNote, &draft.note)?;
         for m in &draft.modifiers {
-            text("modifier", m)?;
+            check_free_text(TextField::Modifier, m)?;
         }
         let id = LineId::generate(at, rng);
         let lines = self.roots.lines.clone();
@@ -670,7 +661,7 @@ impl Order {
     /// Replaces a line's note (last writer wins; concurrent notes are flagged).
     pub fn set_note(&mut self, at: Timestamp, line: LineId, note: &str) -> Result<(), ModelError> {
         self.ensure_open()?;
-        text("note", note)?;
+        check_free_text(TextField::LineNote, note)?;
         let rec = self.line(line)?;
         self.commit(at, |tx| Ok(tx.put(&rec.obj, keys::NOTE, note)?), |_, _| {})
     }
@@ -782,7 +773,8 @@ impl Order {
                 value: initial.to_string(),
             });
         }
-        check_reference(&draft.reference)
+        check_free_text(TextField::PaymentKind, draft.kind.as_str())?;
+        check_free_text(TextField::PaymentReference, &draft.reference)
     }
 
     /// Records `pending` for a payment about to be taken.
@@ -810,7 +802,7 @@ impl Order {
             return Err(ModelError::OrderClosed { status });
         }
         if let Some(r) = reference {
-            check_reference(r)?;
+            check_free_text(TextField::TransitionReference, r)?;
         }
         let rec = self.payment(payment)?;
         let from = rec.state();
@@ -1039,7 +1031,7 @@ impl Order {
         edit: &str,
         note: &str,
     ) -> Result<(), ModelError> {
-        text("note", note)?;
+        check_free_text(TextField::AckNote, note)?;
         let view = self.view()?;
         if !view.late_edits.iter().any(|e| e.id == edit) {
             return Err(ModelError::LateEditNotFound(edit.to_owned()));

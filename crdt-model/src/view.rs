@@ -330,11 +330,31 @@ pub(crate) fn build_from(doc: &Automerge, now: &Snapshot) -> Result<OrderView, M
                 continue;
             }
             let state = p.state();
-            let consequence = match (closed_as, state) {
-                (OrderStatus::Deleted, PaymentState::Captured) => "refund needed",
-                (_, PaymentState::Captured) => "overpayment: refund or hand back change",
-                (_, PaymentState::Pending | PaymentState::Authorized) => "void or capture it",
-                _ => "settled",
+            // The order as closed already counted this payment as captured, and all that came
+            // late is another capture of it: the same money, recorded twice, counted once.
+            let captured_again = seen.is_some_and(|s| s.state() == PaymentState::Captured)
+                && late.iter().all(|s| *s == PaymentState::Captured);
+            let message = match (closed_as, state) {
+                (OrderStatus::Done, PaymentState::Captured) if captured_again => format!(
+                    "{} payment of {} captured twice concurrently (once with {closed_as}): \
+                     counted once, nothing to refund",
+                    p.kind, p.amount
+                ),
+                _ => {
+                    let consequence = match (closed_as, state) {
+                        (OrderStatus::Deleted, PaymentState::Captured) => "refund needed",
+                        (_, PaymentState::Captured) => "overpayment: refund or hand back change",
+                        (_, PaymentState::Pending | PaymentState::Authorized) => {
+                            "void or capture it"
+                        }
+                        _ => "settled",
+                    };
+                    format!(
+                        "{} payment of {} ({}) recorded concurrently with {closed_as}: \
+                         {consequence}",
+                        p.kind, p.amount, state
+                    )
+                }
             };
             let pid_s = format!("payment:{pid}");
             late_edits.push(LateEdit {
@@ -342,10 +362,7 @@ pub(crate) fn build_from(doc: &Automerge, now: &Snapshot) -> Result<OrderView, M
                 acknowledged_by: acked(&pid_s),
                 id: pid_s,
                 kind: LateEditKind::Payment,
-                message: format!(
-                    "{} payment of {} ({}) recorded concurrently with {closed_as}: {consequence}",
-                    p.kind, p.amount, state
-                ),
+                message,
             });
         }
         for s in &now.status {
@@ -408,10 +425,22 @@ pub(crate) fn build_from(doc: &Automerge, now: &Snapshot) -> Result<OrderView, M
             PaymentState::Refunded => refunded += i128::from(p.amount),
             _ => {}
         }
-        if p.captured_and_voided() {
+        // Concurrent transitions that compete: a capture and a void, or two captures of the
+        // same payment (two tills capturing one authorisation; counted once).
+        let captures = p
+            .transitions
+            .values()
+            .filter(|t| t.state == PaymentState::Captured)
+            .count();
+        let voided = p.captured_and_voided();
+        if voided || captures > 1 {
+            let mut values = vec![PaymentState::Captured.to_string(); captures.max(1)];
+            if voided {
+                values.push(PaymentState::Voided.to_string());
+            }
             conflicts.push(Conflict {
                 subject: format!("payment:{pid}.state"),
-                values: vec!["captured".into(), "voided".into()],
+                values,
                 chosen: state.to_string(),
             });
         }

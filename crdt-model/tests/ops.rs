@@ -112,7 +112,7 @@ fn bad_payments_are_refused_and_change_nothing() {
     };
     assert!(matches!(
         o.add_payment(at, &mut t.rng, card, PaymentState::Captured),
-        Err(ModelError::CardNumberInReference)
+        Err(ModelError::CardNumber { .. })
     ));
     assert_eq!(
         o.heads(),
