@@ -163,6 +163,10 @@ pub enum PolicyViolation {
     /// A payment reference that holds a full card number.
     #[error("full card number in payment reference at {0}")]
     CardNumberInReference(String),
+    /// A free-text field (name, note, sku, modifier, payment kind, acknowledgement note) that
+    /// holds a full card number.
+    #[error("full card number in free text at {0}")]
+    CardNumberInText(String),
     /// A value of the wrong type or domain.
     #[error("wrong value at {path}: expected {expected}")]
     WrongType {
@@ -197,6 +201,7 @@ impl PolicyViolation {
             Self::InvalidAmount(_) => "invalid_amount",
             Self::InvalidCurrency(_) => "invalid_currency",
             Self::CardNumberInReference(_) => "card_number_in_reference",
+            Self::CardNumberInText(_) => "card_number_in_text",
             Self::WrongType { .. } => "wrong_type",
             Self::UnknownField(_) => "unknown_field",
             Self::ForeignStore => "not_found",

@@ -481,6 +481,13 @@ fn check_change(
                 expected: "no counter",
             });
         }
+        // Free text (names, notes, sku, modifiers, kind names, references): no card number,
+        // within the lengths the typed API writes.
+        if let Action::Put(ScalarValue::Str(text)) | Action::ListInsert(ScalarValue::Str(text)) =
+            &action
+        {
+            crate::text::check_text_at(&p, text)?;
+        }
         let is_increment = matches!(action, Action::Increment);
         let is_list_element = matches!(action, Action::ListInsert(_));
         let value = match &action {

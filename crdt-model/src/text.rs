@@ -173,14 +173,18 @@ pub fn check_free_text(field: TextField, value: &str) -> Result<(), ModelError> 
 }
 
 /// [`check_free_text`] for the value written at a document `path`, with the policy's error:
-/// a card number is [`PolicyViolation::CardNumberInReference`] (naming the path), any other
-/// refusal [`PolicyViolation::WrongType`]. A path that is not a free-text field passes.
+/// a card number is [`PolicyViolation::CardNumberInReference`] in a payment or transition
+/// reference and [`PolicyViolation::CardNumberInText`] anywhere else (naming the path), any
+/// other refusal [`PolicyViolation::WrongType`]. A path that is not a free-text field passes.
 pub fn check_text_at(path: &[&str], value: &str) -> Result<(), PolicyViolation> {
     let Some(field) = TextField::at(path) else {
         return Ok(());
     };
     check_free_text(field, value).map_err(|e| match e {
-        ModelError::CardNumber { .. } => PolicyViolation::CardNumberInReference(path.join(".")),
+        ModelError::CardNumber { .. } if path.last() == Some(&keys::REFERENCE) => {
+            PolicyViolation::CardNumberInReference(path.join("."))
+        }
+        ModelError::CardNumber { .. } => PolicyViolation::CardNumberInText(path.join(".")),
         _ => PolicyViolation::WrongType {
             path: path.join("."),
             expected: field.expected(),
@@ -501,7 +505,11 @@ mod tests {
         assert_eq!(TextField::at(&["lines", "x", "unit_price"]), None);
         assert!(matches!(
             check_text_at(&["acks", "a", "note"], "card 4111 1111 1111 1111"),
-            Err(PolicyViolation::CardNumberInReference(p)) if p == "acks.a.note"
+            Err(PolicyViolation::CardNumberInText(p)) if p == "acks.a.note"
+        ));
+        assert!(matches!(
+            check_text_at(&["payments", "p", "reference"], "4111 1111 1111 1111"),
+            Err(PolicyViolation::CardNumberInReference(p)) if p == "payments.p.reference"
         ));
         assert!(matches!(
             check_text_at(&["payments", "p", "kind"], "no!"),

@@ -5,6 +5,7 @@
 
 mod common;
 
+use automerge::Automerge;
 use common::*;
 use crdt_model::text::find_card_number;
 use crdt_model::*;
@@ -363,5 +364,154 @@ fn the_generated_numbers_are_card_numbers() {
         let (body, check) = digits.split_at(digits.len() - 1);
         assert_eq!(check_digit(body), check[0], "{pan}");
         assert!(holds_card_number(pan));
+    }
+}
+
+/// A raw change (bypassing the typed API) that writes `text` into `field` of the fixture's
+/// orders; returns the relay's copy before and after, to be judged by the policy.
+fn forge_text(f: &mut Fixture, field: TextField, text: &str) -> (Automerge, Automerge) {
+    use automerge::transaction::Transactable;
+    use automerge::{ObjType, ROOT, ReadDoc, ScalarValue};
+    let at = f.t.tick();
+    let me = f.t.device.to_string();
+    let order = if field == TextField::AckNote {
+        &f.closed
+    } else {
+        &f.open
+    };
+    let before = order.doc().clone();
+    let mut doc = before.clone().with_actor(f.t.writer.actor.clone());
+    let get = |doc: &Automerge, o: &automerge::ObjId, k: &str| doc.get(o, k).unwrap().unwrap().1;
+    let lines = get(&doc, &ROOT, "lines");
+    let payments = get(&doc, &ROOT, "payments");
+    let acks = get(&doc, &ROOT, "acks");
+    let line = doc.get(&lines, f.line.to_string()).unwrap().map(|(_, o)| o);
+    let payment_tr = doc
+        .get(&payments, f.payment.to_string())
+        .unwrap()
+        .map(|(_, p)| get(&doc, &p, "transitions"));
+    let fresh = EntryId::generate(at, &mut f.t.rng).to_string();
+    let ts = ScalarValue::Timestamp(at.0);
+    let mut tx = doc.transaction();
+    let put_str = |tx: &mut automerge::transaction::Transaction<'_>,
+                   o: &automerge::ObjId,
+                   k: &str,
+                   v: &str| {
+        tx.put(o, k, v).unwrap();
+    };
+    match field {
+        TextField::Sku | TextField::LineName | TextField::Modifier => {
+            let l = tx.put_object(&lines, fresh.as_str(), ObjType::Map).unwrap();
+            put_str(
+                &mut tx,
+                &l,
+                "sku",
+                if field == TextField::Sku { text } else { "sku" },
+            );
+            put_str(
+                &mut tx,
+                &l,
+                "name",
+                if field == TextField::LineName {
+                    text
+                } else {
+                    "name"
+                },
+            );
+            tx.put(&l, "unit_price", 100i64).unwrap();
+            tx.put(&l, "qty", ScalarValue::counter(1)).unwrap();
+            let m = tx.put_object(&l, "modifiers", ObjType::List).unwrap();
+            if field == TextField::Modifier {
+                tx.insert(&m, 0, text).unwrap();
+            }
+            put_str(&mut tx, &l, "note", "");
+            put_str(&mut tx, &l, "created_by", &me);
+            tx.put(&l, "created_at", ts.clone()).unwrap();
+        }
+        TextField::LineNote => put_str(&mut tx, line.as_ref().unwrap(), "note", text),
+        TextField::PaymentKind | TextField::PaymentReference => {
+            let p = tx
+                .put_object(&payments, fresh.as_str(), ObjType::Map)
+                .unwrap();
+            let kind = if field == TextField::PaymentKind {
+                text
+            } else {
+                "gift_card"
+            };
+            let reference = if field == TextField::PaymentReference {
+                text
+            } else {
+                ""
+            };
+            put_str(&mut tx, &p, "kind", kind);
+            tx.put(&p, "amount", 100i64).unwrap();
+            put_str(&mut tx, &p, "currency", "EUR");
+            put_str(&mut tx, &p, "reference", reference);
+            put_str(&mut tx, &p, "created_by", &me);
+            tx.put(&p, "created_at", ts.clone()).unwrap();
+            let tr = tx.put_object(&p, "transitions", ObjType::Map).unwrap();
+            let tid = format!("{}", EntryId::generate(at, &mut f.t.rng));
+            let e = tx.put_object(&tr, tid.as_str(), ObjType::Map).unwrap();
+            put_str(&mut tx, &e, "state", "pending");
+            tx.put(&e, "at", ts.clone()).unwrap();
+            put_str(&mut tx, &e, "by", &me);
+        }
+        TextField::TransitionReference => {
+            let e = tx
+                .put_object(payment_tr.as_ref().unwrap(), fresh.as_str(), ObjType::Map)
+                .unwrap();
+            put_str(&mut tx, &e, "state", "authorized");
+            tx.put(&e, "at", ts.clone()).unwrap();
+            put_str(&mut tx, &e, "by", &me);
+            put_str(&mut tx, &e, "reference", text);
+        }
+        TextField::AckNote => {
+            let e = tx.put_object(&acks, fresh.as_str(), ObjType::Map).unwrap();
+            put_str(&mut tx, &e, "edit", &f.late);
+            put_str(&mut tx, &e, "by", &me);
+            tx.put(&e, "at", ts.clone()).unwrap();
+            put_str(&mut tx, &e, "note", text);
+        }
+    }
+    tx.commit();
+    (before, doc)
+}
+
+proptest! {
+    #[test]
+    fn the_policy_refuses_a_card_number_in_any_free_text_field(e in embedded()) {
+        let mut f = fixture();
+        for field in TextField::ALL {
+            let ascii: String = e.digits.iter().map(|d| char::from(b'0' + d)).collect();
+            if field == TextField::Sku && e.text == ascii && is_gtin(&ascii) {
+                continue;
+            }
+            let (before, after) = forge_text(&mut f, field, &e.text);
+            let verdict = validate(&before, &after, &f.t.author());
+            let card = matches!(
+                verdict,
+                Err(PolicyViolation::CardNumberInText(_) | PolicyViolation::CardNumberInReference(_))
+            );
+            // A text longer than the field allows may be refused for its length instead.
+            prop_assert!(
+                card || (e.text.len() > field.max_bytes() && verdict.is_err()),
+                "{:?} in {:?}: {:?}", e.text, field, verdict
+            );
+        }
+    }
+}
+
+#[test]
+fn the_forged_text_changes_pass_the_policy_with_ordinary_text() {
+    // The forgery itself is well formed: with harmless text every field passes.
+    let mut f = fixture();
+    for field in TextField::ALL {
+        let text = if field == TextField::PaymentKind {
+            "voucher"
+        } else {
+            "no onions"
+        };
+        let (before, after) = forge_text(&mut f, field, text);
+        assert_eq!(validate(&before, &after, &f.t.author()), Ok(1), "{field:?}");
     }
 }
