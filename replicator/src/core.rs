@@ -815,7 +815,9 @@ impl Engine {
     /// A document that changed is rebuilt from its heads before the operation, so it loses its
     /// parse caches, and its next write replaces the whole stored copy: a failed write may have
     /// landed after all, and the stored order must never hold an undone change next to a new
-    /// one that reuses its sequence number. Rebuilding cannot fail for a document that only
+    /// one that reuses its sequence number. Changes from the relay that were waiting for a
+    /// dependency are not rebuilt (they were not stored either); the order's next sync message
+    /// then asks the relay to resend what this device lacks. Rebuilding cannot fail for a document that only
     /// grew; if it does anyway, the order is dropped from memory (the store still holds it as
     /// it was) and this returns [`ReplicatorError::Corrupt`]: the engine must be rebuilt from
     /// the store.
@@ -848,10 +850,15 @@ impl Engine {
             if slot.held.doc().get_heads() == before.heads {
                 continue;
             }
+            // Changes from the relay still waiting for a dependency are not in the rebuilt
+            // document; the relay counts them as sent, so it is asked to send again what this
+            // device lacks.
+            let waiting = !slot.held.doc().get_missing_deps(&[]).is_empty();
             match slot.held.doc().fork_at(&before.heads) {
                 Ok(doc) => {
                     slot.held = Held::Raw(Box::new(doc.with_actor(self.writer.actor.clone())));
                     slot.tail_len = self.config.compact_every;
+                    slot.sync.needs_reset |= waiting;
                 }
                 Err(e) => lost.push((id, slot.record.updated_at, e.to_string())),
             }

@@ -18,8 +18,8 @@ use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ReadDoc};
 use crdt_model::wire::{ClientFrame, RelayFrame, Version, heads_to_wire};
 use crdt_model::{
-    Currency, DeviceId, Entropy, LineDraft, OrderId, OrderView, PaymentDraft, PaymentKind,
-    PaymentState, SplitMix64, StoreId, Timestamp,
+    Currency, DeviceId, Entropy, LineDraft, Order, OrderId, OrderView, PaymentDraft, PaymentKind,
+    PaymentState, SplitMix64, StoreId, Timestamp, Writer,
 };
 use proptest::prelude::*;
 use replicator::core::{Effect, Engine, EngineConfig, Event};
@@ -292,28 +292,45 @@ struct MiniRelay {
 /// Performs the engine's effects as a driver that succeeds would, and delivers its frames to
 /// `relay` and the answers back, until nobody has anything to say.
 fn pump(engine: &mut Engine, store: &MemoryStore, relay: &mut MiniRelay, now: i64) {
-    loop {
-        while let Some(e) = engine.poll_effect() {
-            match e {
-                Effect::Append {
-                    order,
-                    changes,
-                    record,
-                } => store.append(order, &changes, &record).unwrap(),
-                Effect::Record { order, record } => store.put_record(order, &record).unwrap(),
-                Effect::Compact {
-                    order,
-                    snapshot,
-                    record,
-                } => store.compact(order, &snapshot, &record).unwrap(),
-                Effect::Remove { order } => store.remove(order).unwrap(),
-                Effect::FeedSeq(s) => store.set_feed_seq(s).unwrap(),
-                Effect::Connect => {}
-            }
+    exchange(engine, store, relay, now, Vec::new());
+}
+
+/// Performs the engine's effects and drops its events.
+fn perform(engine: &mut Engine, store: &MemoryStore) {
+    while let Some(e) = engine.poll_effect() {
+        match e {
+            Effect::Append {
+                order,
+                changes,
+                record,
+            } => store.append(order, &changes, &record).unwrap(),
+            Effect::Record { order, record } => store.put_record(order, &record).unwrap(),
+            Effect::Compact {
+                order,
+                snapshot,
+                record,
+            } => store.compact(order, &snapshot, &record).unwrap(),
+            Effect::Remove { order } => store.remove(order).unwrap(),
+            Effect::FeedSeq(s) => store.set_feed_seq(s).unwrap(),
+            Effect::Connect => {}
         }
-        while engine.poll_event().is_some() {}
+    }
+    while engine.poll_event().is_some() {}
+}
+
+/// [`pump`], starting with `in_flight`: frames the device sent earlier.
+fn exchange(
+    engine: &mut Engine,
+    store: &MemoryStore,
+    relay: &mut MiniRelay,
+    now: i64,
+    mut in_flight: Vec<ClientFrame>,
+) {
+    for _ in 0..100 {
+        perform(engine, store);
         let mut answers = Vec::new();
-        while let Some(frame) = engine.poll_transmit() {
+        let sent: Vec<ClientFrame> = std::iter::from_fn(|| engine.poll_transmit()).collect();
+        for frame in in_flight.drain(..).chain(sent) {
             if let ClientFrame::Sync { order, data } = frame {
                 let msg = sync::Message::decode(&data).unwrap();
                 relay
@@ -339,6 +356,7 @@ fn pump(engine: &mut Engine, store: &MemoryStore, relay: &mut MiniRelay, now: i6
             engine.handle_frame(a, now);
         }
     }
+    panic!("the device and the relay are still talking after 100 rounds");
 }
 
 fn online_engine(store: &MemoryStore, relay: &mut MiniRelay) -> Engine {
@@ -429,6 +447,72 @@ fn an_undone_edit_is_never_offered_to_the_relay_and_the_retry_reaches_it_once() 
     assert_ne!(now_stored, stored);
     let restarted = Engine::new(identity(3), now_stored, 0, EngineConfig::default(), 0).unwrap();
     assert_eq!(restarted.view(order).unwrap(), at_relay);
+}
+
+/// The undo rebuilds the document from its changes; a change from the relay still waiting
+/// for a dependency is not among them, and the relay believes it was delivered. The device
+/// gets it again, on the same connection.
+#[test]
+fn a_relay_change_waiting_for_a_dependency_is_not_lost_by_an_undo() {
+    let store = MemoryStore::new();
+    let mut relay = MiniRelay {
+        doc: Automerge::new(),
+        sync: sync::State::new(),
+    };
+    let mut engine = online_engine(&store, &mut relay);
+    let mut rng = SplitMix64::new(7);
+    engine.begin();
+    let order = engine.create_order(T0, &mut rng, eur()).unwrap();
+    engine.commit();
+    pump(&mut engine, &store, &mut relay, T0);
+    assert_eq!(relay.doc.get_heads(), engine.order(order).unwrap().heads());
+
+    // Another till adds two lines at the relay, the second on top of the first. The relay
+    // takes the device to have the first (a Bloom filter false positive) and sends the second
+    // alone, which has to wait on the device.
+    let other = Writer::new(
+        DeviceId::generate(Timestamp(T0), &mut SplitMix64::new(8)),
+        1,
+    );
+    let mut shared = Order::from_doc(relay.doc.clone(), other).unwrap();
+    shared
+        .add_line(Timestamp(T0 + 1), &mut rng, line("Cake", 400, 1))
+        .unwrap();
+    shared
+        .add_line(Timestamp(T0 + 2), &mut rng, line("Tea", 300, 1))
+        .unwrap();
+    relay.doc = shared.into_doc();
+    let second = relay.doc.get_heads();
+    let waiting = relay.doc.get_change_by_hash(&second[0]).unwrap();
+    relay.sync.sent_hashes.insert(second[0]);
+    let msg = sync::Message {
+        heads: second.clone(),
+        need: Vec::new(),
+        have: Vec::new(),
+        changes: vec![waiting.raw_bytes().to_vec()].into(),
+        flags: None,
+        version: sync::MessageVersion::V1,
+    };
+    engine.handle_frame(
+        RelayFrame::Sync {
+            order: order.to_string(),
+            data: ByteBuf::from(msg.encode()),
+        },
+        T0 + 3,
+    );
+    perform(&mut engine, &store);
+    let in_flight: Vec<ClientFrame> = std::iter::from_fn(|| engine.poll_transmit()).collect();
+    assert_eq!(engine.view(order).unwrap().lines.len(), 0, "waiting");
+
+    engine.begin();
+    take_cash(&mut engine, order, T0 + 4, &mut rng).unwrap();
+    engine.rollback().unwrap();
+
+    exchange(&mut engine, &store, &mut relay, T0 + 5, in_flight);
+    assert_eq!(engine.order(order).unwrap().heads(), second);
+    assert_eq!(engine.view(order).unwrap().lines.len(), 2);
+    assert!(engine.view(order).unwrap().payments.is_empty());
+    assert_eq!(engine.sync_status(order), Some(LocalSyncStatus::Synced));
 }
 
 #[test]
