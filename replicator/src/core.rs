@@ -17,8 +17,9 @@
 //!
 //! Local operations (create, edit, record updates, triggers, fetch) can be bracketed by
 //! [`Engine::begin`] and [`Engine::commit`]: when their storage effects cannot be made durable,
-//! [`Engine::rollback`] puts the engine back exactly as it was before them, so that an error
-//! means the operation did not happen.
+//! [`Engine::rollback`] puts the touched orders (document, record, status, sync state) and the
+//! output queues back as they were before them, so that an error means the operation did not
+//! happen.
 
 use std::collections::{BTreeMap, VecDeque};
 
