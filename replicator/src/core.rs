@@ -14,6 +14,12 @@
 //! [`Engine::poll_timeout`] says when to call [`Engine::handle_timeout`] next (reconnect backoff,
 //! retention of settled orders). Nothing here reads a clock, a socket, a file or the OS random
 //! source, so simulations are deterministic.
+//!
+//! Local operations (create, edit, record updates, triggers, fetch) can be bracketed by
+//! [`Engine::begin`] and [`Engine::commit`]: when their storage effects cannot be made durable,
+//! [`Engine::rollback`] puts the touched orders (document, record, status, sync state) and the
+//! output queues back as they were before them, so that an error means the operation did not
+//! happen.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -209,6 +215,36 @@ pub struct Engine {
     feed_seq: u64,
     storage_errors: u32,
     rng: SplitMix64,
+    /// Set between [`Engine::begin`] and [`Engine::commit`] / [`Engine::rollback`].
+    undo: Option<Undo>,
+}
+
+/// What [`Engine::rollback`] restores: the lengths of the output queues when the local
+/// operation began, and each order it touched as it was before it touched it.
+struct Undo {
+    outbox: usize,
+    effects: usize,
+    events: usize,
+    orders: BTreeMap<OrderId, Touched>,
+}
+
+/// One order before a local operation touched it.
+struct Touched {
+    /// `None`: the order was not on the device (created or fetched by the operation).
+    slot: Option<Before>,
+    /// The order's eviction time, if it had been evicted.
+    removed: Option<i64>,
+}
+
+/// A slot's state, minus its document, which is rebuilt from `heads` if it changed.
+struct Before {
+    heads: Vec<ChangeHash>,
+    record: OrderRecord,
+    sync: sync::State,
+    subscribed: bool,
+    fetching: bool,
+    tail_len: usize,
+    number: Option<OrderNumber>,
 }
 
 fn to_hashes(h: &[[u8; 32]]) -> Vec<ChangeHash> {
@@ -273,6 +309,7 @@ impl Engine {
             feed_seq,
             storage_errors: 0,
             rng: SplitMix64::new(seed),
+            undo: None,
         })
     }
 
@@ -653,6 +690,7 @@ impl Engine {
     /// Asks the relay for an order this device does not hold (evicted, or never seen).
     pub fn fetch(&mut self, id: OrderId, now: i64) {
         if !self.orders.contains_key(&id) {
+            self.note(id);
             self.start_fetch(id, now);
         }
     }
@@ -750,6 +788,120 @@ impl Engine {
 
     // ----- local operations ------------------------------------------------------------------
 
+    /// Starts a local operation that [`Self::rollback`] can undo whole. Every local operation
+    /// up to [`Self::commit`] or [`Self::rollback`] belongs to it; feed no frame, timeout or
+    /// connection change in between. The driver opens one per API call, once every earlier
+    /// effect is durable.
+    pub fn begin(&mut self) {
+        self.undo = Some(Undo {
+            outbox: self.outbox.len(),
+            effects: self.effects.len(),
+            events: self.events.len(),
+            orders: BTreeMap::new(),
+        });
+    }
+
+    /// Keeps what the operation since [`Self::begin`] did (its storage effects are durable).
+    pub fn commit(&mut self) {
+        self.undo = None;
+    }
+
+    /// Undoes the operation since [`Self::begin`]: its storage effects, frames and events are
+    /// dropped from the queues (none of its writes may have succeeded, none of its frames may
+    /// have been sent), and
+    /// every order it touched gets back its document, record, sync state and local sync status;
+    /// an order it created or fetched is gone again. The undone changes are in nothing this
+    /// engine will ever persist or send. Without an open operation, does nothing.
+    ///
+    /// A document that changed is rebuilt from its heads before the operation, so it loses its
+    /// parse caches, and its next write replaces the whole stored copy: a failed write may have
+    /// landed after all, and the stored order must never hold an undone change next to a new
+    /// one that reuses its sequence number. Changes from the relay that were waiting for a
+    /// dependency are not rebuilt (they were not stored either); the order's next sync message
+    /// then asks the relay to resend what this device lacks. Rebuilding cannot fail for a document that only
+    /// grew; if it does anyway, the order is dropped from memory (the store still holds it as
+    /// it was) and this returns [`ReplicatorError::Corrupt`]: the engine must be rebuilt from
+    /// the store.
+    pub fn rollback(&mut self) -> Result<(), ReplicatorError> {
+        let Some(undo) = self.undo.take() else {
+            return Ok(());
+        };
+        self.outbox.truncate(undo.outbox);
+        self.effects.truncate(undo.effects);
+        self.events.truncate(undo.events);
+        let mut lost = Vec::new();
+        for (id, touched) in undo.orders {
+            match touched.removed {
+                Some(at) => self.removed.insert(id, at),
+                None => self.removed.remove(&id),
+            };
+            let Some(before) = touched.slot else {
+                self.orders.remove(&id);
+                continue;
+            };
+            let Some(slot) = self.orders.get_mut(&id) else {
+                continue;
+            };
+            slot.record = before.record;
+            slot.sync = before.sync;
+            slot.subscribed = before.subscribed;
+            slot.fetching = before.fetching;
+            slot.number = before.number;
+            slot.tail_len = before.tail_len;
+            if slot.held.doc().get_heads() == before.heads {
+                continue;
+            }
+            // Changes from the relay still waiting for a dependency are not in the rebuilt
+            // document; the relay counts them as sent, so it is asked to send again what this
+            // device lacks.
+            let waiting = !slot.held.doc().get_missing_deps(&[]).is_empty();
+            match slot.held.doc().fork_at(&before.heads) {
+                Ok(doc) => {
+                    slot.held = Held::Raw(Box::new(doc.with_actor(self.writer.actor.clone())));
+                    slot.tail_len = self.config.compact_every;
+                    slot.sync.needs_reset |= waiting;
+                }
+                Err(e) => lost.push((id, slot.record.updated_at, e.to_string())),
+            }
+        }
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let mut why = Vec::new();
+        for (id, at, e) in lost {
+            tracing::error!(%id, error = %e, "could not undo a local edit; order dropped from memory");
+            // Listed as removed, so that nothing (the store feed) fetches it over the stored copy.
+            self.orders.remove(&id);
+            self.removed.insert(id, at);
+            why.push(format!("order {id}: {e}"));
+        }
+        Err(ReplicatorError::Corrupt(format!(
+            "could not undo a local edit: {}",
+            why.join("; ")
+        )))
+    }
+
+    /// Remembers `id` as it is now, the first time the open local operation touches it.
+    fn note(&mut self, id: OrderId) {
+        let Some(undo) = self.undo.as_mut() else {
+            return;
+        };
+        if undo.orders.contains_key(&id) {
+            return;
+        }
+        let slot = self.orders.get(&id).map(|s| Before {
+            heads: s.held.doc().get_heads(),
+            record: s.record.clone(),
+            sync: s.sync.clone(),
+            subscribed: s.subscribed,
+            fetching: s.fetching,
+            tail_len: s.tail_len,
+            number: s.number,
+        });
+        let removed = self.removed.get(&id).copied();
+        undo.orders.insert(id, Touched { slot, removed });
+    }
+
     /// Creates an order (id made here, usable at once; the relay's number comes later).
     pub fn create_order(
         &mut self,
@@ -765,6 +917,7 @@ impl Engine {
             currency,
         };
         let order = Order::create(new, self.writer.clone(), at, rng)?;
+        self.note(id);
         let changes: Vec<Vec<u8>> = order
             .doc()
             .get_changes(&[])
@@ -794,8 +947,9 @@ impl Engine {
     }
 
     /// Runs a typed operation on an order as one change, queues its durable write, moves the
-    /// sync status by `trigger` and, when online, offers it to the relay. A refused operation
-    /// changes nothing.
+    /// sync status by `trigger` and, when online, offers it to the relay. A refused model
+    /// operation changes nothing; when `op` runs several and a later one is refused, the
+    /// earlier ones stay in the document unless [`Self::rollback`] undoes them.
     pub fn edit<T>(
         &mut self,
         id: OrderId,
@@ -803,6 +957,7 @@ impl Engine {
         trigger: Trigger,
         op: impl FnOnce(&mut Order) -> Result<T, ModelError>,
     ) -> Result<T, ReplicatorError> {
+        self.note(id);
         let slot = self
             .orders
             .get_mut(&id)
@@ -840,6 +995,7 @@ impl Engine {
         now: i64,
         f: impl FnOnce(&mut OrderRecord),
     ) -> Result<(), ReplicatorError> {
+        self.note(id);
         let slot = self
             .orders
             .get_mut(&id)
@@ -864,6 +1020,7 @@ impl Engine {
         if !self.orders.contains_key(&id) {
             return Err(ReplicatorError::UnknownOrder(id));
         }
+        self.note(id);
         self.transition(id, trigger, now);
         if trigger == Trigger::RetryBlocked {
             if let Some(s) = self.orders.get_mut(&id) {

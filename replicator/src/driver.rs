@@ -2,10 +2,12 @@
 //! the sans-IO [`Engine`].
 //!
 //! Every write operation runs the typed operation in the engine, then performs the resulting
-//! storage effects (one durable redb transaction per order touched) **before it returns**, and
-//! only then lets the connection task send anything. The connection task owns the WebSocket: it
-//! connects with the device token, feeds frames to the engine, performs effects, sends frames,
-//! and reconnects with backoff when the link drops.
+//! storage effects (one durable redb transaction, for the one order it touches) **before it
+//! returns**, and only then lets the connection task send anything. If that transaction fails,
+//! the engine is rolled back and the operation returns `Err`: an error means nothing happened
+//! (see [`Replicator`]). The connection task owns the WebSocket: it connects with the device
+//! token, feeds frames to the engine, performs effects, sends frames, and reconnects with
+//! backoff when the link drops.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -111,6 +113,26 @@ struct Shared {
 }
 
 /// The device library's handle. Cheap to clone.
+///
+/// # Errors
+///
+/// Every operation that changes something (`create_order`, `add_line`, `take_payment`,
+/// `complete_sale`, ...) is persisted in the local store before it returns `Ok`. When it returns
+/// `Err`, **nothing happened**: the order's content, its local sync status and its record are as
+/// they were before the call, nothing of it was stored, and nothing of it will be stored or
+/// sent to the relay later. The app may therefore retry the same call (after the cause is
+/// fixed) without recording a payment or a line twice. In particular, if the local store
+/// cannot write (disk full, I/O error), the operation is refused and undone, and so is every
+/// later one until the store heals; earlier, durable operations are unaffected.
+///
+/// Two cases go beyond one call. [`Self::charge_card`] asks the card terminal between two local
+/// writes: an `Err` from the first means the terminal was not asked; an `Err` after the terminal
+/// answered ([`ReplicatorError::Terminal`], or a store failure while recording the outcome)
+/// leaves the payment `pending` for [`Self::reconcile`], which never charges again. And a store
+/// write that reports a failure although its data reached the disk (an fsync can fail after
+/// writing) can leave the undone operation in the file, where it stays until the next change
+/// to that order is stored, which replaces the order's whole stored copy; only a restart in
+/// between brings it back.
 #[derive(Clone)]
 pub struct Replicator {
     shared: Arc<Shared>,
@@ -210,6 +232,8 @@ impl Replicator {
         }
     }
 
+    /// Runs one local operation: `Ok` once its effects are durable, `Err` with the engine as it
+    /// was before (see [`Replicator`]'s "Errors").
     async fn run<T>(
         &self,
         f: impl FnOnce(&mut Engine, i64, &mut OsEntropy) -> Result<T, ReplicatorError>,
@@ -218,12 +242,40 @@ impl Replicator {
             return Err(ReplicatorError::Closed);
         }
         let mut st = self.shared.state.lock().await;
-        let State { engine, rng, .. } = &mut *st;
-        let result = f(engine, now_ms(), rng);
+        // Writes left by the connection task go first (a failed one is retried): if the store
+        // cannot take them, the operation is not tried. After this, `pending` is empty, so
+        // whatever the operation queues is its own.
         flush(&self.shared, &mut st).await?;
-        drop(st);
-        self.shared.wake.notify_one();
-        result
+        st.engine.begin();
+        let State { engine, rng, .. } = &mut *st;
+        let result = match f(engine, now_ms(), rng) {
+            Ok(v) => flush(&self.shared, &mut st).await.map(|()| v),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(v) => {
+                st.engine.commit();
+                drop(st);
+                self.shared.wake.notify_one();
+                Ok(v)
+            }
+            Err(e) => {
+                // A local operation touches one order, so its effects fold into one store
+                // transaction (see `fold`): the failed write was its only one, and none of it
+                // is durable. Nothing was sent either: frames go out only after a whole flush.
+                st.pending.clear();
+                if let Err(undo) = st.engine.rollback() {
+                    // Unreachable in practice (see `Engine::rollback`). The store still holds
+                    // the state before the call; stop, so that nothing else is written or sent
+                    // from memory, and let the app reopen.
+                    self.shared.closed.store(true, Ordering::Relaxed);
+                    self.shared.wake.notify_waiters();
+                    self.shared.wake.notify_one();
+                    return Err(undo);
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn edit<T: Send>(
@@ -364,6 +416,9 @@ impl Replicator {
     /// the order Charging) durably **before** the terminal is asked; the outcome is recorded
     /// after. If the app dies in between, [`Self::pending_charges`] lists the payment and
     /// [`Self::reconcile`] settles it with the terminal — never charged twice, never forgotten.
+    /// The same holds when recording the outcome fails (the store cannot write): the error
+    /// says so and the payment stays pending; when the pending payment itself cannot be
+    /// recorded, nothing happened and the terminal is not asked.
     pub async fn charge_card(
         &self,
         order: OrderId,
@@ -625,25 +680,73 @@ impl Replicator {
     }
 }
 
+/// Folds `next` into `last` when both write the same order, so that they are one store
+/// transaction; gives `next` back when they cannot be folded. Every record is a whole copy and
+/// every snapshot holds every change queued before it, so a later record or snapshot replaces
+/// an earlier one, and changes after a snapshot are change chunks appended to it (Automerge
+/// loads a saved document followed by changes).
+fn fold(last: &mut Effect, next: Effect) -> Option<Effect> {
+    let same = match (&*last, &next) {
+        (
+            Effect::Record { order: a, .. }
+            | Effect::Append { order: a, .. }
+            | Effect::Compact { order: a, .. },
+            Effect::Record { order: b, .. }
+            | Effect::Append { order: b, .. }
+            | Effect::Compact { order: b, .. },
+        ) => a == b,
+        _ => false,
+    };
+    if !same {
+        return Some(next);
+    }
+    match (last, next) {
+        (
+            Effect::Append { record, .. } | Effect::Compact { record, .. },
+            Effect::Record { record: newer, .. },
+        ) => *record = newer,
+        (
+            Effect::Append {
+                changes, record, ..
+            },
+            Effect::Append {
+                changes: more,
+                record: newer,
+                ..
+            },
+        ) => {
+            changes.extend(more);
+            *record = newer;
+        }
+        (
+            Effect::Compact {
+                snapshot, record, ..
+            },
+            Effect::Append {
+                changes: more,
+                record: newer,
+                ..
+            },
+        ) => {
+            snapshot.extend(more.concat());
+            *record = newer;
+        }
+        (last, next) => *last = next,
+    }
+    None
+}
+
 /// Performs queued effects durably, in order; then publishes events. Stops at the first
 /// failed write, keeping it (and everything after it) for the next flush.
 async fn flush(shared: &Shared, st: &mut State) -> Result<(), ReplicatorError> {
     while let Some(e) = st.engine.poll_effect() {
-        // An order's record change right after its append rides in the same transaction.
-        if let (
-            Effect::Record { order, record },
-            Some(Effect::Append {
-                order: o2,
-                record: r2,
-                ..
-            }),
-        ) = (&e, st.pending.back_mut())
-            && order == o2
-        {
-            *r2 = record.clone();
-            continue;
+        let unfolded = match st.pending.back_mut() {
+            Some(last) => fold(last, e),
+            None => Some(e),
+        };
+        if let Some(e) = unfolded {
+            st.pending.push_back(e);
         }
-        st.pending.push_back(e);
     }
     while let Some(effect) = st.pending.front().cloned() {
         if effect == Effect::Connect {
@@ -816,5 +919,98 @@ async fn connection_task(shared: Arc<Shared>) {
             st.engine.handle_disconnected(now_ms());
             let _ = flush(&shared, &mut st).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use automerge::transaction::Transactable;
+    use automerge::{Automerge, ROOT, ReadDoc};
+    use crdt_model::{SplitMix64, Timestamp};
+
+    use super::*;
+    use crate::store::OrderRecord;
+
+    fn record(at: i64) -> OrderRecord {
+        OrderRecord::new(LocalSyncStatus::Syncing, at)
+    }
+
+    /// A document with keys `0..n`, one change each, and those changes' bytes.
+    fn doc(n: i64) -> (Automerge, Vec<Vec<u8>>) {
+        let mut doc = Automerge::new();
+        for i in 0..n {
+            let mut tx = doc.transaction();
+            tx.put(ROOT, i.to_string(), i).unwrap();
+            tx.commit();
+        }
+        let changes = doc
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        (doc, changes)
+    }
+
+    #[test]
+    fn writes_of_one_order_fold_into_one_and_others_do_not() {
+        let mut rng = SplitMix64::new(1);
+        let a = OrderId::generate(Timestamp(0), &mut rng);
+        let b = OrderId::generate(Timestamp(0), &mut rng);
+        let (full, changes) = doc(3);
+        let append = |order, range: std::ops::Range<usize>, at| Effect::Append {
+            order,
+            changes: changes[range].to_vec(),
+            record: record(at),
+        };
+
+        let mut last = Effect::Record {
+            order: a,
+            record: record(1),
+        };
+        assert_eq!(fold(&mut last, append(a, 0..1, 2)), None);
+        assert_eq!(fold(&mut last, append(a, 1..2, 3)), None);
+        let record_4 = Effect::Record {
+            order: a,
+            record: record(4),
+        };
+        assert_eq!(fold(&mut last, record_4), None);
+        assert_eq!(last, append(a, 0..2, 4));
+        // Another order, a removal, the feed position: separate transactions.
+        assert_eq!(
+            fold(&mut last, append(b, 2..3, 5)),
+            Some(append(b, 2..3, 5))
+        );
+        let remove = Effect::Remove { order: a };
+        assert_eq!(fold(&mut last, remove.clone()), Some(remove));
+        assert_eq!(
+            fold(&mut last, Effect::FeedSeq(7)),
+            Some(Effect::FeedSeq(7))
+        );
+
+        // A snapshot replaces what came before it; changes after it are appended to it.
+        let mut first_two = Automerge::new();
+        for c in &changes[..2] {
+            first_two.load_incremental(c).unwrap();
+        }
+        let compact = Effect::Compact {
+            order: a,
+            snapshot: first_two.save(),
+            record: record(6),
+        };
+        assert_eq!(fold(&mut last, compact.clone()), None);
+        assert_eq!(last, compact);
+        assert_eq!(fold(&mut last, append(a, 2..3, 7)), None);
+        let Effect::Compact {
+            snapshot,
+            record: r,
+            ..
+        } = &last
+        else {
+            panic!("not a compaction: {last:?}");
+        };
+        assert_eq!(r, &record(7));
+        let loaded = Automerge::load(snapshot).unwrap();
+        assert_eq!(loaded.get_heads(), full.get_heads());
+        assert_eq!(loaded.keys(ROOT).count(), 3);
     }
 }

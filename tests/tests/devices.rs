@@ -1,6 +1,7 @@
 //! Devices (the `replicator` library) and a real relay on a loopback port, in one process:
 //! offline edits then reconnect, two terminals on one order, an order created and paid entirely
-//! offline, a relay restart mid-sync, crash-safe card payments, and policy refusals.
+//! offline, a relay restart mid-sync, crash-safe card payments, policy refusals, and a payment
+//! retried after the device's store failed to write it (recorded once).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use crdt_model::*;
 use e2e::harness::EmbeddedRelay;
 use relay_server::store::RelayStore;
 use replicator::core::EngineConfig;
+use replicator::store::redb_store::RedbStore;
 use replicator::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -545,5 +547,162 @@ async fn a_crash_at_each_step_of_a_card_payment_never_charges_twice() {
     assert_eq!(v.totals.paid, 900);
     assert_eq!(v.payments.len(), 1);
     assert_eq!(term.charged(), 1);
+    relay.halt().await;
+}
+
+/// A device store (redb) whose writes fail while `failing` is set: refused outright, or written
+/// and then reported as failed (an fsync error after the data reached the disk).
+struct FlakyStore {
+    inner: RedbStore,
+    failing: std::sync::Mutex<Option<bool>>,
+}
+
+impl FlakyStore {
+    /// `Some(landed)`: writes fail, after being written if `landed`. `None`: they work.
+    fn fail(&self, mode: Option<bool>) {
+        *self.failing.lock().unwrap() = mode;
+    }
+
+    fn write(
+        &self,
+        op: impl FnOnce(&dyn Store) -> Result<(), ReplicatorError>,
+    ) -> Result<(), ReplicatorError> {
+        let mode = *self.failing.lock().unwrap();
+        match mode {
+            None => op(&self.inner),
+            Some(false) => Err(ReplicatorError::Storage("injected: no space left".into())),
+            Some(true) => {
+                op(&self.inner)?;
+                Err(ReplicatorError::Storage("injected: fsync failed".into()))
+            }
+        }
+    }
+}
+
+impl Store for FlakyStore {
+    fn identity(&self) -> Result<Option<Identity>, ReplicatorError> {
+        self.inner.identity()
+    }
+    fn set_identity(&self, identity: &Identity) -> Result<(), ReplicatorError> {
+        self.write(|s| s.set_identity(identity))
+    }
+    fn load_orders(&self) -> Result<Vec<StoredOrder>, ReplicatorError> {
+        self.inner.load_orders()
+    }
+    fn append(
+        &self,
+        order: OrderId,
+        changes: &[Vec<u8>],
+        record: &OrderRecord,
+    ) -> Result<(), ReplicatorError> {
+        self.write(|s| s.append(order, changes, record))
+    }
+    fn put_record(&self, order: OrderId, record: &OrderRecord) -> Result<(), ReplicatorError> {
+        self.write(|s| s.put_record(order, record))
+    }
+    fn compact(
+        &self,
+        order: OrderId,
+        snapshot: &[u8],
+        record: &OrderRecord,
+    ) -> Result<(), ReplicatorError> {
+        self.write(|s| s.compact(order, snapshot, record))
+    }
+    fn remove(&self, order: OrderId) -> Result<(), ReplicatorError> {
+        self.write(|s| s.remove(order))
+    }
+    fn feed_seq(&self) -> Result<u64, ReplicatorError> {
+        self.inner.feed_seq()
+    }
+    fn set_feed_seq(&self, seq: u64) -> Result<(), ReplicatorError> {
+        self.write(|s| s.set_feed_seq(seq))
+    }
+}
+
+/// The order as the relay has committed it.
+fn at_relay(relay: &Relay, order: OrderId) -> OrderView {
+    let stored = relay
+        .store
+        .load_order(order)
+        .unwrap()
+        .unwrap()
+        .to_doc()
+        .unwrap();
+    Order::from_doc(stored, Writer::new(DeviceId(Default::default()), 0))
+        .unwrap()
+        .view()
+        .unwrap()
+}
+
+/// A till's UI retries `take_payment` after an error: the failed attempt did nothing (not on the
+/// till, not at the relay), and the retry records the cash once — on the till, after a restart
+/// from its redb file, and at the relay. Both for a write that is refused and for one that
+/// lands on disk but reports failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cash_payment_retried_after_a_local_store_failure_is_recorded_once_everywhere() {
+    let relay = start_relay(tempfile::tempdir().unwrap(), 0).await;
+    let devs = tempfile::tempdir().unwrap();
+    let identity = relay.identity("s1", "a");
+    let path = devs.path().join("a.redb");
+    let term = Arc::new(SimTerminal::new(SimMode::Approve));
+    for landed in [false, true] {
+        let store = Arc::new(FlakyStore {
+            inner: RedbStore::open(&path).unwrap(),
+            failing: std::sync::Mutex::new(None),
+        });
+        let a = Replicator::with_store(
+            store.clone(),
+            identity.clone(),
+            fast(),
+            Arc::clone(&term) as Arc<dyn PaymentTerminal>,
+        )
+        .await
+        .unwrap();
+        let order = a.create_order(eur()).await.unwrap();
+        a.add_line(order, line("Menu", 1_500, 1)).await.unwrap();
+        // Settled: the relay's number (a change from the relay) is in, nothing is on its way.
+        wait_number(&a, order).await;
+        a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+            .await
+            .unwrap();
+        let before = a.view(order).await.unwrap();
+
+        store.fail(Some(landed));
+        let failed = a.take_payment(order, cash(1_500)).await;
+        assert!(
+            matches!(failed, Err(ReplicatorError::Storage(_))),
+            "{failed:?}"
+        );
+        assert_eq!(a.view(order).await.unwrap(), before);
+        assert_eq!(a.sync_status(order).await, Some(LocalSyncStatus::Synced));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(at_relay(&relay, order).payments.is_empty(), "never sent");
+
+        store.fail(None);
+        a.take_payment(order, cash(1_500)).await.unwrap();
+        a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+            .await
+            .unwrap();
+        let on_till = a.view(order).await.unwrap();
+        assert_eq!(on_till.payments.len(), 1);
+        assert_eq!(on_till.totals.paid, 1_500);
+        let on_relay = at_relay(&relay, order);
+        assert_eq!(on_relay.payments.len(), 1, "landed: {landed}");
+        assert_eq!(on_relay.payments[0].id, on_till.payments[0].id);
+        assert_eq!(on_relay.totals.paid, 1_500);
+
+        a.close().await;
+        drop(a);
+        drop(store);
+        let a = device(&devs, "a", identity.clone(), Arc::clone(&term)).await;
+        let restarted = a.view(order).await.unwrap();
+        assert_eq!(restarted.payments, on_till.payments);
+        assert_eq!(restarted.totals, on_till.totals);
+        a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+            .await
+            .unwrap();
+        assert_eq!(at_relay(&relay, order).payments.len(), 1);
+        a.close().await;
+    }
     relay.halt().await;
 }
