@@ -432,8 +432,13 @@ impl Acceptor {
             let permit = match Arc::clone(&self.sockets).try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
-                    self.metrics.sockets_full.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("every socket slot is taken; waiting before accepting more");
+                    let n = self.metrics.sockets_full.fetch_add(1, Ordering::Relaxed);
+                    if n.is_power_of_two() || n == 0 {
+                        tracing::warn!(
+                            times = n + 1,
+                            "every socket slot is taken; waiting before accepting more"
+                        );
+                    }
                     match Arc::clone(&self.sockets).acquire_owned().await {
                         Ok(p) => p,
                         Err(_) => std::future::pending().await,

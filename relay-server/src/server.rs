@@ -374,7 +374,21 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Reads and parses a JSON body. Handlers call it only after authenticating, so an
 /// unauthenticated request is refused (401) before any of its body is read.
-async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+async fn read_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body over {MAX_BODY_BYTES} bytes"),
+        ));
+    }
     let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|e| {
@@ -406,7 +420,7 @@ async fn post_status(
     body: Body,
 ) -> Result<Json<crdt_model::OrderView>, ApiError> {
     let scope = back_office(&authenticate(&state, &headers, &query).await?)?;
-    let body: StatusBody = read_json(body).await?;
+    let body: StatusBody = read_json(&headers, body).await?;
     let order: OrderId = id
         .parse()
         .map_err(|_| ApiError(StatusCode::NOT_FOUND, "not_found", format!("order {id}")))?;
@@ -432,7 +446,7 @@ async fn add_device(
             "only an admin token may provision devices".into(),
         ));
     }
-    let body: NewDevice = read_json(body).await?;
+    let body: NewDevice = read_json(&headers, body).await?;
     let store = StoreId::new(body.store).map_err(RelayError::from)?;
     let st = Arc::clone(&state.store);
     let (rec, token) =
@@ -460,7 +474,7 @@ async fn backup(
             "only an admin token may take backups".into(),
         ));
     }
-    let body: BackupBody = read_json(body).await?;
+    let body: BackupBody = read_json(&headers, body).await?;
     let st = Arc::clone(&state.store);
     let to = body.to.clone();
     let orders = blocking(move || st.backup_to(&to)).await?;
