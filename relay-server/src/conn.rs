@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use automerge::sync;
 use axum::body::Bytes;
@@ -197,6 +197,12 @@ async fn run(
     ticket: &Ticket,
 ) {
     let mut limit = RateLimit::new(state.config.rate_per_sec);
+    // Liveness: a connection silent for `every` is pinged (WebSocket ping; clients answer it
+    // themselves); one from which nothing at all arrived for three times that is closed, so a
+    // till whose network dropped does not keep one of its few connection slots.
+    let every = state.config.keepalive.max(Duration::from_millis(10));
+    let mut last_in = Instant::now();
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         if ticket.is_revoked() {
             // Nothing more from a revoked device reaches the hub.
@@ -212,7 +218,18 @@ async fn run(
         }
         tokio::select! {
             () = ticket.notify.notified() => continue,
+            _ = keepalive.tick() => {
+                let silent = last_in.elapsed();
+                if silent >= every * 3 {
+                    tracing::info!(device = %peer.device, conn = peer.conn, "connection silent; closing");
+                    return;
+                }
+                if silent >= every && ws.send(Message::Ping(Bytes::new())).await.is_err() {
+                    return;
+                }
+            }
             incoming = ws.next() => {
+                last_in = Instant::now();
                 let bytes = match incoming {
                     Some(Ok(Message::Binary(b))) => b,
                     Some(Ok(Message::Text(_))) => {

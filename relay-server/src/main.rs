@@ -63,6 +63,10 @@ enum Command {
         /// Seconds from SIGTERM/SIGINT to exit, whatever the workers are doing.
         #[arg(long, env = "RELAY_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
         shutdown_timeout_secs: u64,
+        /// Seconds of silence before a device connection is pinged; after three times this
+        /// without anything received, it is closed (frees the device's slot).
+        #[arg(long, env = "RELAY_KEEPALIVE_SECS", default_value_t = 30)]
+        keepalive_secs: u64,
         /// Largest WebSocket message, bytes.
         #[arg(long, env = "RELAY_MAX_FRAME_BYTES", default_value_t = crdt_model_max_frame())]
         max_frame_bytes: usize,
@@ -189,6 +193,7 @@ fn main() -> Result<()> {
             max_store_connections,
             handshake_timeout_secs,
             shutdown_timeout_secs,
+            keepalive_secs,
             max_frame_bytes,
             rate,
             tls_cert,
@@ -206,6 +211,7 @@ fn main() -> Result<()> {
                 max_store_connections,
                 handshake_timeout: Duration::from_secs(handshake_timeout_secs.max(1)),
                 shutdown_timeout: Duration::from_secs(shutdown_timeout_secs.max(1)),
+                keepalive: Duration::from_secs(keepalive_secs.max(1)),
                 rate_per_sec: rate,
                 tls: tls_cert
                     .zip(tls_key)

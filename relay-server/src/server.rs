@@ -52,6 +52,8 @@ pub struct RelayConfig {
     pub handshake_timeout: Duration,
     /// From the stop signal to the end of [`run`], whatever the workers are doing.
     pub shutdown_timeout: Duration,
+    /// A device connection silent this long is pinged; silent three times this long, closed.
+    pub keepalive: Duration,
     /// Frames per second a connection may send (burst twice that).
     pub rate_per_sec: u32,
     /// Serve TLS (wss:// and https://) with this certificate and key.
@@ -71,6 +73,7 @@ impl Default for RelayConfig {
             max_store_connections: 64,
             handshake_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(30),
             rate_per_sec: 2_000,
             tls: None,
             redb_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,

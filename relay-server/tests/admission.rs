@@ -184,6 +184,55 @@ async fn one_device_gets_its_share_and_other_stores_still_connect() {
 }
 
 #[tokio::test]
+async fn dead_connections_free_their_device_slots() {
+    // A till whose network dropped four times leaves four connections the relay cannot see
+    // closing; they must not lock it out.
+    let relay = TestRelay::start_with(tempfile::tempdir().unwrap(), |c| {
+        c.keepalive = Duration::from_millis(300);
+    })
+    .await;
+    let (dev, token) = relay.device("s1", "till");
+    // Not read from: their pings are never answered, as with a dead peer.
+    let mut dead = Vec::new();
+    for _ in 0..4 {
+        dead.push(try_connect(relay.addr, dev, &token).await.unwrap());
+    }
+    assert_eq!(
+        try_connect(relay.addr, dev, &token)
+            .await
+            .err()
+            .map(|e| e.0),
+        Some(429)
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A live connection (read from, so it answers pings) stays open past the same time.
+    let mut live = try_connect(relay.addr, dev, &token)
+        .await
+        .expect("slots freed");
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), async {
+        loop {
+            match live.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert!(quiet.is_err(), "the live connection ended: {quiet:?}");
+    live.send(Message::Binary(
+        ClientFrame::Ping { nonce: 3 }.encode().into(),
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(
+        recv_frame(&mut live).await,
+        Some(RelayFrame::Pong { nonce: 3 })
+    ));
+    drop(dead);
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn sockets_that_never_finish_their_handshake_are_closed() {
     let relay = TestRelay::start_with(tempfile::tempdir().unwrap(), |c| {
         c.handshake_timeout = Duration::from_secs(1);
