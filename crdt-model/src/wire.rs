@@ -183,6 +183,11 @@ pub mod codes {
     pub const STORAGE: &str = "storage_error";
     /// The relay is shutting down.
     pub const SHUTTING_DOWN: &str = "shutting_down";
+    /// The device's token was revoked: its connections are closed and it cannot connect again.
+    /// The device shows its unsynced orders Blocked instead of retrying.
+    pub const REVOKED: &str = "revoked";
+    /// The token is unknown or malformed (HTTP 401 at the upgrade).
+    pub const UNAUTHORIZED: &str = "unauthorized";
 }
 
 fn encode<T: Serialize>(frame: &T) -> Vec<u8> {

@@ -13,11 +13,10 @@ use crdt_model::{DeviceId, OrderId, StoreId};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 
+use crate::admission::Ticket;
 use crate::hub::{OUTBOX_CAPACITY, Peer, feed_entry};
 use crate::server::AppState;
 
-/// How long a device has to send `hello` after the upgrade.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Feed entries per `feed` frame during catch-up.
 const FEED_PAGE: usize = 500;
 /// Most queued frames written before one flush.
@@ -71,15 +70,18 @@ async fn fail(mut ws: WebSocket, state: &AppState, code: &str, message: String) 
     let _ = ws.close().await;
 }
 
-/// Runs one authenticated device connection until it closes.
+/// Runs one authenticated device connection until it closes. `hello` must arrive by
+/// `hello_by` (the end of the handshake); `ticket` is raised when the device is revoked.
 pub(crate) async fn serve(
     mut ws: WebSocket,
     device: DeviceId,
     store: StoreId,
     state: AppState,
     mut shutdown: watch::Receiver<bool>,
+    ticket: &Ticket,
+    hello_by: tokio::time::Instant,
 ) {
-    let first = match tokio::time::timeout(HELLO_TIMEOUT, ws.recv()).await {
+    let first = match tokio::time::timeout_at(hello_by, ws.recv()).await {
         Ok(Some(Ok(Message::Binary(b)))) => ClientFrame::decode(&b),
         Ok(Some(Ok(_))) => {
             return fail(
@@ -151,7 +153,7 @@ pub(crate) async fn serve(
     let peer = state.hub.connect(device, store.clone(), tx);
     tracing::info!(%device, %store, conn = peer.conn, "device connected");
     tokio::spawn(catch_up(Arc::clone(&peer), state.clone(), since));
-    run(&mut ws, &peer, &state, &mut outbox, &mut shutdown).await;
+    run(&mut ws, &peer, &state, &mut outbox, &mut shutdown, ticket).await;
     state.hub.disconnect(&peer).await;
     let _ = ws.close().await;
     tracing::info!(%device, conn = peer.conn, "device disconnected");
@@ -192,11 +194,42 @@ async fn run(
     state: &AppState,
     outbox: &mut mpsc::Receiver<Bytes>,
     shutdown: &mut watch::Receiver<bool>,
+    ticket: &Ticket,
 ) {
     let mut limit = RateLimit::new(state.config.rate_per_sec);
+    // Liveness: a connection silent for `every` is pinged (WebSocket ping; clients answer it
+    // themselves); one from which nothing at all arrived for three times that is closed, so a
+    // till whose network dropped does not keep one of its few connection slots.
+    let every = state.config.keepalive.max(Duration::from_millis(10));
+    let mut last_in = Instant::now();
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
+        if ticket.is_revoked() {
+            // Nothing more from a revoked device reaches the hub.
+            state.metrics.revoked_closed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(device = %peer.device, conn = peer.conn, "device revoked; closing");
+            let _ = send(
+                ws,
+                state,
+                &RelayFrame::error(codes::REVOKED, "this device's token was revoked", true),
+            )
+            .await;
+            return;
+        }
         tokio::select! {
+            () = ticket.notify.notified() => continue,
+            _ = keepalive.tick() => {
+                let silent = last_in.elapsed();
+                if silent >= every * 3 {
+                    tracing::info!(device = %peer.device, conn = peer.conn, "connection silent; closing");
+                    return;
+                }
+                if silent >= every && ws.send(Message::Ping(Bytes::new())).await.is_err() {
+                    return;
+                }
+            }
             incoming = ws.next() => {
+                last_in = Instant::now();
                 let bytes = match incoming {
                     Some(Ok(Message::Binary(b))) => b,
                     Some(Ok(Message::Text(_))) => {
@@ -227,6 +260,7 @@ async fn run(
                             continue;
                         };
                         match sync::Message::decode(&data) {
+                            Ok(_) if ticket.is_revoked() => continue,
                             Ok(msg) => {
                                 if state.hub.sync(peer, order_id, msg).await.is_err() {
                                     return;

@@ -31,6 +31,9 @@ pub enum RelayError {
     /// A token or credential was not accepted.
     #[error("unauthorized")]
     Unauthorized,
+    /// The token belongs to a revoked device.
+    #[error("revoked")]
+    Revoked,
     /// No such device, order or token.
     #[error("not found: {0}")]
     NotFound(String),

@@ -4,6 +4,8 @@
 //! # Layout
 //! * [`store`]: redb persistence (orders as snapshot + change tail, numbers, feed, devices).
 //! * [`hub`]: documents in memory, sync states, policy checks, group commit, receipts, fan-out.
+//! * [`admission`]: socket and device connection limits, handshake deadline, live connections
+//!   per device (for revocation).
 //! * `conn`: one device connection (handshake, frames, rate limit, feed catch-up).
 //! * [`server`]: the HTTP router (WebSocket upgrade, back-office API, health, metrics), auth,
 //!   limits and graceful shutdown.
@@ -12,6 +14,7 @@
 //!
 //! It depends on [`crdt_model`] only; the protocol is `crdt_model::wire` (see `docs/protocol.md`).
 
+pub mod admission;
 mod conn;
 pub mod error;
 pub mod hub;

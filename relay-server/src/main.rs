@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -45,9 +46,27 @@ enum Command {
         /// redb page cache, MiB (the hot orders themselves are cached as documents).
         #[arg(long, env = "RELAY_REDB_CACHE_MIB", default_value_t = 64)]
         redb_cache_mib: usize,
-        /// Concurrent device connections.
+        /// Concurrent device connections of the whole relay (lowered at start to fit the
+        /// open-file limit, keeping a reserve for files and the HTTP API).
         #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value_t = 20_000)]
         max_connections: usize,
+        /// Concurrent connections of one device.
+        #[arg(long, env = "RELAY_MAX_DEVICE_CONNECTIONS", default_value_t = 4)]
+        max_device_connections: usize,
+        /// Concurrent device connections of one store.
+        #[arg(long, env = "RELAY_MAX_STORE_CONNECTIONS", default_value_t = 64)]
+        max_store_connections: usize,
+        /// Seconds from TCP accept to the end of the handshake (request headers, or upgrade
+        /// plus `hello`); also the idle time allowed between HTTP requests.
+        #[arg(long, env = "RELAY_HANDSHAKE_TIMEOUT_SECS", default_value_t = 5)]
+        handshake_timeout_secs: u64,
+        /// Seconds from SIGTERM/SIGINT to exit, whatever the workers are doing.
+        #[arg(long, env = "RELAY_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+        shutdown_timeout_secs: u64,
+        /// Seconds of silence before a device connection is pinged; after three times this
+        /// without anything received, it is closed (frees the device's slot).
+        #[arg(long, env = "RELAY_KEEPALIVE_SECS", default_value_t = 30)]
+        keepalive_secs: u64,
         /// Largest WebSocket message, bytes.
         #[arg(long, env = "RELAY_MAX_FRAME_BYTES", default_value_t = crdt_model_max_frame())]
         max_frame_bytes: usize,
@@ -122,10 +141,17 @@ enum DeviceCommand {
         #[arg(long)]
         store: Option<String>,
     },
-    /// Revoke a device's token.
+    /// Revoke a device's token. With --relay, through a running relay's admin API, which also
+    /// closes the device's open connections at once.
     Revoke {
         /// Device id.
         device: String,
+        /// Address of a running relay, e.g. 127.0.0.1:7400.
+        #[arg(long)]
+        relay: Option<SocketAddr>,
+        /// Admin token for --relay.
+        #[arg(long, env = "RELAY_ADMIN_TOKEN")]
+        token: Option<String>,
     },
 }
 
@@ -138,7 +164,8 @@ fn open(data: &Path) -> Result<RelayStore> {
         Ok(s) => Ok(s),
         Err(RelayError::Locked(p)) => bail!(
             "{} is in use by a running relay. Stop it, or use its HTTP admin API \
-             (POST /v1/admin/devices, POST /v1/admin/backup) with an admin token",
+             (POST /v1/admin/devices, POST /v1/admin/devices/ID/revoke, POST /v1/admin/backup) \
+             with an admin token (or --relay ADDR --token TOKEN)",
             p.display()
         ),
         Err(e) => Err(e.into()),
@@ -162,6 +189,11 @@ fn main() -> Result<()> {
             cache_orders,
             redb_cache_mib,
             max_connections,
+            max_device_connections,
+            max_store_connections,
+            handshake_timeout_secs,
+            shutdown_timeout_secs,
+            keepalive_secs,
             max_frame_bytes,
             rate,
             tls_cert,
@@ -175,16 +207,45 @@ fn main() -> Result<()> {
                 },
                 max_frame_bytes,
                 max_connections,
+                max_device_connections,
+                max_store_connections,
+                handshake_timeout: Duration::from_secs(handshake_timeout_secs.max(1)),
+                shutdown_timeout: Duration::from_secs(shutdown_timeout_secs.max(1)),
+                keepalive: Duration::from_secs(keepalive_secs.max(1)),
                 rate_per_sec: rate,
                 tls: tls_cert
                     .zip(tls_key)
                     .map(|(cert, key)| relay_server::tls::TlsFiles { cert, key }),
                 redb_cache_bytes: redb_cache_mib.saturating_mul(1024 * 1024),
             };
+            let bound = config.shutdown_timeout;
+            let stop = stop_signal(bound)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(serve(config, listen))
+            let served = runtime.block_on(serve(config, listen, async move {
+                let _ = stop.await;
+            }));
+            // Blocking tasks still running (a commit past the bound) do not hold the exit.
+            runtime.shutdown_timeout(Duration::from_millis(500));
+            served
+        }
+        Command::Device {
+            command:
+                DeviceCommand::Revoke {
+                    device,
+                    relay: Some(addr),
+                    token,
+                },
+            ..
+        } => {
+            let token = token.context("--token (or RELAY_ADMIN_TOKEN) is required with --relay")?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let path = format!("/v1/admin/devices/{device}/revoke");
+            println!("{}", runtime.block_on(http_post(addr, &path, &token, ""))?);
+            Ok(())
         }
         Command::Device { command, data } => {
             let store = open(&data)?;
@@ -205,7 +266,7 @@ fn main() -> Result<()> {
                         println!("{}  {:<16} {:<24} {state}", d.device, d.store, d.name);
                     }
                 }
-                DeviceCommand::Revoke { device } => {
+                DeviceCommand::Revoke { device, .. } => {
                     store.revoke_device(device.parse()?)?;
                     println!("revoked {device}");
                 }
@@ -270,7 +331,11 @@ fn main() -> Result<()> {
     }
 }
 
-async fn serve(config: RelayConfig, listen: SocketAddr) -> Result<()> {
+async fn serve(
+    config: RelayConfig,
+    listen: SocketAddr,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let store = Arc::new(open(&config.data)?);
     if store.list_devices(None)?.is_empty() && !store.has_admin_token()? {
         let token = store.add_admin_token(None, "initial", now_ms())?;
@@ -283,8 +348,31 @@ async fn serve(config: RelayConfig, listen: SocketAddr) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    relay_server::server::serve_store(config, store, listener, shutdown_signal()).await?;
+    relay_server::server::serve_store(config, store, listener, stop).await?;
     Ok(())
+}
+
+/// Extra time after the shutdown bound before the process exits on its own.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits for SIGTERM/SIGINT on a thread of its own (so busy runtime threads cannot delay it)
+/// and resolves the returned channel; if the relay has not exited `bound` plus a grace after
+/// the signal, the process exits anyway.
+fn stop_signal(bound: Duration) -> Result<tokio::sync::oneshot::Receiver<()>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("relay-signals".into())
+        .spawn(move || {
+            runtime.block_on(shutdown_signal());
+            let _ = tx.send(());
+            std::thread::sleep(bound + EXIT_GRACE);
+            eprintln!("relay did not stop within {bound:?} of the signal; exiting now");
+            std::process::exit(1);
+        })?;
+    Ok(rx)
 }
 
 async fn shutdown_signal() {

@@ -35,7 +35,18 @@ pub struct Metrics {
     pub protocol_errors: AtomicU64,
     /// Upgrades refused for a bad token.
     pub auth_failures: AtomicU64,
+    /// Open client sockets (HTTP and WebSocket, handshake included).
+    pub sockets: AtomicI64,
+    /// Times the accept loop found every socket slot taken.
+    pub sockets_full: AtomicU64,
+    /// Failed accepts (a full file table included).
+    pub accept_errors: AtomicU64,
+    /// Sockets closed for not finishing their handshake in time.
+    pub handshake_timeouts: AtomicU64,
+    /// Connections closed because their device was revoked.
+    pub revoked_closed: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
+    refused: Mutex<BTreeMap<&'static str, u64>>,
     commit_buckets: [AtomicU64; COMMIT_BUCKETS.len()],
     commit_count: AtomicU64,
     commit_sum_micros: AtomicU64,
@@ -45,6 +56,13 @@ impl Metrics {
     /// Counts one rejected batch under its policy reason code.
     pub fn rejected(&self, code: &'static str) {
         if let Ok(mut m) = self.rejected.lock() {
+            *m.entry(code).or_default() += 1;
+        }
+    }
+
+    /// Counts one device connection refused at admission under its code.
+    pub fn refused(&self, code: &'static str) {
+        if let Ok(mut m) = self.refused.lock() {
             *m.entry(code).or_default() += 1;
         }
     }
@@ -153,6 +171,54 @@ impl Metrics {
             "counter",
             self.auth_failures.load(r).to_string(),
         );
+        g(
+            &mut out,
+            "relay_sockets",
+            "Open client sockets, handshakes included.",
+            "gauge",
+            self.sockets.load(r).to_string(),
+        );
+        g(
+            &mut out,
+            "relay_sockets_full_total",
+            "Times every socket slot was taken when accepting.",
+            "counter",
+            self.sockets_full.load(r).to_string(),
+        );
+        g(
+            &mut out,
+            "relay_accept_errors_total",
+            "Failed accepts (e.g. EMFILE).",
+            "counter",
+            self.accept_errors.load(r).to_string(),
+        );
+        g(
+            &mut out,
+            "relay_handshake_timeouts_total",
+            "Sockets closed for not finishing their handshake in time.",
+            "counter",
+            self.handshake_timeouts.load(r).to_string(),
+        );
+        g(
+            &mut out,
+            "relay_revoked_connections_closed_total",
+            "Connections closed because their device was revoked.",
+            "counter",
+            self.revoked_closed.load(r).to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP relay_connections_refused_total Device connections refused at admission, by code."
+        );
+        let _ = writeln!(out, "# TYPE relay_connections_refused_total counter");
+        if let Ok(m) = self.refused.lock() {
+            for (code, n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "relay_connections_refused_total{{code=\"{code}\"}} {n}"
+                );
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP relay_changes_rejected_total Rejected batches by policy reason."

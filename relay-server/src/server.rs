@@ -1,5 +1,6 @@
 //! The HTTP side: the router (WebSocket upgrade at `/v1/sync`, the back-office API, health and
-//! metrics), authentication, connection limits and graceful shutdown.
+//! metrics), authentication (always before a request body is read), admission (see
+//! [`crate::admission`]), revocation of live connections and bounded graceful shutdown.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -7,11 +8,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use automerge::{Automerge, ChangeHash};
+use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,8 +23,9 @@ use crdt_model::{Order, OrderId, OrderStatus, StoreId, Writer};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
+use crate::admission::{Acceptor, Admission, Limits, PeerInfo, Refusal};
 use crate::error::RelayError;
 use crate::hub::{Hub, HubConfig};
 use crate::metrics::Metrics;
@@ -35,8 +40,20 @@ pub struct RelayConfig {
     pub hub: HubConfig,
     /// Largest WebSocket message accepted, bytes.
     pub max_frame_bytes: usize,
-    /// Concurrent device connections.
+    /// Concurrent device connections of the whole relay (lowered at start to fit the
+    /// open-file limit, see [`crate::admission`]).
     pub max_connections: usize,
+    /// Concurrent connections of one device.
+    pub max_device_connections: usize,
+    /// Concurrent device connections of one store.
+    pub max_store_connections: usize,
+    /// From TCP accept to the end of the handshake (HTTP request headers, or WebSocket
+    /// upgrade plus `hello`); also the idle time allowed between HTTP requests.
+    pub handshake_timeout: Duration,
+    /// From the stop signal to the end of [`run`], whatever the workers are doing.
+    pub shutdown_timeout: Duration,
+    /// A device connection silent this long is pinged; silent three times this long, closed.
+    pub keepalive: Duration,
     /// Frames per second a connection may send (burst twice that).
     pub rate_per_sec: u32,
     /// Serve TLS (wss:// and https://) with this certificate and key.
@@ -52,6 +69,11 @@ impl Default for RelayConfig {
             hub: HubConfig::default(),
             max_frame_bytes: crdt_model::wire::MAX_FRAME_BYTES,
             max_connections: 20_000,
+            max_device_connections: 4,
+            max_store_connections: 64,
+            handshake_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(30),
             rate_per_sec: 2_000,
             tls: None,
             redb_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
@@ -66,7 +88,7 @@ pub(crate) struct AppState {
     pub(crate) hub: Hub,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: Arc<RelayConfig>,
-    connections: Arc<Semaphore>,
+    admission: Arc<Admission>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -91,6 +113,7 @@ impl From<RelayError> for ApiError {
             RelayError::Unauthorized => {
                 Self(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
             }
+            RelayError::Revoked => Self(StatusCode::UNAUTHORIZED, "revoked", e.to_string()),
             RelayError::NotFound(_) => Self(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             RelayError::Invalid(_) => Self(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
             RelayError::ShuttingDown => Self(
@@ -166,6 +189,7 @@ const WS_READ_BUFFER: usize = 8 * 1024;
 
 async fn ws_upgrade(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
     headers: HeaderMap,
     Query(query): Query<BTreeMap<String, String>>,
     upgrade: WebSocketUpgrade,
@@ -180,22 +204,35 @@ async fn ws_upgrade(
             ));
         }
     };
-    let Ok(permit) = Arc::clone(&state.connections).try_acquire_owned() else {
-        return Err(ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
-            "connection limit reached".into(),
-        ));
+    let slot = match state.admission.admit(device, &store) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            state.metrics.refused(refusal.code());
+            tracing::info!(%device, %store, code = refusal.code(), "connection refused");
+            let status = match refusal {
+                Refusal::Revoked => StatusCode::UNAUTHORIZED,
+                Refusal::Relay => StatusCode::SERVICE_UNAVAILABLE,
+                Refusal::Device | Refusal::Store => StatusCode::TOO_MANY_REQUESTS,
+            };
+            let message = refusal.message(state.admission.limits());
+            return Err(ApiError(status, refusal.code(), message));
+        }
     };
     let max = state.config.max_frame_bytes;
     let shutdown = state.shutdown.clone();
+    // The WebSocket is inside the handshake until its `hello`: the same deadline goes on.
+    let hello_by = peer
+        .handshake
+        .deadline()
+        .unwrap_or_else(|| tokio::time::Instant::now() + state.config.handshake_timeout);
     Ok(upgrade
         .max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |ws| async move {
-            crate::conn::serve(ws, device, store, state, shutdown).await;
-            drop(permit);
+            peer.handshake.disarm();
+            crate::conn::serve(ws, device, store, state, shutdown, &slot.ticket, hello_by).await;
+            drop(slot);
         }))
 }
 
@@ -335,6 +372,44 @@ async fn get_history(
     Ok(Json(json!({ "order": id, "changes": history })))
 }
 
+/// Largest back-office request body, bytes (they are small JSON objects).
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Reads and parses a JSON body. Handlers call it only after authenticating, so an
+/// unauthenticated request is refused (401) before any of its body is read.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body over {MAX_BODY_BYTES} bytes"),
+        ));
+    }
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request body over {MAX_BODY_BYTES} bytes or unreadable: {e}"),
+            )
+        })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("request body: {e}"),
+        )
+    })
+}
+
 #[derive(Deserialize)]
 struct StatusBody {
     status: OrderStatus,
@@ -345,9 +420,10 @@ async fn post_status(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(query): Query<BTreeMap<String, String>>,
-    Json(body): Json<StatusBody>,
+    body: Body,
 ) -> Result<Json<crdt_model::OrderView>, ApiError> {
     let scope = back_office(&authenticate(&state, &headers, &query).await?)?;
+    let body: StatusBody = read_json(&headers, body).await?;
     let order: OrderId = id
         .parse()
         .map_err(|_| ApiError(StatusCode::NOT_FOUND, "not_found", format!("order {id}")))?;
@@ -364,7 +440,7 @@ async fn add_device(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(query): Query<BTreeMap<String, String>>,
-    Json(body): Json<NewDevice>,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if back_office(&authenticate(&state, &headers, &query).await?)?.is_some() {
         return Err(ApiError(
@@ -373,6 +449,7 @@ async fn add_device(
             "only an admin token may provision devices".into(),
         ));
     }
+    let body: NewDevice = read_json(&headers, body).await?;
     let store = StoreId::new(body.store).map_err(RelayError::from)?;
     let st = Arc::clone(&state.store);
     let (rec, token) =
@@ -391,7 +468,7 @@ async fn backup(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(query): Query<BTreeMap<String, String>>,
-    Json(body): Json<BackupBody>,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if back_office(&authenticate(&state, &headers, &query).await?)?.is_some() {
         return Err(ApiError(
@@ -400,10 +477,55 @@ async fn backup(
             "only an admin token may take backups".into(),
         ));
     }
+    let body: BackupBody = read_json(&headers, body).await?;
     let st = Arc::clone(&state.store);
     let to = body.to.clone();
     let orders = blocking(move || st.backup_to(&to)).await?;
     Ok(Json(json!({ "backup": body.to, "orders": orders })))
+}
+
+/// Revokes a device and closes its open connections (they get a fatal `revoked` error).
+/// A store admin may revoke its own store's devices; the admin any device.
+async fn revoke_device(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let scope = back_office(&authenticate(&state, &headers, &query).await?)?;
+    let not_found = || ApiError(StatusCode::NOT_FOUND, "not_found", format!("device {id}"));
+    let device: crdt_model::DeviceId = id.parse().map_err(|_| not_found())?;
+    let st = Arc::clone(&state.store);
+    let record = blocking(move || st.device(device)).await?;
+    let Some(record) = record.filter(|r| scope.as_ref().is_none_or(|s| *s == r.store)) else {
+        return Err(not_found());
+    };
+    let st = Arc::clone(&state.store);
+    blocking(move || st.revoke_device(device)).await?;
+    // Persisted first: a connection admitted from now on is refused, one admitted before is
+    // in the registry and told to close.
+    let closed = state.admission.revoke(device);
+    tracing::info!(%device, store = %record.store, closed, "device revoked");
+    Ok(Json(
+        json!({ "device": device, "store": record.store, "revoked": true, "closed_connections": closed }),
+    ))
+}
+
+/// Idle HTTP connections get the handshake time again for their next request; a request in
+/// progress has no deadline. The sync upgrade keeps its deadline until `hello`.
+async fn http_deadline(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path() == "/v1/sync" {
+        return next.run(request).await;
+    }
+    peer.handshake.disarm();
+    let response = next.run(request).await;
+    peer.handshake.arm(state.config.handshake_timeout);
+    response
 }
 
 fn router(state: AppState) -> Router {
@@ -417,6 +539,11 @@ fn router(state: AppState) -> Router {
         .route("/v1/orders/{id}/status", post(post_status))
         .route("/v1/admin/devices", post(add_device))
         .route("/v1/admin/backup", post(backup))
+        .route("/v1/admin/devices/{id}/revoke", post(revoke_device))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            http_deadline,
+        ))
         .with_state(state)
 }
 
@@ -455,6 +582,11 @@ pub async fn run(
 }
 
 /// Like [`run`] with an already opened store.
+///
+/// Stopping is bounded by [`RelayConfig::shutdown_timeout`]: it stops accepting, waits for
+/// in-flight commits, says `bye` to devices and waits for their connections to end; whatever
+/// is still running at the bound is abandoned (an uncommitted change was never receipted, so
+/// the device resends it).
 pub async fn serve_store(
     config: RelayConfig,
     store: Arc<RelayStore>,
@@ -463,61 +595,98 @@ pub async fn serve_store(
 ) -> Result<(), RelayError> {
     let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let metrics = Arc::new(Metrics::default());
+    let fds = crate::admission::fd_limit();
+    let (limits, lowered) = Limits::clamp(
+        config.max_connections,
+        config.max_store_connections,
+        config.max_device_connections,
+        config.handshake_timeout,
+        fds,
+    );
+    if lowered {
+        tracing::warn!(
+            fd_limit = fds,
+            max_connections = config.max_connections,
+            devices = limits.devices,
+            "the open-file limit (ulimit -n) is too low for --max-connections; device \
+             connections are limited to {} (raise the limit to allow more)",
+            limits.devices
+        );
+    }
+    tracing::info!(
+        sockets = limits.sockets,
+        devices = limits.devices,
+        per_store = limits.per_store,
+        per_device = limits.per_device,
+        handshake_timeout_ms = limits.handshake_timeout.as_millis() as u64,
+        "admission limits"
+    );
     let hub = Hub::start(Arc::clone(&store), Arc::clone(&metrics), &config.hub)?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let bound = config.shutdown_timeout;
     let state = AppState {
         store,
         hub: hub.clone(),
-        metrics,
-        connections: Arc::new(Semaphore::new(config.max_connections)),
+        metrics: Arc::clone(&metrics),
+        admission: Arc::new(Admission::new(limits)),
         config: Arc::new(config),
         shutdown: stop_rx,
     };
-    let addr = listener.local_addr()?;
+    let acceptor = Acceptor::new(listener, &limits, metrics);
+    let addr = acceptor.local_addr()?;
     tracing::info!(%addr, relay = %hub.relay_id(), "relay serving");
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = router(state.clone());
+    let app = router(state.clone()).into_make_service_with_connect_info::<PeerInfo>();
     let stopped = async move {
         let _ = http_stop_rx.await;
     };
-    let server = match tls {
-        Some(acceptor) => {
-            let listener = crate::tls::TlsListener::new(listener, acceptor)?;
+    let mut server = match tls {
+        Some(tls) => {
+            let listener = crate::tls::TlsListener::new(acceptor, tls);
             tokio::spawn(async move {
                 axum::serve(listener, app)
                     .with_graceful_shutdown(stopped)
                     .await
             })
         }
-        None => {
-            use axum::serve::ListenerExt;
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await
-            })
-        }
+        None => tokio::spawn(async move {
+            axum::serve(acceptor, app)
+                .with_graceful_shutdown(stopped)
+                .await
+        }),
     };
     shutdown.await;
-    tracing::info!("shutting down: flushing commits");
-    hub.flush().await;
-    let _ = stop_tx.send(true);
+    let deadline = tokio::time::Instant::now() + bound;
+    tracing::info!(
+        bound_ms = bound.as_millis() as u64,
+        "shutting down: flushing commits"
+    );
     let _ = http_stop_tx.send(());
+    let flushed = tokio::time::timeout_at(deadline, hub.flush()).await.is_ok();
+    let _ = stop_tx.send(true);
     // Upgraded connections are not HTTP connections any more: wait for them to say bye.
-    let max = state.config.max_connections as u32;
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        state.connections.acquire_many(max),
-    )
-    .await;
-    hub.flush().await;
-    hub.shutdown().await;
-    match server.await {
-        Ok(r) => r.map_err(RelayError::Io),
-        Err(e) => Err(RelayError::Storage(e.to_string())),
+    state.admission.drained(deadline).await;
+    let stopped = tokio::time::timeout_at(deadline, async {
+        hub.flush().await;
+        hub.shutdown().await;
+    })
+    .await
+    .is_ok();
+    if !(flushed && stopped) {
+        tracing::error!(
+            bound_ms = bound.as_millis() as u64,
+            "shutdown bound reached with work in flight; stopping anyway \
+             (changes not committed were never receipted; devices resend them)"
+        );
+    }
+    match tokio::time::timeout_at(deadline, &mut server).await {
+        Ok(Ok(r)) => r.map_err(RelayError::Io),
+        Ok(Err(e)) => Err(RelayError::Storage(e.to_string())),
+        Err(_) => {
+            server.abort();
+            tracing::warn!("HTTP connections still open at the shutdown bound; closed");
+            Ok(())
+        }
     }
 }
 

@@ -799,8 +799,8 @@ impl RelayStore {
         Ok(false)
     }
 
-    /// Who `token` belongs to. Unknown, malformed and revoked tokens give
-    /// [`RelayError::Unauthorized`].
+    /// Who `token` belongs to. Unknown and malformed tokens give
+    /// [`RelayError::Unauthorized`], a revoked device's token [`RelayError::Revoked`].
     pub fn authenticate(&self, token: &str) -> Result<Principal, RelayError> {
         let (is_device, secret) = if let Some(rest) = token.strip_prefix(DEVICE_TOKEN_PREFIX) {
             (true, rest)
@@ -833,7 +833,8 @@ impl RelayStore {
                         device: rec.device,
                         store: rec.store,
                     }),
-                    _ => Err(RelayError::Unauthorized),
+                    Some(_) => Err(RelayError::Revoked),
+                    None => Err(RelayError::Unauthorized),
                 }
             }
             (false, Grant::StoreAdmin { store }) => Ok(Principal::StoreAdmin { store }),

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::admission::{Acceptor, Guarded, Handshake, PeerInfo};
 use crate::error::RelayError;
 
 /// How long a client has to finish the TLS handshake.
@@ -55,27 +56,25 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, RelayError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// A listener yielding TLS streams whose handshake succeeded.
+/// A listener yielding TLS streams whose handshake succeeded. Sockets come from the
+/// [`Acceptor`] (socket limit, handshake deadline, which also bounds the TLS handshake).
 pub(crate) struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    addr: SocketAddr,
+    ready: mpsc::Receiver<(TlsStream<Guarded<TcpStream>>, PeerInfo)>,
+    addr: PeerInfo,
 }
 
 impl TlsListener {
-    pub(crate) fn new(tcp: TcpListener, acceptor: TlsAcceptor) -> Result<Self, RelayError> {
-        let addr = tcp.local_addr()?;
+    pub(crate) fn new(tcp: Acceptor, acceptor: TlsAcceptor) -> Self {
+        let addr = PeerInfo {
+            addr: tcp
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            handshake: Arc::new(Handshake::disarmed()),
+        };
         let (tx, ready) = mpsc::channel(256);
         tokio::spawn(async move {
             loop {
-                let (stream, peer) = match tcp.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
+                let (stream, peer) = tcp.accept().await;
                 if tx.is_closed() {
                     return;
                 }
@@ -86,19 +85,21 @@ impl TlsListener {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer.addr, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(peer = %peer.addr, "TLS handshake timed out"),
                     }
                 });
             }
         });
-        Ok(Self { ready, addr })
+        Self { ready, addr }
     }
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
+    type Io = TlsStream<Guarded<TcpStream>>;
+    type Addr = PeerInfo;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.ready.recv().await {
@@ -109,6 +110,14 @@ impl axum::serve::Listener for TlsListener {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.addr)
+        Ok(self.addr.clone())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for PeerInfo
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        stream.remote_addr().clone()
     }
 }

@@ -439,6 +439,42 @@ impl Engine {
         }
     }
 
+    /// The relay refused this device's token (`revoked`, `unauthorized`), at the upgrade or by
+    /// closing the connection: orders with unsent changes become Blocked with that reason
+    /// (not merely Delayed), and the next attempt waits the longest backoff.
+    pub fn handle_refused(&mut self, code: &str, message: &str, now: i64) {
+        let ids: Vec<OrderId> = self
+            .orders
+            .iter()
+            .filter(|(_, s)| {
+                s.record.status.next(Trigger::TokenRefused) == Some(LocalSyncStatus::Blocked)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(slot) = self.orders.get_mut(&id) {
+                slot.record.blocked = Some(Blocked {
+                    code: code.to_owned(),
+                    message: message.to_owned(),
+                    changes: Vec::new(),
+                });
+            }
+            self.events.push_back(Event::Rejected {
+                order: id,
+                code: code.to_owned(),
+                message: message.to_owned(),
+            });
+            self.transition(id, Trigger::TokenRefused, now);
+        }
+        self.handle_disconnected(now);
+        if let Link::Offline { attempt, .. } = self.link {
+            self.link = Link::Offline {
+                attempt,
+                retry_at: now + self.config.backoff_max_ms,
+            };
+        }
+    }
+
     /// One frame from the relay.
     pub fn handle_frame(&mut self, frame: RelayFrame, now: i64) {
         match frame {
@@ -459,6 +495,9 @@ impl Engine {
                 fatal,
             } => {
                 tracing::warn!(%code, %message, fatal, "relay error");
+                if code == codes::REVOKED || code == codes::UNAUTHORIZED {
+                    return self.handle_refused(&code, &message, now);
+                }
                 if code == codes::STORAGE {
                     self.storage_errors += 1;
                     if self.storage_errors >= self.config.storage_error_limit {

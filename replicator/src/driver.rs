@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crdt_model::wire::RelayFrame;
+use crdt_model::wire::{RelayFrame, codes};
 use crdt_model::{
     ActiveStatus, Currency, Entropy, FinalPayment, LineDraft, LineId, OrderId, OrderView,
     PaymentDraft, PaymentId, PaymentKind, PaymentState,
@@ -796,20 +796,48 @@ async fn flush(shared: &Shared, st: &mut State) -> Result<(), ReplicatorError> {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connect(identity: &Identity, timeout: Duration) -> Result<Ws, String> {
+/// Why a connection attempt failed.
+enum ConnectFailure {
+    /// The relay refused the token (HTTP 401/403): its error code and message.
+    Refused { code: String, message: String },
+    /// Anything else (unreachable, timeout, another HTTP answer): retried with backoff.
+    Other(String),
+}
+
+/// The error code and message of the relay's JSON error body
+/// (`{"error": {"code", "message"}}`), with `fallback` as the code when there is none.
+fn refusal(body: Option<&[u8]>, fallback: &str) -> (String, String) {
+    let v: serde_json::Value = body
+        .and_then(|b| serde_json::from_slice(b).ok())
+        .unwrap_or_default();
+    let code = v["error"]["code"].as_str().unwrap_or(fallback).to_owned();
+    let message = v["error"]["message"]
+        .as_str()
+        .unwrap_or("the relay refused this device's token")
+        .to_owned();
+    (code, message)
+}
+
+async fn connect(identity: &Identity, timeout: Duration) -> Result<Ws, ConnectFailure> {
     let mut req = identity
         .relay_url
         .as_str()
         .into_client_request()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ConnectFailure::Other(e.to_string()))?;
     let auth = format!("Bearer {}", identity.token)
         .parse()
-        .map_err(|_| "token is not a valid header value".to_owned())?;
+        .map_err(|_| ConnectFailure::Other("token is not a valid header value".to_owned()))?;
     req.headers_mut().insert("Authorization", auth);
     match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(req)).await {
         Ok(Ok((ws, _))) => Ok(ws),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("connect timed out".into()),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp)))
+            if matches!(resp.status().as_u16(), 401 | 403) =>
+        {
+            let (code, message) = refusal(resp.body().as_deref(), codes::UNAUTHORIZED);
+            Err(ConnectFailure::Refused { code, message })
+        }
+        Ok(Err(e)) => Err(ConnectFailure::Other(e.to_string())),
+        Err(_) => Err(ConnectFailure::Other("connect timed out".into())),
     }
 }
 
@@ -858,7 +886,14 @@ async fn connection_task(shared: Arc<Shared>) {
         }
         let mut ws = match connect(&identity, shared.config.connect_timeout).await {
             Ok(ws) => ws,
-            Err(e) => {
+            Err(ConnectFailure::Refused { code, message }) => {
+                tracing::warn!(%code, %message, "the relay refused this device's token");
+                let mut st = shared.state.lock().await;
+                st.engine.handle_refused(&code, &message, now_ms());
+                let _ = flush(&shared, &mut st).await;
+                continue;
+            }
+            Err(ConnectFailure::Other(e)) => {
                 tracing::debug!(error = %e, "relay unreachable");
                 let mut st = shared.state.lock().await;
                 st.engine.handle_disconnected(now_ms());

@@ -82,6 +82,8 @@ impl LocalSyncStatus {
             (Blocked, RetryBlocked) => Syncing,
             (Blocked, _) => return None,
             (_, RelayRejected) => Blocked,
+            // Unsent changes cannot reach the relay any more; synced orders have none.
+            (Syncing | Charged | Removing | Delayed | Failed, TokenRefused) => Blocked,
             // While the terminal is charging, only the charge's outcome moves the order.
             (Charging, PaymentCaptured) => Charged,
             (Charging, PaymentEnded) => Syncing,
@@ -136,6 +138,9 @@ pub enum Trigger {
     StorageErrors,
     /// The relay rejected changes by policy or auth.
     RelayRejected,
+    /// The relay refused this device's token (`revoked`, `unauthorized`): at the upgrade or by
+    /// closing an open connection. Orders with unsent changes are blocked with that reason.
+    TokenRefused,
     /// A person asked to retry a blocked order (after fixing the cause).
     RetryBlocked,
     /// Changes from other devices arrived through the relay.
@@ -148,7 +153,7 @@ pub enum Trigger {
 
 impl Trigger {
     /// Every trigger.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::LocalEdit,
         Self::ChargeStarted,
         Self::PaymentCaptured,
@@ -159,6 +164,7 @@ impl Trigger {
         Self::Reconnected,
         Self::StorageErrors,
         Self::RelayRejected,
+        Self::TokenRefused,
         Self::RetryBlocked,
         Self::RemoteChange,
         Self::Evicted,

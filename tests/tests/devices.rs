@@ -426,6 +426,72 @@ async fn an_order_the_relay_refuses_is_blocked_with_its_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_till_shows_its_unsent_orders_blocked_revoked() {
+    let relay = start_relay(tempfile::tempdir().unwrap(), 0).await;
+    let devs = tempfile::tempdir().unwrap();
+    let term = Arc::new(SimTerminal::new(SimMode::Approve));
+    let identity = relay.identity("s1", "a");
+    let id = identity.device;
+    let a = device(&devs, "a", identity, Arc::clone(&term)).await;
+    let b = device(&devs, "b", relay.identity("s1", "b"), Arc::clone(&term)).await;
+    let order = a.create_order(eur()).await.unwrap();
+    a.add_line(order, line("Espresso", 250, 1)).await.unwrap();
+    a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+        .await
+        .unwrap();
+    // The operator revokes the till while the relay runs: its connection is closed at once.
+    let (status, body) = e2e::harness::http(
+        relay.addr,
+        "POST",
+        &format!("/v1/admin/devices/{id}/revoke"),
+        &relay.inner.admin,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    // An edit made after that cannot reach the relay: the order shows Blocked `revoked`, not
+    // merely Delayed (offline).
+    a.add_line(order, line("Water", 100, 1)).await.unwrap();
+    let second = a.create_order(eur()).await.unwrap();
+    for o in [order, second] {
+        a.wait_for_status(o, LocalSyncStatus::Blocked, WAIT)
+            .await
+            .unwrap();
+        assert_eq!(a.blocked_reason(o).await.unwrap().code, "revoked");
+        assert!(a.view(o).await.is_ok());
+    }
+    assert!(relay.store.order_meta(second).unwrap().is_none());
+    // Another till of the store goes on syncing.
+    let other = b.create_order(eur()).await.unwrap();
+    b.wait_for_status(other, LocalSyncStatus::Synced, WAIT)
+        .await
+        .unwrap();
+    relay.halt().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_till_with_an_unknown_token_shows_blocked_unauthorized() {
+    let relay = start_relay(tempfile::tempdir().unwrap(), 0).await;
+    let devs = tempfile::tempdir().unwrap();
+    let mut identity = relay.identity("s1", "a");
+    identity.token = format!("dev_{}", "0".repeat(64));
+    let a = device(
+        &devs,
+        "a",
+        identity,
+        Arc::new(SimTerminal::new(SimMode::Approve)),
+    )
+    .await;
+    let order = a.create_order(eur()).await.unwrap();
+    a.wait_for_status(order, LocalSyncStatus::Blocked, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(a.blocked_reason(order).await.unwrap().code, "unauthorized");
+    relay.halt().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_orders_are_evicted_after_retention_and_fetched_on_demand() {
     let relay = start_relay(tempfile::tempdir().unwrap(), 0).await;
     let devs = tempfile::tempdir().unwrap();
