@@ -32,8 +32,10 @@ use crdt_model::{
 use serde_bytes::ByteBuf;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::contain::contain;
 use crate::error::RelayError;
 use crate::metrics::Metrics;
+use crate::screen::Limits;
 use crate::store::{CommitOutcome, OrderMeta, OrderWrite, RelayStore};
 
 /// Identifies one WebSocket connection.
@@ -122,6 +124,16 @@ impl Peer {
             self.closed.store(true, Ordering::Relaxed);
             self.kill.notify_one();
         }
+    }
+
+    /// Sends a fatal error frame, then closes the connection (the frame goes out first).
+    pub fn fail(&self, code: &str, message: impl Into<String>) {
+        if self.closed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let frame = RelayFrame::error(code, message, true);
+        let _ = self.outbox.try_send(Bytes::from(frame.encode()));
+        self.kill.notify_one();
     }
 
     /// Whether the hub gave up on this connection.
@@ -470,7 +482,7 @@ impl Worker {
         loop {
             tokio::select! {
                 biased;
-                Some(c) = done_rx.recv() => self.on_committed(c),
+                Some(c) = done_rx.recv() => self.on_committed_contained(c),
                 msg = rx.recv() => match msg {
                     Some(m) => self.on_msg(m).await,
                     None => break,
@@ -484,7 +496,7 @@ impl Worker {
         // Drain commits still in flight so their receipts go out before the worker stops.
         while self.docs.values().any(|d| !d.inflight.is_empty()) {
             match done_rx.recv().await {
-                Some(c) => self.on_committed(c),
+                Some(c) => self.on_committed_contained(c),
                 None => break,
             }
         }
@@ -592,8 +604,6 @@ impl Worker {
     }
 
     async fn on_sync(&mut self, peer: Arc<Peer>, order: OrderId, msg: sync::Message) {
-        let metrics = Arc::clone(&self.metrics);
-        let relay_actor = self.writer.actor.clone();
         if let Err(e) = self.doc(order).await {
             tracing::error!(%order, error = %e, "cannot load order");
             peer.send(RelayFrame::error(
@@ -603,6 +613,62 @@ impl Worker {
             ));
             return;
         }
+        let p = Arc::clone(&peer);
+        if let Err(why) = contain(|| self.apply_sync(p, order, msg)) {
+            self.undo_panicked(order, &peer, &why);
+        }
+    }
+
+    /// A frame's work panicked: puts the order back to its last accepted state, forgets the
+    /// connection's sync state for it, counts and logs the panic, and closes the connection.
+    fn undo_panicked(&mut self, order: OrderId, peer: &Peer, why: &str) {
+        self.metrics.frame_panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(%order, device = %peer.device, conn = peer.conn, panic = %why,
+            "handling a sync frame panicked; its effects are undone and the connection closed");
+        if let Some(d) = self.docs.get_mut(&order) {
+            d.working = last_accepted(&d.inflight, &d.committed).clone();
+            d.peers.remove(&peer.conn);
+        }
+        if let Some(set) = self.conn_docs.get_mut(&peer.conn) {
+            set.remove(&order);
+        }
+        peer.fail(
+            codes::UNPROCESSABLE,
+            format!("the relay could not process a sync frame for order {order}"),
+        );
+    }
+
+    /// [`Self::on_committed`], with a panic contained: the order is then dropped from memory
+    /// once nothing of it is in flight (it reloads from redb on next use).
+    fn on_committed_contained(&mut self, c: Committed) {
+        let order = c.order;
+        if let Err(why) = contain(|| self.on_committed(c)) {
+            self.metrics.frame_panics.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%order, panic = %why, "handling a commit panicked");
+            if self.docs.get(&order).is_some_and(|d| d.inflight.is_empty()) {
+                self.forget(order);
+            }
+        }
+    }
+
+    /// Drops an order from memory (its connections re-sync from redb on their next message).
+    fn forget(&mut self, order: OrderId) {
+        if let Some(d) = self.docs.remove(&order) {
+            for conn in d.peers.keys() {
+                if let Some(set) = self.conn_docs.get_mut(conn) {
+                    set.remove(&order);
+                }
+            }
+            self.metrics
+                .orders_in_memory
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The synchronous part of a sync frame (the order is loaded); run under [`contain`].
+    fn apply_sync(&mut self, peer: Arc<Peer>, order: OrderId, msg: sync::Message) {
+        let metrics = Arc::clone(&self.metrics);
+        let relay_actor = self.writer.actor.clone();
         let conn = peer.conn;
         let Some(d) = self.docs.get_mut(&order) else {
             return;
@@ -910,12 +976,31 @@ impl Worker {
         self.metrics
             .receipts_pending
             .fetch_sub(inflight.origins.len() as i64, Ordering::Relaxed);
-        for pd in d.peers.values_mut() {
-            if let Some(m) = pd.generate(&d.committed) {
-                pd.peer.send(RelayFrame::Sync {
+        // Each connection's message is generated from its own sync state, which its own
+        // messages shaped: a panic there is that connection's, and ends only it.
+        let mut failed = Vec::new();
+        for (conn, pd) in &mut d.peers {
+            match contain(|| pd.generate(&d.committed)) {
+                Ok(Some(m)) => pd.peer.send(RelayFrame::Sync {
                     order: order.to_string(),
                     data: ByteBuf::from(m.encode()),
-                });
+                }),
+                Ok(None) => {}
+                Err(why) => failed.push((*conn, why)),
+            }
+        }
+        for (conn, why) in failed {
+            if let Some(pd) = d.peers.remove(&conn) {
+                self.metrics.frame_panics.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%order, device = %pd.peer.device, conn, panic = %why,
+                    "generating a sync message panicked; the connection is closed");
+                pd.peer.fail(
+                    codes::UNPROCESSABLE,
+                    format!("the relay could not process a sync frame for order {order}"),
+                );
+            }
+            if let Some(set) = self.conn_docs.get_mut(&conn) {
+                set.remove(&order);
             }
         }
         if let Some(r) = inflight.reply {
@@ -1020,6 +1105,7 @@ struct HubInner {
     registry: Arc<Registry>,
     next_conn: AtomicU64,
     metrics: Arc<Metrics>,
+    limits: Limits,
     relay: DeviceId,
     handles: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     feed_task: tokio::task::JoinHandle<()>,
@@ -1073,12 +1159,28 @@ impl Hub {
                 registry,
                 next_conn: AtomicU64::new(1),
                 metrics,
+                limits: Limits::default(),
                 relay: identity.device,
                 handles: std::sync::Mutex::new(handles),
                 feed_task,
                 committer: std::sync::Mutex::new(committer),
             }),
         })
+    }
+
+    /// The limits device frames are held to.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Whether every worker task is still running (a worker that ended outside shutdown has
+    /// taken its share of the orders with it: the relay is unhealthy).
+    pub fn workers_alive(&self) -> bool {
+        self.inner
+            .handles
+            .lock()
+            .map(|h| h.iter().all(|t| !t.is_finished()))
+            .unwrap_or(false)
     }
 
     /// The relay's own device id.
