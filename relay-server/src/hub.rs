@@ -796,6 +796,27 @@ impl Worker {
             }
             return;
         }
+        // The document must be the order it is sent as: one document stored under several ids
+        // would be several orders sharing every change. The header is immutable (policy), so
+        // checking it when the order is created is enough.
+        if base.get_heads().is_empty()
+            && let Ok(inside) = crdt_model::id_of(after)
+            && inside != order
+        {
+            if direct {
+                d.working = base.clone();
+            }
+            pd.state = sync::State::new();
+            pd.queued.clear();
+            metrics.refused(codes::WRONG_ORDER_ID);
+            tracing::warn!(%order, %inside, device = %peer.device, "document sent under another order id");
+            peer.send(RelayFrame::error(
+                codes::WRONG_ORDER_ID,
+                format!("the document is order {inside}, sent as {order}"),
+                false,
+            ));
+            return;
+        }
         let author = Author {
             device: peer.device,
             store: peer.store.clone(),

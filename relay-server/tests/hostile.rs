@@ -523,3 +523,62 @@ async fn a_panic_while_handling_a_frame_is_contained() {
     );
     hub.shutdown().await;
 }
+
+/// Syncs `doc` with the relay under the order id `as_id` until the relay answers with anything
+/// but sync messages; returns that frame.
+async fn sync_as(c: &mut Client, doc: &automerge::Automerge, as_id: OrderId) -> RelayFrame {
+    let mut doc = doc.clone();
+    let mut state = sync::State::new();
+    if let Some(m) = doc.generate_sync_message(&mut state) {
+        c.send(&sync_frame(as_id, m.encode())).await;
+    }
+    for _ in 0..100 {
+        match c.recv().await.expect("the relay answers") {
+            RelayFrame::Sync { order, data } if order == as_id.to_string() => {
+                let m = sync::Message::decode(&data).unwrap();
+                doc.receive_sync_message(&mut state, m).unwrap();
+                if let Some(m) = doc.generate_sync_message(&mut state) {
+                    c.send(&sync_frame(as_id, m.encode())).await;
+                }
+            }
+            RelayFrame::Feed { .. } => {}
+            RelayFrame::Sync { .. } => {}
+            RelayFrame::Receipt { ref order, .. } if *order != as_id.to_string() => {}
+            other => return other,
+        }
+    }
+    panic!("the relay never answered with anything but sync messages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_4_a_document_is_stored_under_its_own_id_only() {
+    let relay = TestRelay::start().await;
+    let witness = Witness::start(&relay).await;
+    let (mut c, o) = attacker(&relay).await;
+    let mut rng = SplitMix64::new(11);
+    // The stored order, sent again under other ids.
+    for _ in 0..2 {
+        let other = OrderId::generate(Timestamp(T0 + 1), &mut rng);
+        let answer = sync_as(&mut c, o.doc(), other).await;
+        assert!(
+            matches!(&answer, RelayFrame::Error { code, .. } if code == codes::WRONG_ORDER_ID),
+            "{answer:?}"
+        );
+        assert!(relay.store.load_order(other).unwrap().is_none());
+    }
+    // A new order, sent under another id first: refused; then under its own: stored once.
+    let fresh = c.create("attack");
+    let other = OrderId::generate(Timestamp(T0 + 2), &mut rng);
+    let answer = sync_as(&mut c, fresh.doc(), other).await;
+    assert!(
+        matches!(&answer, RelayFrame::Error { code, .. } if code == codes::WRONG_ORDER_ID),
+        "{answer:?}"
+    );
+    assert!(relay.store.load_order(other).unwrap().is_none());
+    let answer = sync_as(&mut c, fresh.doc(), fresh.id()).await;
+    assert!(matches!(answer, RelayFrame::Receipt { .. }), "{answer:?}");
+    let stored = relay.store.load_order(fresh.id()).unwrap().unwrap();
+    assert_eq!(id_of(&stored.to_doc().unwrap()).unwrap(), fresh.id());
+    witness.finish().await;
+    relay.stop().await;
+}
