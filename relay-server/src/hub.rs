@@ -619,6 +619,73 @@ impl Worker {
         }
     }
 
+    /// The answer to `msg` for an order the relay does not have, without touching the stored
+    /// order of that id (another store's): the message is played against an empty document,
+    /// as it would be for an absent order, and answered the same way — `unavailable` for a
+    /// fetch, a sync message for announced heads, the same error or rejection for bad changes.
+    /// Only changes that would create the order get `unavailable`: the id is taken.
+    fn answer_as_absent(metrics: &Metrics, peer: &Peer, order: OrderId, msg: sync::Message) {
+        let has_changes = !msg.changes.is_empty();
+        if !has_changes && msg.heads.is_empty() {
+            peer.send(RelayFrame::Unavailable {
+                order: order.to_string(),
+            });
+            return;
+        }
+        let mut empty = Automerge::new();
+        let mut state = sync::State::new();
+        if let Err(e) = empty.receive_sync_message(&mut state, msg) {
+            peer.send(RelayFrame::error(
+                codes::BAD_SYNC_MESSAGE,
+                e.to_string(),
+                false,
+            ));
+            return;
+        }
+        let applied = empty.get_heads();
+        if !has_changes || applied.is_empty() || !empty.get_missing_deps(&[]).is_empty() {
+            if let Some(m) = empty.generate_sync_message(&mut state) {
+                peer.send(RelayFrame::Sync {
+                    order: order.to_string(),
+                    data: ByteBuf::from(m.encode()),
+                });
+            }
+            return;
+        }
+        if let Ok(inside) = crdt_model::id_of(&empty)
+            && inside != order
+        {
+            metrics.refused(codes::WRONG_ORDER_ID);
+            peer.send(RelayFrame::error(
+                codes::WRONG_ORDER_ID,
+                format!("the document is order {inside}, sent as {order}"),
+                false,
+            ));
+            return;
+        }
+        let author = Author {
+            device: peer.device,
+            store: peer.store.clone(),
+            role: Role::Device,
+        };
+        let new_changes = empty.get_changes(&[]);
+        match validate_changes(&Automerge::new(), &empty, &new_changes, &author) {
+            Err(v) if v != crdt_model::PolicyViolation::ForeignStore => {
+                metrics.rejected(v.code());
+                let hashes: Vec<ChangeHash> = new_changes.iter().map(Change::hash).collect();
+                peer.send(RelayFrame::Rejected {
+                    order: order.to_string(),
+                    code: v.code().to_owned(),
+                    message: v.to_string(),
+                    changes: heads_to_wire(&hashes),
+                });
+            }
+            _ => peer.send(RelayFrame::Unavailable {
+                order: order.to_string(),
+            }),
+        }
+    }
+
     /// A frame's work panicked: puts the order back to its last accepted state, forgets the
     /// connection's sync state for it, counts and logs the panic, and closes the connection.
     fn undo_panicked(&mut self, order: OrderId, peer: &Peer, why: &str) {
@@ -673,6 +740,15 @@ impl Worker {
         let Some(d) = self.docs.get_mut(&order) else {
             return;
         };
+        let has_changes = !msg.changes.is_empty();
+        if let Some(store) = &d.store
+            && *store != peer.store
+        {
+            // Another store's order: answer exactly as for an order the relay does not have,
+            // so no message tells a device which ids exist in other stores.
+            Self::answer_as_absent(&metrics, &peer, order, msg);
+            return;
+        }
         if d.poisoned {
             peer.send(RelayFrame::error(
                 codes::STORAGE,
@@ -681,15 +757,6 @@ impl Worker {
             ));
             return;
         }
-        if let Some(store) = &d.store
-            && *store != peer.store
-        {
-            peer.send(RelayFrame::Unavailable {
-                order: order.to_string(),
-            });
-            return;
-        }
-        let has_changes = !msg.changes.is_empty();
         // A device asking for an order nobody has (it has none of it either): unavailable. A
         // device announcing heads of an order the relay lacks is creating it: sync normally.
         if !d.exists() && !has_changes && msg.heads.is_empty() {

@@ -582,3 +582,82 @@ async fn finding_4_a_document_is_stored_under_its_own_id_only() {
     witness.finish().await;
     relay.stop().await;
 }
+
+/// The relay's next answer about `id` (feed frames and frames about other orders are skipped),
+/// with the order id taken out so answers about two ids compare.
+async fn answer_about(c: &mut Client, id: OrderId, data: Vec<u8>) -> RelayFrame {
+    c.send(&sync_frame(id, data)).await;
+    let me = id.to_string();
+    for _ in 0..50 {
+        let f = c.recv().await.expect("an answer");
+        let anon = "-".to_owned();
+        match f {
+            RelayFrame::Sync { order, data } if order == me => {
+                return RelayFrame::Sync { order: anon, data };
+            }
+            RelayFrame::Unavailable { order } if order == me => {
+                return RelayFrame::Unavailable { order: anon };
+            }
+            RelayFrame::Rejected {
+                order,
+                code,
+                changes,
+                ..
+            } if order == me => {
+                return RelayFrame::Rejected {
+                    order: anon,
+                    code,
+                    message: String::new(),
+                    changes,
+                };
+            }
+            RelayFrame::Error { code, fatal, .. } => {
+                return RelayFrame::Error {
+                    code,
+                    message: String::new(),
+                    fatal,
+                };
+            }
+            _ => {}
+        }
+    }
+    panic!("no answer about {id}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_6_another_stores_order_is_answered_like_an_absent_one() {
+    let relay = TestRelay::start().await;
+    let witness = Witness::start(&relay).await;
+    // An order of the witness store that exists, and an id that does not.
+    let (device, token) = relay.device("witness", "other-till");
+    let mut w = Client::connect(relay.addr, device, &token).await;
+    let mut theirs = w.create("witness");
+    w.sync_until_receipted(&mut theirs).await;
+    let (mut c, o) = attacker(&relay).await;
+    let mut rng = SplitMix64::new(5);
+    let absent = OrderId::generate(Timestamp(T0 + 3), &mut rng);
+    let bogus = automerge::ChangeHash([0xab; 32]);
+    let own_changes: Vec<Vec<u8>> = o
+        .doc()
+        .get_changes(&[])
+        .iter()
+        .map(|ch| ch.raw_bytes().to_vec())
+        .collect();
+    let probes = [
+        raw_message(&[bogus], &[], &[]),
+        raw_message(&[], &[], &[]),
+        raw_message(&theirs.heads(), &[], &[]),
+        raw_message(&o.heads(), &[], &own_changes),
+    ];
+    for probe in probes {
+        let a = answer_about(&mut c, theirs.id(), probe.clone()).await;
+        let b = answer_about(&mut c, absent, probe).await;
+        assert_eq!(
+            a, b,
+            "an existing order of another store answers differently"
+        );
+    }
+    assert!(relay.store.load_order(absent).unwrap().is_none());
+    witness.finish().await;
+    relay.stop().await;
+}
