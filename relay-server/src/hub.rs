@@ -17,7 +17,7 @@
 //! the store.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -101,6 +101,9 @@ pub struct Peer {
     pub store: StoreId,
     outbox: mpsc::Sender<Bytes>,
     closed: AtomicBool,
+    /// Bytes of this connection's change chunks waiting for a missing dependency, over all
+    /// its orders.
+    queued_bytes: AtomicUsize,
     /// Woken when the hub gives up on the connection (outbox overflow).
     pub kill: Notify,
 }
@@ -353,6 +356,14 @@ struct PeerDoc {
     /// next message, and replies to it are generated as if they were queued, so the sync
     /// protocol asks for the missing dependency instead of for the queued change again.
     queued: Vec<Vec<u8>>,
+    /// Bytes in `queued` (also counted in the peer's `queued_bytes`).
+    queued_bytes: usize,
+}
+
+impl Drop for PeerDoc {
+    fn drop(&mut self) {
+        self.clear_queue();
+    }
 }
 
 /// The last state the policy accepted: the newest queued write's, or the committed one.
@@ -400,10 +411,28 @@ fn new_changes_in(
     Some(ordered)
 }
 
-/// Most bytes of not-yet-applicable changes kept per (order, connection).
-const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
-
 impl PeerDoc {
+    /// Forgets the queued chunks.
+    fn clear_queue(&mut self) {
+        self.queued.clear();
+        self.peer
+            .queued_bytes
+            .fetch_sub(self.queued_bytes, Ordering::Relaxed);
+        self.queued_bytes = 0;
+    }
+
+    /// Queues `chunks`; `false` if this (order, connection) or the connection as a whole now
+    /// holds more than `limits` allow.
+    fn queue(&mut self, chunks: &[Vec<u8>], limits: &Limits) -> bool {
+        let bytes: usize = chunks.iter().map(Vec::len).sum();
+        self.queued.extend(chunks.iter().cloned());
+        self.queued_bytes += bytes;
+        let conn_total = self.peer.queued_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.queued.len() <= limits.max_queued_changes
+            && self.queued_bytes <= limits.max_queued_bytes
+            && conn_total <= limits.max_queued_bytes_per_conn
+    }
+
     /// `doc`, plus this peer's queued chunks when it has any.
     fn view_of(&self, doc: &Automerge) -> Option<Automerge> {
         if self.queued.is_empty() {
@@ -468,6 +497,7 @@ struct Worker {
     commits: std::sync::mpsc::Sender<CommitJob>,
     done_tx: mpsc::UnboundedSender<Committed>,
     capacity: usize,
+    limits: Limits,
     tick: u64,
     flush_waiters: Vec<oneshot::Sender<()>>,
     stopping: bool,
@@ -771,6 +801,7 @@ impl Worker {
             state: sync::State::new(),
             last_receipt: Vec::new(),
             queued: Vec::new(),
+            queued_bytes: 0,
         });
         if !has_changes {
             if let Err(e) = d.committed.receive_sync_message(&mut pd.state, msg) {
@@ -816,7 +847,7 @@ impl Worker {
                 d.working = base.clone();
             }
             pd.state = sync::State::new();
-            pd.queued.clear();
+            pd.clear_queue();
             peer.send(RelayFrame::error(
                 codes::BAD_SYNC_MESSAGE,
                 e.to_string(),
@@ -825,8 +856,9 @@ impl Worker {
             return;
         }
         // Keep what could not be applied yet; drop the queue once everything applied.
+        let mut within_limits = true;
         if target.get_missing_deps(&[]).is_empty() {
-            pd.queued.clear();
+            pd.clear_queue();
         } else {
             if direct {
                 // Rebuild `working` with only what applied, so it holds no pending chunk.
@@ -837,11 +869,24 @@ impl Worker {
                 }
                 d.working = clean;
             }
-            pd.queued.extend(chunks.iter().cloned());
-            if pd.queued.iter().map(Vec::len).sum::<usize>() > MAX_QUEUED_BYTES {
-                pd.queued.clear();
-                pd.state = sync::State::new();
+            within_limits = pd.queue(&chunks, &self.limits);
+        }
+        if !within_limits {
+            // Changes withheld from their dependency past the limits: the connection goes,
+            // and its queue with it (`working` holds none of it).
+            let held = pd.queued.len();
+            d.peers.remove(&conn);
+            if let Some(set) = self.conn_docs.get_mut(&conn) {
+                set.remove(&order);
             }
+            metrics.refused(codes::LIMIT_EXCEEDED);
+            tracing::warn!(%order, device = %peer.device, conn, held,
+                "too many changes waiting for a missing dependency; closing the connection");
+            peer.fail(
+                codes::LIMIT_EXCEEDED,
+                format!("order {order}: too many changes wait for a dependency that never came"),
+            );
+            return;
         }
         let after: &Automerge = fork.as_ref().unwrap_or(&d.working);
         // What the message added. Automerge rebuilds changes from its op set in
@@ -874,7 +919,7 @@ impl Worker {
                 d.working = base.clone();
             }
             pd.state = sync::State::new();
-            pd.queued.clear();
+            pd.clear_queue();
             metrics.refused(codes::WRONG_ORDER_ID);
             tracing::warn!(%order, %inside, device = %peer.device, "document sent under another order id");
             peer.send(RelayFrame::error(
@@ -1233,6 +1278,7 @@ impl Hub {
                 commits: commits.clone(),
                 done_tx,
                 capacity,
+                limits: Limits::default(),
                 tick: 0,
                 flush_waiters: Vec::new(),
                 stopping: false,
@@ -1296,6 +1342,7 @@ impl Hub {
             store,
             outbox,
             closed: AtomicBool::new(false),
+            queued_bytes: AtomicUsize::new(0),
             kill: Notify::new(),
         });
         self.inner.registry.add(&peer);

@@ -62,7 +62,7 @@ impl Default for Limits {
             max_document_bytes: 8 * 1024 * 1024,
             max_inflated_bytes: 16 * 1024 * 1024,
             max_inflate_ratio: 64,
-            max_queued_changes: 256,
+            max_queued_changes: 64,
             max_queued_bytes: 4 * 1024 * 1024,
             max_queued_bytes_per_conn: 8 * 1024 * 1024,
         }

@@ -179,7 +179,7 @@ async fn attacker(relay: &TestRelay) -> (Client, Order) {
 
 /// Reads frames until an error frame arrives; `None` if the relay went quiet or closed first.
 async fn next_error(c: &mut Client) -> Option<(String, bool)> {
-    for _ in 0..100 {
+    for _ in 0..5000 {
         match c.recv().await? {
             RelayFrame::Error { code, fatal, .. } => return Some((code, fatal)),
             _ => continue,
@@ -658,6 +658,78 @@ async fn finding_6_another_stores_order_is_answered_like_an_absent_one() {
         );
     }
     assert!(relay.store.load_order(absent).unwrap().is_none());
+    witness.finish().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_3_changes_withheld_from_their_dependency_are_bounded() {
+    let relay = TestRelay::start().await;
+    let witness = Witness::start(&relay).await;
+    let (mut c, mut o) = attacker(&relay).await;
+    // c0 is never sent; every later change depends on it (a chain on top of it).
+    let mut changes = Vec::new();
+    for i in 0..300 {
+        let before = o.heads();
+        let at = c.tick();
+        let draft = LineDraft {
+            sku: format!("s{i}"),
+            name: format!("n{i}"),
+            unit_price: 1,
+            quantity: 1,
+            ..Default::default()
+        };
+        o.add_line(at, &mut c.rng, draft).unwrap();
+        changes.extend(o.doc().get_changes(&before));
+    }
+    let withheld = changes.remove(0);
+    let started = Instant::now();
+    let mut sent = 0;
+    let mut error = None;
+    // One frame at a time, reading the relay's answer before the next: a socket closed with
+    // unread input is reset, and the reset could swallow the error frame.
+    'send: for ch in &changes {
+        let data = raw_message(&[ch.hash()], &[], &[ch.raw_bytes().to_vec()]);
+        c.send_may_be_cut(&sync_frame(o.id(), data)).await;
+        sent += 1;
+        while let Ok(Some(f)) = tokio::time::timeout(Duration::from_secs(1), c.recv()).await {
+            match f {
+                RelayFrame::Error { code, fatal, .. } => {
+                    error = Some((code, fatal));
+                    break 'send;
+                }
+                RelayFrame::Sync { .. } => break,
+                _ => {}
+            }
+        }
+    }
+    let (code, fatal) = error.expect("an error frame");
+    assert_eq!((code.as_str(), fatal), (codes::LIMIT_EXCEEDED, true));
+    assert!(sent > 64);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // The connection is closed; nothing of the queued changes was stored.
+    let closed = loop {
+        match c.recv().await {
+            None => break true,
+            Some(RelayFrame::Error { .. }) => break false,
+            Some(_) => {}
+        }
+    };
+    assert!(closed);
+    let stored = relay
+        .store
+        .load_order(o.id())
+        .unwrap()
+        .unwrap()
+        .to_doc()
+        .unwrap();
+    assert!(stored.get_change_by_hash(&withheld.hash()).is_none());
+    assert!(stored.get_change_by_hash(&changes[0].hash()).is_none());
+    attacker_store_still_works(&relay).await;
     witness.finish().await;
     relay.stop().await;
 }
