@@ -855,6 +855,27 @@ impl Worker {
             ));
             return;
         }
+        // A document chunk loads into a non-empty document change by change, and what does
+        // not load is dropped silently: every head it declares must be there now.
+        let lost = chunks
+            .iter()
+            .filter_map(|c| crate::screen::document_heads(c))
+            .flatten()
+            .any(|h| !holds(target, &h));
+        if lost {
+            if direct {
+                d.working = base.clone();
+            }
+            pd.state = sync::State::new();
+            pd.clear_queue();
+            metrics.refused(codes::BAD_CHANGE);
+            peer.send(RelayFrame::error(
+                codes::BAD_CHANGE,
+                format!("order {order}: a document chunk did not load completely"),
+                false,
+            ));
+            return;
+        }
         // Keep what could not be applied yet; drop the queue once everything applied.
         let mut within_limits = true;
         if target.get_missing_deps(&[]).is_empty() {

@@ -395,6 +395,37 @@ fn check_chunks(mut entry: &[u8], limits: &Limits) -> Result<usize, Refusal> {
     Ok(total)
 }
 
+/// The heads a document chunk declares, if `entry` is a document chunk. Automerge loads a
+/// document into a non-empty one change by change and drops silently what does not load; a
+/// head it declares that the document lacks afterwards shows such a loss.
+pub fn document_heads(entry: &[u8]) -> Option<Vec<automerge::ChangeHash>> {
+    let mut c = Cursor { rest: entry };
+    if c.take(4).ok()? != MAGIC {
+        return None;
+    }
+    c.take(4).ok()?;
+    if c.byte().ok()? != 0 {
+        return None;
+    }
+    let len = c.usize().ok()?;
+    let mut p = Cursor {
+        rest: c.take(len).ok()?,
+    };
+    let actors = p.usize().ok()?;
+    for _ in 0..actors {
+        let n = p.usize().ok()?;
+        p.take(n).ok()?;
+    }
+    let n = p.usize().ok()?;
+    let mut heads = Vec::new();
+    for _ in 0..n {
+        heads.push(automerge::ChangeHash(
+            p.take(HASH_LEN).ok()?.try_into().ok()?,
+        ));
+    }
+    Some(heads)
+}
+
 /// Checks an encoded sync message against `limits` without decoding it through Automerge.
 pub fn screen(data: &[u8], limits: &Limits) -> Result<Screened, Refusal> {
     let mut c = Cursor { rest: data };

@@ -733,3 +733,56 @@ async fn finding_3_changes_withheld_from_their_dependency_are_bounded() {
     witness.finish().await;
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_9_a_corrupt_document_chunk_gets_an_error_frame() {
+    use sha2::{Digest, Sha256};
+    let relay = TestRelay::start().await;
+    let witness = Witness::start(&relay).await;
+    let (mut c, mut o) = attacker(&relay).await;
+    for i in 0..5 {
+        let at = c.tick();
+        let draft = LineDraft {
+            sku: format!("s{i}"),
+            name: format!("n{i}"),
+            unit_price: 1,
+            quantity: 1,
+            ..Default::default()
+        };
+        o.add_line(at, &mut c.rng, draft).unwrap();
+    }
+    // The whole order as one document chunk, one byte of its last column flipped, and the
+    // checksum made right again: only a full load shows the damage.
+    let mut doc = o.doc().save_nocompress();
+    let (header_len, payload_len) = {
+        let mut i = 9;
+        let mut len = 0u64;
+        let mut shift = 0;
+        loop {
+            let b = doc[i];
+            len |= u64::from(b & 0x7f) << shift;
+            shift += 7;
+            i += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        (i, len as usize)
+    };
+    let at = header_len + payload_len - 40;
+    doc[at] ^= 0xff;
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    let mut len = Vec::new();
+    leb(&mut len, payload_len as u64);
+    h.update(&len);
+    h.update(&doc[header_len..]);
+    let digest = h.finalize();
+    doc[4..8].copy_from_slice(&digest[..4]);
+    c.send(&sync_frame(o.id(), raw_message(&o.heads(), &[], &[doc])))
+        .await;
+    let (code, _) = next_error(&mut c).await.expect("an error frame");
+    assert_eq!(code, codes::BAD_CHANGE);
+    witness.finish().await;
+    relay.stop().await;
+}
