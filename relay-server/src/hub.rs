@@ -15,6 +15,11 @@
 //! `committed`, sends the durable receipt to the connections whose changes they were, sync
 //! messages to every connection following the order, and a feed entry to every connection of
 //! the store.
+//!
+//! One connection cannot hurt the others: a panic while handling its frame (or generating its
+//! fan-out) is contained ([`crate::contain`]), undone, counted and answered with a fatal
+//! `unprocessable`; changes it withholds from their dependency are bounded
+//! ([`crate::screen::Limits`]); another store's order is answered as if it did not exist.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
