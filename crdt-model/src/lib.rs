@@ -60,7 +60,7 @@ pub use ids::{
 pub use money::{Currency, Money};
 pub use order::{
     CloseRelation, FinalPayment, LineDraft, NewOrder, Order, PaymentDraft, Writer, device_of_actor,
-    number_of, status_of, store_of, view_of,
+    id_of, number_of, status_of, store_of, view_of,
 };
 pub use payment::{PaymentKind, PaymentState};
 pub use policy::{Author, Role, validate, validate_changes};

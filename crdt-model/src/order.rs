@@ -99,6 +99,11 @@ pub fn store_of(doc: &Automerge) -> Result<StoreId, ModelError> {
     Ok(Header::read(&Reader::new(doc, None))?.store)
 }
 
+/// The order id in `doc`'s header (a relay checks it against the id a document is sent under).
+pub fn id_of(doc: &Automerge) -> Result<OrderId, ModelError> {
+    Ok(Header::read(&Reader::new(doc, None))?.id)
+}
+
 /// The view of the order in `doc`, without taking or copying the document.
 pub fn view_of(doc: &Automerge) -> Result<OrderView, ModelError> {
     view::build(doc)

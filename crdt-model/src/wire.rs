@@ -188,6 +188,15 @@ pub mod codes {
     pub const REVOKED: &str = "revoked";
     /// The token is unknown or malformed (HTTP 401 at the upgrade).
     pub const UNAUTHORIZED: &str = "unauthorized";
+    /// A sync message asks for more than the relay's limits allow (too many hashes or Bloom
+    /// filters, changes that inflate too far, too many changes waiting for a dependency).
+    pub const LIMIT_EXCEEDED: &str = "limit_exceeded";
+    /// A change in a sync message does not decode; nothing of the message was applied.
+    pub const BAD_CHANGE: &str = "bad_change";
+    /// The document sent for an order carries another order id in its header.
+    pub const WRONG_ORDER_ID: &str = "wrong_order_id";
+    /// The relay failed while handling the frame; its effects were undone (fatal).
+    pub const UNPROCESSABLE: &str = "unprocessable";
 }
 
 fn encode<T: Serialize>(frame: &T) -> Vec<u8> {

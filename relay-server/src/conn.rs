@@ -19,6 +19,8 @@ use crate::server::AppState;
 
 /// Feed entries per `feed` frame during catch-up.
 const FEED_PAGE: usize = 500;
+/// How long queued frames still go out after the hub closed a connection.
+const KILL_DRAIN: Duration = Duration::from_secs(1);
 /// Most queued frames written before one flush.
 const OUTBOX_BATCH: u64 = 64;
 
@@ -259,6 +261,14 @@ async fn run(
                             peer.send(RelayFrame::error(codes::BAD_ORDER_ID, format!("bad order id {order:?}"), false));
                             continue;
                         };
+                        // Automerge trusts what it decodes: check the message's shape and
+                        // limits first (Bloom filters, hash counts, inflated sizes).
+                        if let Err(refusal) = crate::screen::screen(&data, state.hub.limits()) {
+                            state.metrics.sync_refused(refusal.code());
+                            tracing::info!(conn = peer.conn, device = %peer.device, %order, code = refusal.code(), reason = refusal.message(), "sync message refused");
+                            peer.send(RelayFrame::error(refusal.code(), format!("order {order}: {}", refusal.message()), false));
+                            continue;
+                        }
                         match sync::Message::decode(&data) {
                             Ok(_) if ticket.is_revoked() => continue,
                             Ok(msg) => {
@@ -304,7 +314,18 @@ async fn run(
                 }
             }
             () = peer.kill.notified() => {
-                tracing::warn!(conn = peer.conn, "connection too slow; closing");
+                // The hub gave up on the connection (too slow, or a fatal error frame): send
+                // what is already queued (the error frame) for a moment, then close.
+                tracing::warn!(conn = peer.conn, "the hub closed the connection");
+                let drain = async {
+                    while let Ok(frame) = outbox.try_recv() {
+                        state.metrics.frames_out.fetch_add(1, Ordering::Relaxed);
+                        if ws.send(Message::Binary(frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(KILL_DRAIN, drain).await;
                 return;
             }
             _ = shutdown.changed() => {

@@ -15,9 +15,14 @@
 //! `committed`, sends the durable receipt to the connections whose changes they were, sync
 //! messages to every connection following the order, and a feed entry to every connection of
 //! the store.
+//!
+//! One connection cannot hurt the others: a panic while handling its frame (or generating its
+//! fan-out) is contained ([`crate::contain`]), undone, counted and answered with a fatal
+//! `unprocessable`; changes it withholds from their dependency are bounded
+//! ([`crate::screen::Limits`]); another store's order is answered as if it did not exist.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,8 +37,10 @@ use crdt_model::{
 use serde_bytes::ByteBuf;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::contain::contain;
 use crate::error::RelayError;
 use crate::metrics::Metrics;
+use crate::screen::Limits;
 use crate::store::{CommitOutcome, OrderMeta, OrderWrite, RelayStore};
 
 /// Identifies one WebSocket connection.
@@ -99,6 +106,9 @@ pub struct Peer {
     pub store: StoreId,
     outbox: mpsc::Sender<Bytes>,
     closed: AtomicBool,
+    /// Bytes of this connection's change chunks waiting for a missing dependency, over all
+    /// its orders.
+    queued_bytes: AtomicUsize,
     /// Woken when the hub gives up on the connection (outbox overflow).
     pub kill: Notify,
 }
@@ -122,6 +132,16 @@ impl Peer {
             self.closed.store(true, Ordering::Relaxed);
             self.kill.notify_one();
         }
+    }
+
+    /// Sends a fatal error frame, then closes the connection (the frame goes out first).
+    pub fn fail(&self, code: &str, message: impl Into<String>) {
+        if self.closed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let frame = RelayFrame::error(code, message, true);
+        let _ = self.outbox.try_send(Bytes::from(frame.encode()));
+        self.kill.notify_one();
     }
 
     /// Whether the hub gave up on this connection.
@@ -341,6 +361,14 @@ struct PeerDoc {
     /// next message, and replies to it are generated as if they were queued, so the sync
     /// protocol asks for the missing dependency instead of for the queued change again.
     queued: Vec<Vec<u8>>,
+    /// Bytes in `queued` (also counted in the peer's `queued_bytes`).
+    queued_bytes: usize,
+}
+
+impl Drop for PeerDoc {
+    fn drop(&mut self) {
+        self.clear_queue();
+    }
 }
 
 /// The last state the policy accepted: the newest queued write's, or the committed one.
@@ -388,10 +416,28 @@ fn new_changes_in(
     Some(ordered)
 }
 
-/// Most bytes of not-yet-applicable changes kept per (order, connection).
-const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
-
 impl PeerDoc {
+    /// Forgets the queued chunks.
+    fn clear_queue(&mut self) {
+        self.queued.clear();
+        self.peer
+            .queued_bytes
+            .fetch_sub(self.queued_bytes, Ordering::Relaxed);
+        self.queued_bytes = 0;
+    }
+
+    /// Queues `chunks`; `false` if this (order, connection) or the connection as a whole now
+    /// holds more than `limits` allow.
+    fn queue(&mut self, chunks: &[Vec<u8>], limits: &Limits) -> bool {
+        let bytes: usize = chunks.iter().map(Vec::len).sum();
+        self.queued.extend(chunks.iter().cloned());
+        self.queued_bytes += bytes;
+        let conn_total = self.peer.queued_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.queued.len() <= limits.max_queued_changes
+            && self.queued_bytes <= limits.max_queued_bytes
+            && conn_total <= limits.max_queued_bytes_per_conn
+    }
+
     /// `doc`, plus this peer's queued chunks when it has any.
     fn view_of(&self, doc: &Automerge) -> Option<Automerge> {
         if self.queued.is_empty() {
@@ -456,6 +502,7 @@ struct Worker {
     commits: std::sync::mpsc::Sender<CommitJob>,
     done_tx: mpsc::UnboundedSender<Committed>,
     capacity: usize,
+    limits: Limits,
     tick: u64,
     flush_waiters: Vec<oneshot::Sender<()>>,
     stopping: bool,
@@ -470,7 +517,7 @@ impl Worker {
         loop {
             tokio::select! {
                 biased;
-                Some(c) = done_rx.recv() => self.on_committed(c),
+                Some(c) = done_rx.recv() => self.on_committed_contained(c),
                 msg = rx.recv() => match msg {
                     Some(m) => self.on_msg(m).await,
                     None => break,
@@ -484,7 +531,7 @@ impl Worker {
         // Drain commits still in flight so their receipts go out before the worker stops.
         while self.docs.values().any(|d| !d.inflight.is_empty()) {
             match done_rx.recv().await {
-                Some(c) => self.on_committed(c),
+                Some(c) => self.on_committed_contained(c),
                 None => break,
             }
         }
@@ -592,8 +639,6 @@ impl Worker {
     }
 
     async fn on_sync(&mut self, peer: Arc<Peer>, order: OrderId, msg: sync::Message) {
-        let metrics = Arc::clone(&self.metrics);
-        let relay_actor = self.writer.actor.clone();
         if let Err(e) = self.doc(order).await {
             tracing::error!(%order, error = %e, "cannot load order");
             peer.send(RelayFrame::error(
@@ -603,10 +648,142 @@ impl Worker {
             ));
             return;
         }
+        let p = Arc::clone(&peer);
+        if let Err(why) = contain(|| self.apply_sync(p, order, msg)) {
+            self.undo_panicked(order, &peer, &why);
+        }
+    }
+
+    /// The answer to `msg` for an order the relay does not have, without touching the stored
+    /// order of that id (another store's): the message is played against an empty document,
+    /// as it would be for an absent order, and answered the same way — `unavailable` for a
+    /// fetch, a sync message for announced heads, the same error or rejection for bad changes.
+    /// Only changes that would create the order get `unavailable`: the id is taken.
+    fn answer_as_absent(metrics: &Metrics, peer: &Peer, order: OrderId, msg: sync::Message) {
+        let has_changes = !msg.changes.is_empty();
+        if !has_changes && msg.heads.is_empty() {
+            peer.send(RelayFrame::Unavailable {
+                order: order.to_string(),
+            });
+            return;
+        }
+        let mut empty = Automerge::new();
+        let mut state = sync::State::new();
+        if let Err(e) = empty.receive_sync_message(&mut state, msg) {
+            peer.send(RelayFrame::error(
+                codes::BAD_SYNC_MESSAGE,
+                e.to_string(),
+                false,
+            ));
+            return;
+        }
+        let applied = empty.get_heads();
+        if !has_changes || applied.is_empty() || !empty.get_missing_deps(&[]).is_empty() {
+            if let Some(m) = empty.generate_sync_message(&mut state) {
+                peer.send(RelayFrame::Sync {
+                    order: order.to_string(),
+                    data: ByteBuf::from(m.encode()),
+                });
+            }
+            return;
+        }
+        if let Ok(inside) = crdt_model::id_of(&empty)
+            && inside != order
+        {
+            metrics.sync_refused(codes::WRONG_ORDER_ID);
+            peer.send(RelayFrame::error(
+                codes::WRONG_ORDER_ID,
+                format!("the document is order {inside}, sent as {order}"),
+                false,
+            ));
+            return;
+        }
+        let author = Author {
+            device: peer.device,
+            store: peer.store.clone(),
+            role: Role::Device,
+        };
+        let new_changes = empty.get_changes(&[]);
+        match validate_changes(&Automerge::new(), &empty, &new_changes, &author) {
+            Err(v) if v != crdt_model::PolicyViolation::ForeignStore => {
+                metrics.rejected(v.code());
+                let hashes: Vec<ChangeHash> = new_changes.iter().map(Change::hash).collect();
+                peer.send(RelayFrame::Rejected {
+                    order: order.to_string(),
+                    code: v.code().to_owned(),
+                    message: v.to_string(),
+                    changes: heads_to_wire(&hashes),
+                });
+            }
+            _ => peer.send(RelayFrame::Unavailable {
+                order: order.to_string(),
+            }),
+        }
+    }
+
+    /// A frame's work panicked: puts the order back to its last accepted state, forgets the
+    /// connection's sync state for it, counts and logs the panic, and closes the connection.
+    fn undo_panicked(&mut self, order: OrderId, peer: &Peer, why: &str) {
+        self.metrics.frame_panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(%order, device = %peer.device, conn = peer.conn, panic = %why,
+            "handling a sync frame panicked; its effects are undone and the connection closed");
+        if let Some(d) = self.docs.get_mut(&order) {
+            d.working = last_accepted(&d.inflight, &d.committed).clone();
+            d.peers.remove(&peer.conn);
+        }
+        if let Some(set) = self.conn_docs.get_mut(&peer.conn) {
+            set.remove(&order);
+        }
+        peer.fail(
+            codes::UNPROCESSABLE,
+            format!("the relay could not process a sync frame for order {order}"),
+        );
+    }
+
+    /// [`Self::on_committed`], with a panic contained: the order is then dropped from memory
+    /// once nothing of it is in flight (it reloads from redb on next use).
+    fn on_committed_contained(&mut self, c: Committed) {
+        let order = c.order;
+        if let Err(why) = contain(|| self.on_committed(c)) {
+            self.metrics.frame_panics.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%order, panic = %why, "handling a commit panicked");
+            if self.docs.get(&order).is_some_and(|d| d.inflight.is_empty()) {
+                self.forget(order);
+            }
+        }
+    }
+
+    /// Drops an order from memory (its connections re-sync from redb on their next message).
+    fn forget(&mut self, order: OrderId) {
+        if let Some(d) = self.docs.remove(&order) {
+            for conn in d.peers.keys() {
+                if let Some(set) = self.conn_docs.get_mut(conn) {
+                    set.remove(&order);
+                }
+            }
+            self.metrics
+                .orders_in_memory
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The synchronous part of a sync frame (the order is loaded); run under [`contain`].
+    fn apply_sync(&mut self, peer: Arc<Peer>, order: OrderId, msg: sync::Message) {
+        let metrics = Arc::clone(&self.metrics);
+        let relay_actor = self.writer.actor.clone();
         let conn = peer.conn;
         let Some(d) = self.docs.get_mut(&order) else {
             return;
         };
+        let has_changes = !msg.changes.is_empty();
+        if let Some(store) = &d.store
+            && *store != peer.store
+        {
+            // Another store's order: answer exactly as for an order the relay does not have,
+            // so no message tells a device which ids exist in other stores.
+            Self::answer_as_absent(&metrics, &peer, order, msg);
+            return;
+        }
         if d.poisoned {
             peer.send(RelayFrame::error(
                 codes::STORAGE,
@@ -615,15 +792,6 @@ impl Worker {
             ));
             return;
         }
-        if let Some(store) = &d.store
-            && *store != peer.store
-        {
-            peer.send(RelayFrame::Unavailable {
-                order: order.to_string(),
-            });
-            return;
-        }
-        let has_changes = !msg.changes.is_empty();
         // A device asking for an order nobody has (it has none of it either): unavailable. A
         // device announcing heads of an order the relay lacks is creating it: sync normally.
         if !d.exists() && !has_changes && msg.heads.is_empty() {
@@ -638,6 +806,7 @@ impl Worker {
             state: sync::State::new(),
             last_receipt: Vec::new(),
             queued: Vec::new(),
+            queued_bytes: 0,
         });
         if !has_changes {
             if let Err(e) = d.committed.receive_sync_message(&mut pd.state, msg) {
@@ -683,7 +852,7 @@ impl Worker {
                 d.working = base.clone();
             }
             pd.state = sync::State::new();
-            pd.queued.clear();
+            pd.clear_queue();
             peer.send(RelayFrame::error(
                 codes::BAD_SYNC_MESSAGE,
                 e.to_string(),
@@ -691,9 +860,31 @@ impl Worker {
             ));
             return;
         }
+        // A document chunk loads into a non-empty document change by change, and what does
+        // not load is dropped silently: every head it declares must be there now.
+        let lost = chunks
+            .iter()
+            .filter_map(|c| crate::screen::document_heads(c))
+            .flatten()
+            .any(|h| !holds(target, &h));
+        if lost {
+            if direct {
+                d.working = base.clone();
+            }
+            pd.state = sync::State::new();
+            pd.clear_queue();
+            metrics.sync_refused(codes::BAD_CHANGE);
+            peer.send(RelayFrame::error(
+                codes::BAD_CHANGE,
+                format!("order {order}: a document chunk did not load completely"),
+                false,
+            ));
+            return;
+        }
         // Keep what could not be applied yet; drop the queue once everything applied.
+        let mut within_limits = true;
         if target.get_missing_deps(&[]).is_empty() {
-            pd.queued.clear();
+            pd.clear_queue();
         } else {
             if direct {
                 // Rebuild `working` with only what applied, so it holds no pending chunk.
@@ -704,11 +895,24 @@ impl Worker {
                 }
                 d.working = clean;
             }
-            pd.queued.extend(chunks.iter().cloned());
-            if pd.queued.iter().map(Vec::len).sum::<usize>() > MAX_QUEUED_BYTES {
-                pd.queued.clear();
-                pd.state = sync::State::new();
+            within_limits = pd.queue(&chunks, &self.limits);
+        }
+        if !within_limits {
+            // Changes withheld from their dependency past the limits: the connection goes,
+            // and its queue with it (`working` holds none of it).
+            let held = pd.queued.len();
+            d.peers.remove(&conn);
+            if let Some(set) = self.conn_docs.get_mut(&conn) {
+                set.remove(&order);
             }
+            metrics.sync_refused(codes::LIMIT_EXCEEDED);
+            tracing::warn!(%order, device = %peer.device, conn, held,
+                "too many changes waiting for a missing dependency; closing the connection");
+            peer.fail(
+                codes::LIMIT_EXCEEDED,
+                format!("order {order}: too many changes wait for a dependency that never came"),
+            );
+            return;
         }
         let after: &Automerge = fork.as_ref().unwrap_or(&d.working);
         // What the message added. Automerge rebuilds changes from its op set in
@@ -728,6 +932,27 @@ impl Worker {
                 Some(last) => last.origins.push(Arc::clone(&peer)),
                 None => Self::reply(&metrics, order, d, conn),
             }
+            return;
+        }
+        // The document must be the order it is sent as: one document stored under several ids
+        // would be several orders sharing every change. The header is immutable (policy), so
+        // checking it when the order is created is enough.
+        if base.get_heads().is_empty()
+            && let Ok(inside) = crdt_model::id_of(after)
+            && inside != order
+        {
+            if direct {
+                d.working = base.clone();
+            }
+            pd.state = sync::State::new();
+            pd.clear_queue();
+            metrics.sync_refused(codes::WRONG_ORDER_ID);
+            tracing::warn!(%order, %inside, device = %peer.device, "document sent under another order id");
+            peer.send(RelayFrame::error(
+                codes::WRONG_ORDER_ID,
+                format!("the document is order {inside}, sent as {order}"),
+                false,
+            ));
             return;
         }
         let author = Author {
@@ -910,12 +1135,31 @@ impl Worker {
         self.metrics
             .receipts_pending
             .fetch_sub(inflight.origins.len() as i64, Ordering::Relaxed);
-        for pd in d.peers.values_mut() {
-            if let Some(m) = pd.generate(&d.committed) {
-                pd.peer.send(RelayFrame::Sync {
+        // Each connection's message is generated from its own sync state, which its own
+        // messages shaped: a panic there is that connection's, and ends only it.
+        let mut failed = Vec::new();
+        for (conn, pd) in &mut d.peers {
+            match contain(|| pd.generate(&d.committed)) {
+                Ok(Some(m)) => pd.peer.send(RelayFrame::Sync {
                     order: order.to_string(),
                     data: ByteBuf::from(m.encode()),
-                });
+                }),
+                Ok(None) => {}
+                Err(why) => failed.push((*conn, why)),
+            }
+        }
+        for (conn, why) in failed {
+            if let Some(pd) = d.peers.remove(&conn) {
+                self.metrics.frame_panics.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%order, device = %pd.peer.device, conn, panic = %why,
+                    "generating a sync message panicked; the connection is closed");
+                pd.peer.fail(
+                    codes::UNPROCESSABLE,
+                    format!("the relay could not process a sync frame for order {order}"),
+                );
+            }
+            if let Some(set) = self.conn_docs.get_mut(&conn) {
+                set.remove(&order);
             }
         }
         if let Some(r) = inflight.reply {
@@ -1020,6 +1264,7 @@ struct HubInner {
     registry: Arc<Registry>,
     next_conn: AtomicU64,
     metrics: Arc<Metrics>,
+    limits: Limits,
     relay: DeviceId,
     handles: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     feed_task: tokio::task::JoinHandle<()>,
@@ -1059,6 +1304,7 @@ impl Hub {
                 commits: commits.clone(),
                 done_tx,
                 capacity,
+                limits: Limits::default(),
                 tick: 0,
                 flush_waiters: Vec::new(),
                 stopping: false,
@@ -1073,12 +1319,28 @@ impl Hub {
                 registry,
                 next_conn: AtomicU64::new(1),
                 metrics,
+                limits: Limits::default(),
                 relay: identity.device,
                 handles: std::sync::Mutex::new(handles),
                 feed_task,
                 committer: std::sync::Mutex::new(committer),
             }),
         })
+    }
+
+    /// The limits device frames are held to.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Whether every worker task is still running (a worker that ended outside shutdown has
+    /// taken its share of the orders with it: the relay is unhealthy).
+    pub fn workers_alive(&self) -> bool {
+        self.inner
+            .handles
+            .lock()
+            .map(|h| h.iter().all(|t| !t.is_finished()))
+            .unwrap_or(false)
     }
 
     /// The relay's own device id.
@@ -1106,6 +1368,7 @@ impl Hub {
             store,
             outbox,
             closed: AtomicBool::new(false),
+            queued_bytes: AtomicUsize::new(0),
             kill: Notify::new(),
         });
         self.inner.registry.add(&peer);

@@ -45,8 +45,11 @@ pub struct Metrics {
     pub handshake_timeouts: AtomicU64,
     /// Connections closed because their device was revoked.
     pub revoked_closed: AtomicU64,
+    /// Panics contained while handling a frame (the frame's effects were undone).
+    pub frame_panics: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    sync_refused: Mutex<BTreeMap<&'static str, u64>>,
     commit_buckets: [AtomicU64; COMMIT_BUCKETS.len()],
     commit_count: AtomicU64,
     commit_sum_micros: AtomicU64,
@@ -70,6 +73,21 @@ impl Metrics {
     /// Rejections so far for `code`.
     pub fn rejections(&self, code: &str) -> u64 {
         self.rejected
+            .lock()
+            .map(|m| m.get(code).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Counts one sync message refused before it was applied, under its error code.
+    pub fn sync_refused(&self, code: &'static str) {
+        if let Ok(mut m) = self.sync_refused.lock() {
+            *m.entry(code).or_default() += 1;
+        }
+    }
+
+    /// Sync messages refused so far for `code`.
+    pub fn sync_refusals(&self, code: &str) -> u64 {
+        self.sync_refused
             .lock()
             .map(|m| m.get(code).copied().unwrap_or(0))
             .unwrap_or(0)
@@ -217,6 +235,23 @@ impl Metrics {
                     out,
                     "relay_connections_refused_total{{code=\"{code}\"}} {n}"
                 );
+            }
+        }
+        g(
+            &mut out,
+            "relay_frame_panics_total",
+            "Panics contained while handling a frame (effects undone, connection closed).",
+            "counter",
+            self.frame_panics.load(r).to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP relay_sync_refused_total Sync messages refused before they were applied, by code."
+        );
+        let _ = writeln!(out, "# TYPE relay_sync_refused_total counter");
+        if let Ok(m) = self.sync_refused.lock() {
+            for (code, n) in m.iter() {
+                let _ = writeln!(out, "relay_sync_refused_total{{code=\"{code}\"}} {n}");
             }
         }
         let _ = writeln!(

@@ -236,8 +236,17 @@ async fn ws_upgrade(
         }))
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// `ok` while every hub worker runs; 503 once one has stopped (the relay cannot store the
+/// orders that worker owns, so a supervisor should restart it).
+async fn healthz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if state.hub.workers_alive() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy: a hub worker stopped\n",
+        )
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
