@@ -425,6 +425,88 @@ fn main() {
         },
     ));
 
+    // The guard on foreign bytes (`crdt_model::guard`): what it adds to a load, to one incoming
+    // change and to one sync message carrying it. Each pair starts from a clone of the same
+    // document, so the difference is the guard's copy and check.
+    results.push(measure(
+        "guard: clone of the document (full lifecycle order)",
+        n,
+        || {
+            black_box(full.doc().clone());
+        },
+    ));
+    results.push(measure(
+        "guard: clone of the document (order edited 2,000 times)",
+        n,
+        || {
+            black_box(o.doc().clone());
+        },
+    ));
+    results.push(measure(
+        "guard: get_changes(&[]), the bulk of the load check (lifecycle)",
+        n,
+        || {
+            black_box(full.doc().get_changes(&[]));
+        },
+    ));
+    results.push(measure("guard::load (full lifecycle order)", n, || {
+        black_box(guard::load(&bytes).unwrap());
+    }));
+    let incoming = after.get_changes(&before.get_heads());
+    results.push(measure(
+        "apply one change (add line, 20-line order), bare Automerge",
+        n,
+        || {
+            let mut d = before.clone();
+            d.apply_changes(incoming.clone()).unwrap();
+            black_box(d);
+        },
+    ));
+    results.push(measure(
+        "apply one change (add line, 20-line order), guard::apply_changes",
+        n,
+        || {
+            let mut d = before.clone();
+            black_box(guard::apply_changes(&mut d, incoming.clone()).unwrap());
+        },
+    ));
+    let message = {
+        use automerge::sync::{self, SyncDoc};
+        let (mut peer, mut theirs) = (before.clone(), after.clone());
+        let (mut sp, mut st) = (sync::State::new(), sync::State::new());
+        let mut with_changes = None;
+        for _ in 0..4 {
+            if let Some(m) = peer.generate_sync_message(&mut sp) {
+                theirs.receive_sync_message(&mut st, m).unwrap();
+            }
+            if let Some(m) = theirs.generate_sync_message(&mut st) {
+                if !m.changes.is_empty() && with_changes.is_none() {
+                    with_changes = Some((m.clone(), sp.clone()));
+                }
+                peer.receive_sync_message(&mut sp, m).unwrap();
+            }
+        }
+        with_changes.unwrap()
+    };
+    results.push(measure(
+        "receive a sync message with that change, bare Automerge",
+        n,
+        || {
+            use automerge::sync::SyncDoc;
+            let (mut d, mut st) = (before.clone(), message.1.clone());
+            d.receive_sync_message(&mut st, message.0.clone()).unwrap();
+            black_box(d);
+        },
+    ));
+    results.push(measure(
+        "receive a sync message with that change, guard",
+        n,
+        || {
+            let (mut d, mut st) = (before.clone(), message.1.clone());
+            black_box(guard::receive_sync_message(&mut d, &mut st, message.0.clone()).unwrap());
+        },
+    ));
+
     println!(
         "crdt-model benchmarks ({} samples each{})",
         n,

@@ -102,6 +102,16 @@ pub enum ModelError {
     /// An Automerge operation failed.
     #[error("automerge: {0}")]
     Automerge(#[from] automerge::AutomergeError),
+    /// Bytes from outside (a saved order, a change, a sync message) that Automerge could not
+    /// take: it panicked on them, or they are not a sync message. Whatever they were offered to
+    /// was left as it was ([`crate::guard`]).
+    #[error("malformed {what}: {detail}")]
+    Malformed {
+        /// What the bytes were meant to be ("document", "change", "sync message").
+        what: &'static str,
+        /// What went wrong (the panic's message, or the decoder's error).
+        detail: String,
+    },
     /// The relay's policy refused a change.
     #[error(transparent)]
     Policy(#[from] PolicyViolation),

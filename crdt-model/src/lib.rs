@@ -40,6 +40,7 @@
 
 pub mod audit;
 pub mod error;
+pub mod guard;
 pub mod ids;
 pub mod money;
 pub mod order;

@@ -13,6 +13,7 @@ use automerge::{
 };
 
 use crate::error::ModelError;
+use crate::guard;
 use crate::ids::{
     DeviceId, Entropy, EntryId, LineId, OrderId, OrderNumber, PaymentId, StoreId, Timestamp,
 };
@@ -292,9 +293,7 @@ impl Order {
     /// Loads a saved order. Arbitrary bytes give a typed error, never a panic; the whole
     /// document is checked against the schema.
     pub fn load(bytes: &[u8], writer: Writer) -> Result<Self, ModelError> {
-        let doc = Automerge::load(bytes)
-            .map_err(|e| ModelError::Load(e.to_string()))?
-            .with_actor(writer.actor.clone());
+        let doc = guard::load(bytes)?.with_actor(writer.actor.clone());
         // The strict parse that checks the document is kept for the first view.
         let snapshot = Snapshot::read(&Reader::new(&doc, None))?;
         let cache = Cache::at(&doc);
@@ -459,16 +458,28 @@ impl Order {
                 other.header.id, self.header.id
             )));
         }
-        let added = self.doc.merge(&mut other.doc)?;
-        self.refresh()?;
+        let changes = self.doc.get_changes_added(&other.doc);
+        let added = changes.iter().map(Change::hash).collect();
+        self.apply_changes(changes)?;
         Ok(added)
     }
 
     /// Applies changes received from elsewhere (the relay applies them to a fork and runs the
-    /// policy first).
+    /// policy first). All or nothing: changes Automerge cannot take, or that leave no readable
+    /// order header, leave the order as it was ([`guard::with_copy`]).
     pub fn apply_changes(&mut self, changes: Vec<Change>) -> Result<(), ModelError> {
-        self.doc.apply_changes(changes)?;
-        self.refresh()
+        if guard::has_all(&self.doc, &changes) {
+            return Ok(());
+        }
+        let ((header, roots), _) = guard::with_copy(&mut self.doc, "change", |doc| {
+            doc.apply_changes(changes)?;
+            let r = Reader::new(doc, None);
+            Ok((Header::read(&r)?, Roots::read(&r)?))
+        })?;
+        self.header = header;
+        self.roots = roots;
+        self.cache = Cache::at(&self.doc);
+        Ok(())
     }
 
     /// Re-reads the cached header and containers after the document changed underneath.

@@ -13,7 +13,12 @@ proptest! {
         let w = Term::new(1).writer;
         match Order::load(&bytes, w) {
             Ok(o) => { o.view().unwrap(); }
-            Err(ModelError::Load(_) | ModelError::NotAnOrder(_) | ModelError::Automerge(_)) => {}
+            Err(
+                ModelError::Load(_)
+                | ModelError::NotAnOrder(_)
+                | ModelError::Automerge(_)
+                | ModelError::Malformed { .. },
+            ) => {}
             Err(other) => prop_assert!(false, "unexpected error kind: {other:?}"),
         }
     }

@@ -23,8 +23,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use automerge::sync::{self, SyncDoc};
+use automerge::sync;
 use automerge::{Automerge, ChangeHash, ReadDoc};
+use crdt_model::guard;
 use crdt_model::wire::{ClientFrame, FeedEntry, RelayFrame, Version, codes, heads_from_wire};
 use crdt_model::{
     Currency, Entropy, ModelError, NewOrder, Order, OrderId, OrderNumber, OrderStatus, OrderView,
@@ -268,17 +269,10 @@ impl Engine {
         let writer = Writer::new(identity.device, identity.epoch);
         let mut orders = BTreeMap::new();
         for s in stored {
-            let mut doc = if s.snapshot.is_empty() {
-                Automerge::new()
-            } else {
-                Automerge::load(&s.snapshot)
-                    .map_err(|e| ReplicatorError::Corrupt(format!("order {}: {e}", s.order)))?
-            };
-            for c in &s.tail {
-                doc.load_incremental(c)
-                    .map_err(|e| ReplicatorError::Corrupt(format!("order {}: {e}", s.order)))?;
-            }
-            let doc = doc.with_actor(writer.actor.clone());
+            // Stored bytes are foreign to Automerge too: a damaged file must not panic here.
+            let doc = guard::load_with_increments(&s.snapshot, s.tail.iter().map(Vec::as_slice))
+                .map_err(|e| ReplicatorError::Corrupt(format!("order {}: {e}", s.order)))?
+                .with_actor(writer.actor.clone());
             let number = crdt_model::number_of(&doc).ok().flatten();
             orders.insert(
                 s.order,
@@ -479,7 +473,11 @@ impl Engine {
     pub fn handle_frame(&mut self, frame: RelayFrame, now: i64) {
         match frame {
             RelayFrame::Welcome { .. } => self.on_welcome(now),
-            RelayFrame::Sync { order, data } => self.on_sync(&order, &data, now),
+            RelayFrame::Sync { order, data } => {
+                if let Err(e) = self.handle_sync(&order, &data, now) {
+                    tracing::warn!(%order, error = %e, "sync message refused");
+                }
+            }
             RelayFrame::Receipt { order, heads } => self.on_receipt(&order, &heads, now),
             RelayFrame::Rejected {
                 order,
@@ -531,34 +529,34 @@ impl Engine {
         }
     }
 
-    fn on_sync(&mut self, order: &str, data: &[u8], now: i64) {
-        let Ok(id) = order.parse::<OrderId>() else {
-            return;
-        };
+    /// One sync message from the relay for `order` (what [`Self::handle_frame`] does with a
+    /// `Sync` frame, with the outcome returned). A message for an order not on the device is
+    /// ignored. A message that does not decode or that Automerge cannot take
+    /// ([`crdt_model::guard`]) leaves the order's document as it was and is refused with the
+    /// model's error; the order's sync with the relay starts over (a fresh sync state, and a
+    /// new message to the relay), and the rest of the engine is untouched.
+    pub fn handle_sync(
+        &mut self,
+        order: &str,
+        data: &[u8],
+        now: i64,
+    ) -> Result<(), ReplicatorError> {
+        let id = order
+            .parse::<OrderId>()
+            .map_err(|e| ReplicatorError::Invalid(format!("sync for order {order:?}: {e}")))?;
         let Some(slot) = self.orders.get_mut(&id) else {
-            return;
+            return Ok(());
         };
-        let Ok(msg) = sync::Message::decode(data) else {
-            tracing::warn!(%id, "undecodable sync message from relay");
-            return;
+        let received = guard::decode_sync_message(data)
+            .and_then(|msg| guard::receive_sync_message(slot.held.doc_mut(), &mut slot.sync, msg));
+        let new: Vec<Vec<u8>> = match received {
+            Ok(changes) => changes.iter().map(|c| c.raw_bytes().to_vec()).collect(),
+            Err(e) => {
+                slot.sync = sync::State::new();
+                self.send_sync(id);
+                return Err(e.into());
+            }
         };
-        let before = slot.held.doc().get_heads();
-        if let Err(e) = slot
-            .held
-            .doc_mut()
-            .receive_sync_message(&mut slot.sync, msg)
-        {
-            tracing::warn!(%id, error = %e, "sync message refused");
-            slot.sync = sync::State::new();
-            return;
-        }
-        let new: Vec<Vec<u8>> = slot
-            .held
-            .doc()
-            .get_changes(&before)
-            .iter()
-            .map(|c| c.raw_bytes().to_vec())
-            .collect();
         if !new.is_empty() {
             let arrived = slot.fetching && crdt_model::store_of(slot.held.doc()).is_ok();
             if arrived {
@@ -572,6 +570,7 @@ impl Engine {
             self.check_covered(id, now);
         }
         self.send_sync(id);
+        Ok(())
     }
 
     fn on_receipt(&mut self, order: &str, heads: &[ByteBuf], now: i64) {
@@ -745,12 +744,23 @@ impl Engine {
         if slot.record.status == LocalSyncStatus::Blocked {
             return;
         }
-        if let Some(m) = slot.held.doc().generate_sync_message(&mut slot.sync) {
-            slot.subscribed = true;
-            self.outbox.push_back(ClientFrame::Sync {
-                order: id.to_string(),
-                data: ByteBuf::from(m.encode()),
-            });
+        // The state holds what the relay said; if Automerge panics on it, the guard resets the
+        // state and the second try starts the sync over.
+        let mut next = guard::generate_sync_message(slot.held.doc(), &mut slot.sync);
+        if let Err(e) = &next {
+            tracing::warn!(%id, error = %e, "sync state reset");
+            next = guard::generate_sync_message(slot.held.doc(), &mut slot.sync);
+        }
+        match next {
+            Ok(Some(m)) => {
+                slot.subscribed = true;
+                self.outbox.push_back(ClientFrame::Sync {
+                    order: id.to_string(),
+                    data: ByteBuf::from(m.encode()),
+                });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(%id, error = %e, "no sync message for the relay"),
         }
     }
 

@@ -1,5 +1,9 @@
-//! Test helpers shared by this crate's integration tests.
+//! Test helpers shared by this crate's integration tests, and by
+//! `replicator/tests/panic_corpus.rs`, which includes this module by path.
 #![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod chunks;
+pub mod corpus;
 
 use crdt_model::*;
 
