@@ -90,11 +90,9 @@ fn judge(t: &Term, relay: &Automerge, device: &Order) -> Result<usize, PolicyVio
     validate(relay, &after, &t.author())
 }
 
-#[test]
-fn a_done_order_is_not_reopened_by_a_new_object_over_its_done_entry() {
-    let mut t = Term::new(21);
-    let mut o = closed_order(&mut t);
-    let relay = o.doc().clone();
+/// Writes a new object over the order's Done entry: the same entry, now `in_progress` with a
+/// higher clock (the attack that reopened a Done order).
+fn reopen_by_overwrite(o: &mut Order) {
     let done = entry_where(o.doc(), &["status"], "status", "done");
     let status = obj(o.doc(), &["status"]);
     let old = obj(o.doc(), &["status", &done]);
@@ -113,6 +111,14 @@ fn a_done_order_is_not_reopened_by_a_new_object_over_its_done_entry() {
         &[],
     );
     tx.commit();
+}
+
+#[test]
+fn a_done_order_is_not_reopened_by_a_new_object_over_its_done_entry() {
+    let mut t = Term::new(21);
+    let mut o = closed_order(&mut t);
+    let relay = o.doc().clone();
+    reopen_by_overwrite(&mut o);
     let verdict = judge(&t, &relay, &o);
     assert!(
         matches!(verdict, Err(PolicyViolation::StatusRewritten(_))),
@@ -194,24 +200,7 @@ fn a_change_hiding_the_done_entry_is_judged_as_made_after_the_close() {
     let mut t = Term::new(24);
     let mut o = closed_order(&mut t);
     let relay = o.doc().clone();
-    let done = entry_where(o.doc(), &["status"], "status", "done");
-    let status = obj(o.doc(), &["status"]);
-    let old = obj(o.doc(), &["status", &done]);
-    let snapshot = o.doc().clone();
-    let mut tx = o.doc_mut().transaction();
-    let e = tx.put_object(&status, done.as_str(), ObjType::Map).unwrap();
-    copy_map(
-        &snapshot,
-        &mut tx,
-        &old,
-        &e,
-        &[
-            ("status", ScalarValue::Str("in_progress".into())),
-            ("clock", ScalarValue::Uint(100)),
-        ],
-        &[],
-    );
-    tx.commit();
+    reopen_by_overwrite(&mut o);
     let mut o = Order::from_doc(o.into_doc(), t.writer.clone()).unwrap();
     let draft = PaymentDraft {
         kind: PaymentKind::Cash,
