@@ -79,15 +79,24 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
+/// Runs `f`; a panic inside it comes back as `Err` with the panic's message.
+///
+/// This is the containment every guarded call uses, for callers (the relay's hub) whose unit
+/// of work is larger than one Automerge call. The caller must treat every state `f` touched as
+/// suspect after an `Err` and restore it from a last good copy.
+pub fn contain<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| panic_message(&*payload))
+}
+
 /// Runs `f`, turning a panic into [`ModelError::Malformed`] about `what`.
 fn guarded<T>(
     what: &'static str,
     f: impl FnOnce() -> Result<T, ModelError>,
 ) -> Result<T, ModelError> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+    contain(f).unwrap_or_else(|message| {
         Err(ModelError::Malformed {
             what,
-            detail: format!("automerge panicked: {}", panic_message(&*payload)),
+            detail: format!("automerge panicked: {message}"),
         })
     })
 }
@@ -299,4 +308,16 @@ pub fn generate_sync_message(
         *state = sync::State::new();
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_error_with_its_message() {
+        let r: Result<(), String> = contain(|| panic!("boom {}", 7));
+        assert_eq!(r, Err("boom 7".to_owned()));
+        assert_eq!(contain(|| 5), Ok(5));
+    }
 }

@@ -17,7 +17,7 @@
 //! the store.
 //!
 //! One connection cannot hurt the others: a panic while handling its frame (or generating its
-//! fan-out) is contained ([`crate::contain`]), undone, counted and answered with a fatal
+//! fan-out) is contained (`crdt_model::guard::contain`), undone, counted and answered with a fatal
 //! `unprocessable`; changes it withholds from their dependency are bounded
 //! ([`crate::screen::Limits`]); another store's order is answered as if it did not exist.
 
@@ -37,11 +37,11 @@ use crdt_model::{
 use serde_bytes::ByteBuf;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::contain::contain;
 use crate::error::RelayError;
 use crate::metrics::Metrics;
 use crate::screen::Limits;
 use crate::store::{CommitOutcome, OrderMeta, OrderWrite, RelayStore};
+use crdt_model::guard::contain;
 
 /// Identifies one WebSocket connection.
 pub type ConnId = u64;
@@ -659,6 +659,18 @@ impl Worker {
     /// as it would be for an absent order, and answered the same way — `unavailable` for a
     /// fetch, a sync message for announced heads, the same error or rejection for bad changes.
     /// Only changes that would create the order get `unavailable`: the id is taken.
+    /// Refuses a document sent as `order` whose header says it is `inside`: counted, logged
+    /// and answered with `wrong_order_id` (nothing of it is stored).
+    fn refuse_wrong_order_id(metrics: &Metrics, peer: &Peer, order: OrderId, inside: OrderId) {
+        metrics.sync_refused(codes::WRONG_ORDER_ID);
+        tracing::warn!(%order, %inside, device = %peer.device, "document sent under another order id");
+        peer.send(RelayFrame::error(
+            codes::WRONG_ORDER_ID,
+            format!("the document is order {inside}, sent as {order}"),
+            false,
+        ));
+    }
+
     fn answer_as_absent(metrics: &Metrics, peer: &Peer, order: OrderId, msg: sync::Message) {
         let has_changes = !msg.changes.is_empty();
         if !has_changes && msg.heads.is_empty() {
@@ -690,12 +702,7 @@ impl Worker {
         if let Ok(inside) = crdt_model::id_of(&empty)
             && inside != order
         {
-            metrics.sync_refused(codes::WRONG_ORDER_ID);
-            peer.send(RelayFrame::error(
-                codes::WRONG_ORDER_ID,
-                format!("the document is order {inside}, sent as {order}"),
-                false,
-            ));
+            Self::refuse_wrong_order_id(metrics, peer, order, inside);
             return;
         }
         let author = Author {
@@ -946,13 +953,7 @@ impl Worker {
             }
             pd.state = sync::State::new();
             pd.clear_queue();
-            metrics.sync_refused(codes::WRONG_ORDER_ID);
-            tracing::warn!(%order, %inside, device = %peer.device, "document sent under another order id");
-            peer.send(RelayFrame::error(
-                codes::WRONG_ORDER_ID,
-                format!("the document is order {inside}, sent as {order}"),
-                false,
-            ));
+            Self::refuse_wrong_order_id(&metrics, &peer, order, inside);
             return;
         }
         let author = Author {

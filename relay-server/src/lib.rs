@@ -11,14 +11,13 @@
 //!   limits and graceful shutdown.
 //! * [`metrics`]: Prometheus text metrics.
 //! * [`screen`]: checks a device's sync message against [`screen::Limits`] before Automerge
-//!   decodes it; [`contain`]: panic containment for one frame's work.
+//!   decodes it. Panics in one frame's work are contained with `crdt_model::guard::contain`.
 //! * [`tls`]: rustls for `wss://` when a certificate is configured.
 //!
 //! It depends on [`crdt_model`] only; the protocol is `crdt_model::wire` (see `docs/protocol.md`).
 
 pub mod admission;
 mod conn;
-pub mod contain;
 pub mod error;
 pub mod hub;
 pub mod metrics;
