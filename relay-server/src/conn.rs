@@ -24,7 +24,9 @@ const KILL_DRAIN: Duration = Duration::from_secs(1);
 /// Most queued frames written before one flush.
 const OUTBOX_BATCH: u64 = 64;
 
-/// A token bucket: `rate` frames per second with a burst of `2 * rate`.
+/// A token bucket: `rate` frames per second with a burst of `2 * rate`. A connection over its
+/// rate is not answered with a refusal (the frame would be lost, and Automerge would not send
+/// it again): it waits for its next token, and its socket is not read meanwhile.
 struct RateLimit {
     rate: f64,
     tokens: f64,
@@ -41,17 +43,27 @@ impl RateLimit {
         }
     }
 
-    fn allow(&mut self) -> bool {
+    /// Takes a token; how long to wait before using it (zero if one was there).
+    fn take(&mut self) -> Duration {
         let now = Instant::now();
         self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
             .min(self.rate * 2.0);
         self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
         } else {
-            false
+            Duration::from_secs_f64(-self.tokens / self.rate)
         }
+    }
+}
+
+/// Whether a WebSocket read error is a message over the size limit.
+fn too_large(e: axum::Error) -> Option<String> {
+    let inner = e.into_inner();
+    match inner.downcast_ref::<ws_protocol::Error>() {
+        Some(ws_protocol::Error::Capacity(c)) => Some(c.to_string()),
+        _ => None,
     }
 }
 
@@ -153,38 +165,58 @@ pub(crate) async fn serve(
     }
     let (tx, mut outbox) = mpsc::channel(OUTBOX_CAPACITY);
     let peer = state.hub.connect(device, store.clone(), tx);
-    tracing::info!(%device, %store, conn = peer.conn, "device connected");
-    tokio::spawn(catch_up(Arc::clone(&peer), state.clone(), since));
-    run(&mut ws, &peer, &state, &mut outbox, &mut shutdown, ticket).await;
+    tracing::info!(%device, %store, conn = %peer.conn, "device connected");
+    let catching_up = catch_up(&peer, &state, since);
+    run(
+        &mut ws,
+        &peer,
+        &state,
+        &mut outbox,
+        &mut shutdown,
+        ticket,
+        catching_up,
+    )
+    .await;
     state.hub.disconnect(&peer).await;
     let _ = ws.close().await;
-    tracing::info!(%device, conn = peer.conn, "device disconnected");
+    tracing::info!(%device, conn = %peer.conn, "device disconnected");
 }
 
-/// Sends every feed entry after `since`, in pages.
-async fn catch_up(peer: Arc<Peer>, state: AppState, mut since: u64) {
+/// Sends every feed entry after `since`, in pages, then switches the connection to the live
+/// feed: entries published meanwhile were held and go out after the last page, so the device
+/// never sees a later feed position before an earlier one. Runs inside the connection's loop,
+/// so nothing outlives the connection.
+async fn catch_up(peer: &Peer, state: &AppState, mut since: u64) {
     loop {
-        let st = Arc::clone(&state.store);
-        let s = peer.store.clone();
-        let page = tokio::task::spawn_blocking(move || st.feed_since(&s, since, FEED_PAGE)).await;
-        let records = match page {
-            Ok(Ok(r)) => r,
-            _ => {
-                peer.send(RelayFrame::error(
-                    codes::STORAGE,
-                    "feed catch-up failed; reconnect to retry",
-                    false,
-                ));
+        loop {
+            let st = Arc::clone(&state.store);
+            let s = peer.store.clone();
+            let page =
+                tokio::task::spawn_blocking(move || st.feed_since(&s, since, FEED_PAGE)).await;
+            let records = match page {
+                Ok(Ok(r)) => r,
+                _ => {
+                    // Without its catch-up the connection would miss orders: end it, the
+                    // device reconnects and tries again.
+                    peer.fail(codes::STORAGE, "feed catch-up failed; reconnect to retry");
+                    return;
+                }
+            };
+            let full = records.len() == FEED_PAGE;
+            if let Some(last) = records.last() {
+                since = last.seq;
+                peer.send(RelayFrame::Feed {
+                    entries: records.iter().map(|r| feed_entry(&r.meta)).collect(),
+                });
+            }
+            if peer.is_closed() {
                 return;
             }
-        };
-        let Some(last) = records.last() else { return };
-        since = last.seq;
-        let full = records.len() == FEED_PAGE;
-        peer.send(RelayFrame::Feed {
-            entries: records.iter().map(|r| feed_entry(&r.meta)).collect(),
-        });
-        if !full || peer.is_closed() {
+            if !full {
+                break;
+            }
+        }
+        if state.hub.go_live(peer, since) {
             return;
         }
     }
@@ -197,7 +229,10 @@ async fn run(
     outbox: &mut mpsc::Receiver<Bytes>,
     shutdown: &mut watch::Receiver<bool>,
     ticket: &Ticket,
+    catching_up: impl Future<Output = ()>,
 ) {
+    tokio::pin!(catching_up);
+    let mut caught_up = false;
     let mut limit = RateLimit::new(state.config.rate_per_sec);
     // Liveness: a connection silent for `every` is pinged (WebSocket ping; clients answer it
     // themselves); one from which nothing at all arrived for three times that is closed, so a
@@ -209,7 +244,7 @@ async fn run(
         if ticket.is_revoked() {
             // Nothing more from a revoked device reaches the hub.
             state.metrics.revoked_closed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(device = %peer.device, conn = peer.conn, "device revoked; closing");
+            tracing::info!(device = %peer.device, conn = %peer.conn, "device revoked; closing");
             let _ = send(
                 ws,
                 state,
@@ -220,10 +255,11 @@ async fn run(
         }
         tokio::select! {
             () = ticket.notify.notified() => continue,
+            () = &mut catching_up, if !caught_up => caught_up = true,
             _ = keepalive.tick() => {
                 let silent = last_in.elapsed();
                 if silent >= every * 3 {
-                    tracing::info!(device = %peer.device, conn = peer.conn, "connection silent; closing");
+                    tracing::info!(device = %peer.device, conn = %peer.conn, "connection silent; closing");
                     return;
                 }
                 if silent >= every && ws.send(Message::Ping(Bytes::new())).await.is_err() {
@@ -242,8 +278,7 @@ async fn run(
                     Some(Ok(Message::Close(_))) | None => return,
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => {
-                        let msg = e.to_string();
-                        if msg.contains("too long") || msg.contains("too big") || msg.contains("size") {
+                        if let Some(msg) = too_large(e) {
                             let _ = send(ws, state, &RelayFrame::error(codes::FRAME_TOO_LARGE, msg, true)).await;
                         }
                         state.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
@@ -251,9 +286,10 @@ async fn run(
                     }
                 };
                 state.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
-                if !limit.allow() {
-                    peer.send(RelayFrame::error(codes::RATE_LIMITED, "too many frames; slow down", false));
-                    continue;
+                let wait = limit.take();
+                if !wait.is_zero() {
+                    state.metrics.rate_waits.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(wait).await;
                 }
                 match ClientFrame::decode(&bytes) {
                     Ok(ClientFrame::Sync { order, data }) => {
@@ -265,7 +301,7 @@ async fn run(
                         // limits first (Bloom filters, hash counts, inflated sizes).
                         if let Err(refusal) = crate::screen::screen(&data, state.hub.limits()) {
                             state.metrics.sync_refused(refusal.code());
-                            tracing::info!(conn = peer.conn, device = %peer.device, %order, code = refusal.code(), reason = refusal.message(), "sync message refused");
+                            tracing::info!(conn = %peer.conn, device = %peer.device, %order, code = refusal.code(), reason = refusal.message(), "sync message refused");
                             peer.send(RelayFrame::error(refusal.code(), format!("order {order}: {}", refusal.message()), false));
                             continue;
                         }
@@ -316,7 +352,7 @@ async fn run(
             () = peer.kill.notified() => {
                 // The hub gave up on the connection (too slow, or a fatal error frame): send
                 // what is already queued (the error frame) for a moment, then close.
-                tracing::warn!(conn = peer.conn, "the hub closed the connection");
+                tracing::warn!(conn = %peer.conn, "the hub closed the connection");
                 let drain = async {
                     while let Ok(frame) = outbox.try_recv() {
                         state.metrics.frames_out.fetch_add(1, Ordering::Relaxed);

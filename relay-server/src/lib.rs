@@ -3,7 +3,11 @@
 //!
 //! # Layout
 //! * [`store`]: redb persistence (orders as snapshot + change tail, numbers, feed, devices).
-//! * [`hub`]: documents in memory, sync states, policy checks, group commit, receipts, fan-out.
+//! * [`core`]: the sans-IO relay core: documents in memory, sync states, policy checks, the
+//!   writes to commit, receipts, fan-out, the order cache. No I/O, no clock, no entropy.
+//! * [`hub`]: the tokio driver of the core: worker tasks, the redb committer thread, the live
+//!   feed, connection backpressure.
+//! * [`clock`]: the one wall clock and entropy source the drivers pass to the core.
 //! * [`admission`]: socket and device connection limits, handshake deadline, live connections
 //!   per device (for revocation).
 //! * `conn`: one device connection (handshake, frames, rate limit, feed catch-up).
@@ -17,7 +21,9 @@
 //! It depends on [`crdt_model`] only; the protocol is `crdt_model::wire` (see `docs/protocol.md`).
 
 pub mod admission;
+pub mod clock;
 mod conn;
+pub mod core;
 pub mod error;
 pub mod hub;
 pub mod metrics;

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub revoked_closed: AtomicU64,
     /// Panics contained while handling a frame (the frame's effects were undone).
     pub frame_panics: AtomicU64,
+    /// Frames a connection had to wait for because it was over its rate (backpressure).
+    pub rate_waits: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
     sync_refused: Mutex<BTreeMap<&'static str, u64>>,
@@ -243,6 +245,13 @@ impl Metrics {
             "Panics contained while handling a frame (effects undone, connection closed).",
             "counter",
             self.frame_panics.load(r).to_string(),
+        );
+        g(
+            &mut out,
+            "relay_rate_waits_total",
+            "Frames held back because their connection was over its rate (its socket was not read meanwhile).",
+            "counter",
+            self.rate_waits.load(r).to_string(),
         );
         let _ = writeln!(
             out,

@@ -602,6 +602,8 @@ pub async fn serve_store(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RelayError> {
+    // Handles on the store held outside this function (the caller's, this one's).
+    let held_outside = Arc::strong_count(&store);
     let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let metrics = Arc::new(Metrics::default());
     let fds = crate::admission::fd_limit();
@@ -688,7 +690,7 @@ pub async fn serve_store(
              (changes not committed were never receipted; devices resend them)"
         );
     }
-    match tokio::time::timeout_at(deadline, &mut server).await {
+    let served = match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(Ok(r)) => r.map_err(RelayError::Io),
         Ok(Err(e)) => Err(RelayError::Storage(e.to_string())),
         Err(_) => {
@@ -696,7 +698,19 @@ pub async fn serve_store(
             tracing::warn!("HTTP connections still open at the shutdown bound; closed");
             Ok(())
         }
+    };
+    // Whatever still holds the store (a load or a feed page on a blocking thread) finishes
+    // before this returns, so the caller can open the same data again at once.
+    let store = Arc::clone(&state.store);
+    drop(state);
+    drop(hub);
+    while Arc::strong_count(&store) > held_outside && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    if Arc::strong_count(&store) > held_outside {
+        tracing::warn!("the store is still in use at the shutdown bound");
+    }
+    served
 }
 
 /// Binds `addr` and runs a relay in the background; for tests and embedding.

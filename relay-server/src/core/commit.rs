@@ -1,0 +1,288 @@
+//! Accepted changes on their way to disk: the write of an order (one in flight at a time),
+//! what a durable write releases (receipts, fan-out, the feed entry, the order number) and what
+//! a failed one undoes. Also the back-office status change, which takes the same path.
+
+use std::sync::atomic::Ordering;
+
+use automerge::Change;
+use crdt_model::wire::codes;
+use crdt_model::{Order, OrderId, OrderNumber, OrderStatus, StoreId, Timestamp, validate};
+
+use super::doc::Batch;
+use super::{COMPACT_EVERY, ConnId, Output, RelayCore, RequestId};
+use crate::error::RelayError;
+use crate::store::{CommitOutcome, OrderWrite};
+
+impl RelayCore {
+    /// Adds `changes` (already in `working`) to the order's next write.
+    pub(super) fn accept(
+        &mut self,
+        now: i64,
+        order: OrderId,
+        changes: Vec<Change>,
+        origin: Option<ConnId>,
+        request: Option<RequestId>,
+    ) {
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        let p = &mut d.pending;
+        p.changes.extend(changes);
+        p.origins.extend(origin);
+        p.requests.extend(request);
+        p.snapshot = Some(d.working.clone());
+        self.dispatch(now, order);
+    }
+
+    /// Sends the order's pending changes to the store unless a write is already in flight.
+    pub(super) fn dispatch(&mut self, now: i64, order: OrderId) {
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        if d.inflight.is_some() || d.pending.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut d.pending);
+        let Some(snapshot) = batch.snapshot.as_ref() else {
+            return;
+        };
+        let built = (|| {
+            let status = crdt_model::status_of(snapshot)?;
+            let store = match &d.store {
+                Some(s) => s.clone(),
+                None => crdt_model::store_of(snapshot)?,
+            };
+            Ok::<_, crdt_model::ModelError>((status, store))
+        })();
+        let (status, store) = match built {
+            Ok(v) => v,
+            Err(e) => {
+                // The policy accepted the document, so it parses; if not, refuse loudly.
+                tracing::error!(%order, error = %e, "accepted document does not parse");
+                d.working = d.committed.clone();
+                self.fail_batch(order, batch, "internal error");
+                return;
+            }
+        };
+        d.store = Some(store.clone());
+        let n = u32::try_from(batch.changes.len()).unwrap_or(u32::MAX);
+        let compacted = (d.tail_len.saturating_add(n) > COMPACT_EVERY).then(|| snapshot.save());
+        let write = OrderWrite {
+            order,
+            store,
+            changes: batch
+                .changes
+                .iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect(),
+            compacted,
+            status,
+            heads: snapshot.get_heads().iter().map(|h| h.0).collect(),
+            at: now,
+        };
+        d.inflight = Some(batch);
+        self.outputs.push_back(Output::Commit {
+            write: Box::new(write),
+        });
+    }
+
+    /// Tells everyone waiting on `batch` that it will not be durable.
+    fn fail_batch(&mut self, order: OrderId, batch: Batch, reason: &str) {
+        self.metrics
+            .receipts_pending
+            .fetch_sub(batch.origins.len() as i64, Ordering::Relaxed);
+        for conn in batch.origins {
+            self.send(
+                conn,
+                crdt_model::wire::RelayFrame::error(
+                    codes::STORAGE,
+                    format!("order {order}: not stored ({reason}); retry"),
+                    false,
+                ),
+            );
+        }
+        for request in batch.requests {
+            self.answer(
+                request,
+                Err(RelayError::Storage(format!("order {order}: {reason}"))),
+            );
+        }
+    }
+
+    pub(super) fn committed(
+        &mut self,
+        now: i64,
+        order: OrderId,
+        result: Result<CommitOutcome, RelayError>,
+    ) {
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        let Some(batch) = d.inflight.take() else {
+            return;
+        };
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) => {
+                // Nothing of this write is on disk, and the changes accepted after it build on
+                // it: the order falls back to what is stored, and everyone waiting is told.
+                // Sync states are reset, since they count those changes as received.
+                let later = std::mem::take(&mut d.pending);
+                d.working = d.committed.clone();
+                for pd in d.peers.values_mut() {
+                    pd.state = automerge::sync::State::new();
+                }
+                let reason = format!("commit failed: {e}");
+                self.fail_batch(order, batch, &reason);
+                self.fail_batch(order, later, &reason);
+                return;
+            }
+        };
+        let Some(snapshot) = batch.snapshot else {
+            return;
+        };
+        tracing::debug!(%order, changes = batch.changes.len(), "committed");
+        d.committed = snapshot;
+        d.tail_len = outcome.meta.tail_len;
+        self.metrics
+            .changes_accepted
+            .fetch_add(batch.changes.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .receipts_pending
+            .fetch_sub(batch.origins.len() as i64, Ordering::Relaxed);
+        // Every connection of the order gets what it lacks, then any receipt due: a receipt
+        // never overtakes the changes it names. Each connection's message comes from its own
+        // sync state, which its own messages shaped: a panic there is that connection's.
+        let mut sends = Vec::new();
+        let mut failed = Vec::new();
+        for (conn, pd) in &mut d.peers {
+            match crdt_model::guard::contain(|| pd.generate(&d.committed)) {
+                Ok(m) => {
+                    let receipt = pd.receipt_due(&d.committed).then(|| {
+                        pd.last_receipt.clone_from(&pd.their_heads);
+                        pd.their_heads.clone()
+                    });
+                    sends.push((*conn, m, receipt));
+                }
+                Err(why) => failed.push((*conn, why)),
+            }
+        }
+        let replies: Vec<_> = batch
+            .requests
+            .iter()
+            .map(|r| {
+                (
+                    *r,
+                    crdt_model::view_of(&d.committed).map_err(RelayError::from),
+                )
+            })
+            .collect();
+        let store = outcome.meta.store.clone();
+        let entry = super::feed_entry(&outcome.meta);
+        let newly = outcome.newly_numbered;
+        d.meta = Some(outcome.meta);
+        sends.sort_by_key(|(conn, _, _)| *conn);
+        for (conn, m, receipt) in sends {
+            if let Some(m) = m {
+                self.send_sync(conn, order, m);
+            }
+            if let Some(heads) = receipt {
+                self.send_receipt(conn, order, &heads);
+            }
+        }
+        for (conn, why) in failed {
+            self.metrics.frame_panics.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%order, conn = %conn, panic = %why,
+                "generating a sync message panicked; the connection is closed");
+            self.unfollow(conn, order);
+            self.outputs.push_back(Output::Close {
+                conn,
+                code: codes::UNPROCESSABLE,
+                message: format!("the relay could not process a sync frame for order {order}"),
+            });
+        }
+        for (request, result) in replies {
+            self.answer(request, result);
+        }
+        self.outputs.push_back(Output::Publish { store, entry });
+        if newly {
+            self.ensure_number(now, order);
+        }
+        self.dispatch(now, order);
+    }
+
+    /// Writes the stored number into the document if it is not there yet (after the first
+    /// commit, or after a restart that came between the first commit and this change).
+    pub(super) fn ensure_number(&mut self, now: i64, order: OrderId) {
+        let writer = self.writer.clone();
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        let Some(number) = d.meta.as_ref().map(|m| m.number) else {
+            return;
+        };
+        let mut o = match Order::from_doc(d.working.clone(), writer) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(%order, error = %e, "stored order does not parse");
+                return;
+            }
+        };
+        let before = o.heads();
+        match o.assign_number(Timestamp(now), OrderNumber(number.0)) {
+            Ok(true) => {
+                let changes = o.doc().get_changes(&before);
+                d.working = o.into_doc();
+                self.accept(now, order, changes, None, None);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(%order, error = %e, "order carries another number than stored")
+            }
+        }
+    }
+
+    pub(super) fn back_office_loaded(
+        &mut self,
+        now: i64,
+        request: RequestId,
+        order: OrderId,
+        store: Option<StoreId>,
+        status: OrderStatus,
+    ) {
+        let writer = self.writer.clone();
+        let mut author = self.relay_author.clone();
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        let visible = d.exists()
+            && d.meta.is_some()
+            && store.as_ref().is_none_or(|s| d.store.as_ref() == Some(s));
+        let result = if visible {
+            Order::from_doc(d.working.clone(), writer).map_err(RelayError::from)
+        } else {
+            Err(RelayError::NotFound(format!("order {order}")))
+        };
+        let mut o = match result {
+            Ok(o) => o,
+            Err(e) => {
+                self.answer(request, Err(e));
+                return;
+            }
+        };
+        let before = o.heads();
+        if let Err(e) = o.set_status_any(Timestamp(now), &mut *self.rng, status) {
+            self.answer(request, Err(e.into()));
+            return;
+        }
+        author.store = o.store().clone();
+        if let Err(v) = validate(&d.working, o.doc(), &author) {
+            let e = crdt_model::ModelError::from(v).into();
+            self.answer(request, Err(e));
+            return;
+        }
+        let changes = o.doc().get_changes(&before);
+        d.working = o.into_doc();
+        self.accept(now, order, changes, None, Some(request));
+    }
+}

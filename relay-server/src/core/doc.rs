@@ -1,0 +1,207 @@
+//! One order's state in the relay core: the committed and working documents, the write in
+//! flight and the one waiting behind it, and each connection's sync state for the order.
+
+use std::collections::HashMap;
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{Automerge, Change, ChangeHash, ReadDoc};
+use crdt_model::StoreId;
+
+use super::{ConnId, RequestId};
+use crate::screen::Limits;
+use crate::store::OrderMeta;
+
+/// Changes accepted by the policy that wait to be made durable, and who waits for them.
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    /// `working` right after the newest of these changes was accepted: what `committed`
+    /// becomes once they are durable.
+    pub snapshot: Option<Automerge>,
+    /// The changes, dependencies first.
+    pub changes: Vec<Change>,
+    /// Connections whose changes these are (one entry per accepted message).
+    pub origins: Vec<ConnId>,
+    /// Back-office requests answered once these are durable.
+    pub requests: Vec<RequestId>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+/// A connection's view of one order.
+#[derive(Debug)]
+pub(super) struct PeerDoc {
+    /// Automerge's sync state with this connection.
+    pub state: sync::State,
+    /// The heads this connection last announced (its own document's heads).
+    pub their_heads: Vec<ChangeHash>,
+    /// The heads of the last receipt sent to it.
+    pub last_receipt: Vec<ChangeHash>,
+    /// Change chunks it sent that cannot be applied yet (a dependency is missing, e.g. one
+    /// skipped because of a Bloom filter false positive). They are re-applied with its next
+    /// message, and replies are generated as if they were applied, so the sync protocol asks
+    /// for the missing dependency instead of for the queued change again.
+    pub queued: Vec<Vec<u8>>,
+    /// Bytes in `queued`.
+    pub queued_bytes: usize,
+}
+
+impl PeerDoc {
+    pub fn new() -> Self {
+        Self {
+            state: sync::State::new(),
+            their_heads: Vec::new(),
+            last_receipt: Vec::new(),
+            queued: Vec::new(),
+            queued_bytes: 0,
+        }
+    }
+
+    /// `doc`, plus the queued chunks when there are any.
+    fn view_of(&self, doc: &Automerge) -> Option<Automerge> {
+        if self.queued.is_empty() {
+            return None;
+        }
+        let mut d = doc.fork();
+        for q in &self.queued {
+            let _ = d.load_incremental(q);
+        }
+        Some(d)
+    }
+
+    /// The next message for this connection from `doc` (with its queued chunks).
+    pub fn generate(&mut self, doc: &Automerge) -> Option<sync::Message> {
+        match self.view_of(doc) {
+            Some(with_queue) => with_queue.generate_sync_message(&mut self.state),
+            None => doc.generate_sync_message(&mut self.state),
+        }
+    }
+
+    /// Whether a receipt is due: the connection announced heads the committed document holds
+    /// (so they are durable), and it has not been told so yet.
+    pub fn receipt_due(&self, committed: &Automerge) -> bool {
+        !self.their_heads.is_empty()
+            && self.their_heads != self.last_receipt
+            && self.their_heads.iter().all(|h| holds(committed, h))
+    }
+}
+
+/// Everything the core keeps about one order while it is in memory.
+#[derive(Debug)]
+pub(super) struct DocState {
+    /// Exactly what the store holds. Outgoing sync messages come from it only, so nothing
+    /// reaches another party before it is durable.
+    pub committed: Automerge,
+    /// `committed` plus every change the policy accepted that is not durable yet.
+    pub working: Automerge,
+    /// The stored metadata (number, feed position), once stored.
+    pub meta: Option<OrderMeta>,
+    /// The order's store, once known.
+    pub store: Option<StoreId>,
+    /// Sync states by connection.
+    pub peers: HashMap<ConnId, PeerDoc>,
+    /// The write being committed (at most one per order: the next builds on its result).
+    pub inflight: Option<Batch>,
+    /// Accepted changes waiting for `inflight` to finish.
+    pub pending: Batch,
+    /// Changes in the stored tail after the snapshot.
+    pub tail_len: u32,
+    /// Recency, for the cache.
+    pub last_used: u64,
+}
+
+impl DocState {
+    pub fn empty() -> Self {
+        Self {
+            committed: Automerge::new(),
+            working: Automerge::new(),
+            meta: None,
+            store: None,
+            peers: HashMap::new(),
+            inflight: None,
+            pending: Batch::default(),
+            tail_len: 0,
+            last_used: 0,
+        }
+    }
+
+    /// Whether the order exists (stored or being created).
+    pub fn exists(&self) -> bool {
+        !self.working.get_heads().is_empty()
+    }
+
+    /// Whether a write is being committed or waits to be.
+    pub fn busy(&self) -> bool {
+        self.inflight.is_some() || !self.pending.is_empty()
+    }
+
+    /// The last state the policy accepted.
+    pub fn last_accepted(&self) -> &Automerge {
+        last_accepted(&self.pending, self.inflight.as_ref(), &self.committed)
+    }
+}
+
+/// The last state the policy accepted: the pending write's, the one in flight, or the
+/// committed document (a function of the fields, so `working` can change while it is borrowed).
+pub(super) fn last_accepted<'a>(
+    pending: &'a Batch,
+    inflight: Option<&'a Batch>,
+    committed: &'a Automerge,
+) -> &'a Automerge {
+    if let Some(s) = &pending.snapshot {
+        return s;
+    }
+    match inflight.and_then(|b| b.snapshot.as_ref()) {
+        Some(s) => s,
+        None => committed,
+    }
+}
+
+/// Whether `doc` holds change `hash`. Only for documents with no pending (unapplied)
+/// changes; unlike `get_change_by_hash`, which rebuilds the change from the op set in
+/// automerge 0.12, this is a lookup.
+pub(super) fn holds(doc: &Automerge, hash: &ChangeHash) -> bool {
+    !doc.get_missing_deps(std::slice::from_ref(hash))
+        .contains(hash)
+}
+
+/// The changes among `chunks` that `before` lacks and `after` holds, dependencies first;
+/// `None` if a chunk is not a single change or a document has pending (unapplied) changes
+/// (the caller then asks the document).
+pub(super) fn new_changes_in(
+    chunks: &[Vec<u8>],
+    before: &Automerge,
+    after: &Automerge,
+) -> Option<Vec<Change>> {
+    if !before.get_missing_deps(&[]).is_empty() || !after.get_missing_deps(&[]).is_empty() {
+        return None;
+    }
+    let mut fresh: Vec<Change> = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        let change = Change::from_bytes(chunk.clone()).ok()?;
+        let hash = change.hash();
+        if !holds(before, &hash) && holds(after, &hash) && !fresh.iter().any(|c| c.hash() == hash) {
+            fresh.push(change);
+        }
+    }
+    let mut ordered = Vec::with_capacity(fresh.len());
+    while !fresh.is_empty() {
+        let ready = fresh.iter().position(|c| {
+            c.deps()
+                .iter()
+                .all(|d| !fresh.iter().any(|o| o.hash() == *d))
+        })?;
+        ordered.push(fresh.swap_remove(ready));
+    }
+    Some(ordered)
+}
+
+/// Bytes a connection holds queued per order and in total, against [`Limits`].
+pub(super) fn within_queue_limits(pd: &PeerDoc, conn_total: usize, limits: &Limits) -> bool {
+    pd.queued.len() <= limits.max_queued_changes
+        && pd.queued_bytes <= limits.max_queued_bytes
+        && conn_total <= limits.max_queued_bytes_per_conn
+}

@@ -1,0 +1,524 @@
+//! The relay's core: a deterministic state machine with no I/O, in the manner of quinn-proto
+//! and samod-core.
+//!
+//! It owns the documents of its share of the orders (a shard), every connection's sync state
+//! for them, the policy calls, the writes to commit, receipts, fan-out and the order cache.
+//! Drivers feed it inputs with `handle_*` (a sync message from a connection, a connection
+//! closed, a back-office request, an order loaded, a commit finished or failed), passing the
+//! time in, and drain what it wants done with [`RelayCore::poll_output`]: frames to send,
+//! connections to close, orders to load, writes to commit, feed entries to publish, requests to
+//! answer. The tokio server with its redb committer is one driver; the simulation in
+//! `tests/tests/relay_sim.rs` is another.
+//!
+//! The promises it keeps:
+//!
+//! * **Durable before advertised.** `committed` is exactly what the store holds; sync messages
+//!   are generated from it only, and a receipt names heads the connection announced once the
+//!   committed document holds all of them. A receipt therefore never names a change the
+//!   receiving device lacks (it announced those heads) nor one that is not on disk.
+//! * **One write per order in flight.** The next write of an order is built when the previous
+//!   one is durable. A failed write is not followed by one that builds on it: the order falls
+//!   back to what is stored, and every connection waiting on the failed changes is told.
+//! * **Followers survive the cache.** An evicted order keeps its list of following
+//!   connections; when it is loaded again they get a fresh sync state, so the next change
+//!   reaches them.
+//! * **One connection cannot hurt the others.** A panic while handling its message is
+//!   contained and undone and closes only that connection; changes it withholds from their
+//!   dependency are bounded ([`Limits`]); another store's order is answered as an absent one.
+
+mod commit;
+mod doc;
+mod sync_in;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+
+use automerge::sync;
+use crdt_model::wire::{FeedEntry, RelayFrame};
+use crdt_model::{
+    Author, DeviceId, Entropy, OrderId, OrderStatus, OrderView, Role, StoreId, Writer,
+};
+use serde_bytes::ByteBuf;
+
+use crate::error::RelayError;
+use crate::metrics::Metrics;
+use crate::screen::Limits;
+use crate::store::{CommitOutcome, OrderMeta, OrderWrite, StoredOrder};
+use doc::DocState;
+
+/// How many tail changes an order may accumulate before it is compacted into a snapshot.
+pub const COMPACT_EVERY: u32 = 64;
+
+/// One device connection, as numbered by the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// One back-office request, as numbered by the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RequestId(pub u64);
+
+/// Who sent a sync message: the connection and the device and store its token names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// The connection.
+    pub conn: ConnId,
+    /// The authenticated device.
+    pub device: DeviceId,
+    /// Its store.
+    pub store: StoreId,
+}
+
+/// What the core wants done.
+#[derive(Debug)]
+pub enum Output {
+    /// Send a frame on a connection.
+    Send {
+        /// The connection.
+        conn: ConnId,
+        /// The frame.
+        frame: RelayFrame,
+    },
+    /// Send a fatal error frame, then close the connection.
+    Close {
+        /// The connection.
+        conn: ConnId,
+        /// Error code (`crdt_model::wire::codes`).
+        code: &'static str,
+        /// For the device's log.
+        message: String,
+    },
+    /// Load an order from the store and report with [`RelayCore::handle_loaded`].
+    Load {
+        /// The order.
+        order: OrderId,
+    },
+    /// Commit a write durably and report with [`RelayCore::handle_committed`].
+    Commit {
+        /// The write (boxed: it is large and rarer than frames).
+        write: Box<OrderWrite>,
+    },
+    /// A committed order's new feed entry, for every connection of its store.
+    Publish {
+        /// The store.
+        store: StoreId,
+        /// The entry.
+        entry: FeedEntry,
+    },
+    /// Answer a back-office request.
+    Reply {
+        /// The request.
+        request: RequestId,
+        /// The order after the change was committed, or why not (boxed: it is large).
+        result: Box<Result<OrderView, RelayError>>,
+    },
+}
+
+/// Tunables of a core.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// Orders kept in memory; idle ones beyond this are dropped (and loaded again on use).
+    pub capacity: usize,
+    /// Limits device messages are held to.
+    pub limits: Limits,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 10_000,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// An input that waits for its order to be loaded.
+#[derive(Debug)]
+enum Parked {
+    Sync {
+        origin: Origin,
+        msg: sync::Message,
+    },
+    BackOffice {
+        request: RequestId,
+        store: Option<StoreId>,
+        status: OrderStatus,
+    },
+}
+
+/// What the core knows of a connection.
+#[derive(Debug, Default)]
+struct ConnInfo {
+    /// Orders it has a sync state for (or follows).
+    orders: HashSet<OrderId>,
+    /// Bytes of its change chunks waiting for a missing dependency, over all orders.
+    queued_bytes: usize,
+}
+
+/// The relay's core for one shard of the orders. See the module docs.
+pub struct RelayCore {
+    docs: HashMap<OrderId, DocState>,
+    conns: HashMap<ConnId, ConnInfo>,
+    /// Connections following an order, kept when the order leaves the cache.
+    followers: HashMap<OrderId, HashSet<ConnId>>,
+    /// Inputs waiting for their order's load, by order.
+    loading: HashMap<OrderId, Vec<Parked>>,
+    outputs: VecDeque<Output>,
+    writer: Writer,
+    relay_author: Author,
+    rng: Box<dyn Entropy + Send>,
+    metrics: Arc<Metrics>,
+    config: CoreConfig,
+    tick: u64,
+}
+
+impl fmt::Debug for RelayCore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RelayCore")
+            .field("orders", &self.docs.len())
+            .field("connections", &self.conns.len())
+            .field("loading", &self.loading.len())
+            .field("outputs", &self.outputs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayCore {
+    /// A core writing as `relay` (the relay's device identity and epoch), drawing its random
+    /// ids from `rng`.
+    pub fn new(
+        relay: DeviceId,
+        epoch: u32,
+        rng: Box<dyn Entropy + Send>,
+        metrics: Arc<Metrics>,
+        config: CoreConfig,
+    ) -> Result<Self, RelayError> {
+        Ok(Self {
+            docs: HashMap::new(),
+            conns: HashMap::new(),
+            followers: HashMap::new(),
+            loading: HashMap::new(),
+            outputs: VecDeque::new(),
+            writer: Writer::new(relay, epoch),
+            relay_author: Author {
+                device: relay,
+                store: StoreId::new("relay")?,
+                role: Role::Relay,
+            },
+            rng,
+            metrics,
+            config,
+            tick: 0,
+        })
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// Whether nothing is being committed, waiting to be, or waiting for a load.
+    pub fn is_idle(&self) -> bool {
+        self.loading.is_empty() && self.docs.values().all(|d| !d.busy())
+    }
+
+    /// Orders in memory.
+    pub fn orders_in_memory(&self) -> usize {
+        self.docs.len()
+    }
+
+    /// A sync message from a device (already screened and decoded by the driver).
+    pub fn handle_sync(&mut self, now: i64, origin: Origin, order: OrderId, msg: sync::Message) {
+        self.conns.entry(origin.conn).or_default();
+        if self.loaded(order) {
+            self.sync_loaded(now, &origin, order, msg);
+        } else {
+            self.park(order, Parked::Sync { origin, msg });
+        }
+    }
+
+    /// A back-office status change for `order` (of `store` only, when given), authored by the
+    /// relay; answered with [`Output::Reply`] once committed.
+    pub fn handle_back_office(
+        &mut self,
+        now: i64,
+        request: RequestId,
+        order: OrderId,
+        store: Option<StoreId>,
+        status: OrderStatus,
+    ) {
+        if self.loaded(order) {
+            self.back_office_loaded(now, request, order, store, status);
+        } else {
+            self.park(
+                order,
+                Parked::BackOffice {
+                    request,
+                    store,
+                    status,
+                },
+            );
+        }
+    }
+
+    /// A connection closed: its sync states and queued chunks go.
+    pub fn handle_disconnect(&mut self, conn: ConnId) {
+        let Some(info) = self.conns.remove(&conn) else {
+            return;
+        };
+        for order in info.orders {
+            if let Some(d) = self.docs.get_mut(&order) {
+                d.peers.remove(&conn);
+            }
+            if let Some(f) = self.followers.get_mut(&order) {
+                f.remove(&conn);
+                if f.is_empty() {
+                    self.followers.remove(&order);
+                }
+            }
+        }
+    }
+
+    /// The store's answer to [`Output::Load`]: the stored order, `None` if never stored, or
+    /// why it could not be read.
+    pub fn handle_loaded(
+        &mut self,
+        now: i64,
+        order: OrderId,
+        loaded: Result<Option<StoredOrder>, RelayError>,
+    ) {
+        let parked = self.loading.remove(&order).unwrap_or_default();
+        let state = loaded.and_then(|stored| match stored {
+            None => Ok(DocState::empty()),
+            Some(stored) => {
+                let doc = crdt_model::guard::load_with_increments(
+                    &stored.snapshot,
+                    stored.tail.iter().map(Vec::as_slice),
+                )
+                .map_err(|e| RelayError::Corrupt(format!("order {order}: {e}")))?;
+                let mut state = DocState::empty();
+                state.committed = doc.clone();
+                state.working = doc;
+                state.store = Some(stored.meta.store.clone());
+                state.tail_len = stored.meta.tail_len;
+                state.meta = Some(stored.meta);
+                Ok(state)
+            }
+        });
+        let mut state = match state {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(%order, error = %e, "cannot load order");
+                for p in parked {
+                    match p {
+                        Parked::Sync { origin, .. } => self.send(
+                            origin.conn,
+                            RelayFrame::error(
+                                crdt_model::wire::codes::STORAGE,
+                                format!("cannot load order {order}; retry"),
+                                false,
+                            ),
+                        ),
+                        Parked::BackOffice { request, .. } => {
+                            let e = RelayError::Storage(format!("cannot load order {order}: {e}"));
+                            self.answer(request, Err(e));
+                        }
+                    }
+                }
+                return;
+            }
+        };
+        self.evict_if_full();
+        // Connections that followed the order before it left the cache get a fresh sync state:
+        // the next change reaches them.
+        if let Some(f) = self.followers.get(&order) {
+            for conn in f {
+                state.peers.insert(*conn, doc::PeerDoc::new());
+            }
+        }
+        self.tick += 1;
+        state.last_used = self.tick;
+        self.docs.insert(order, state);
+        self.metrics
+            .orders_in_memory
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ensure_number(now, order);
+        self.dispatch(now, order);
+        for p in parked {
+            match p {
+                Parked::Sync { origin, msg } => {
+                    if self.conns.contains_key(&origin.conn) {
+                        self.sync_loaded(now, &origin, order, msg);
+                    }
+                }
+                Parked::BackOffice {
+                    request,
+                    store,
+                    status,
+                } => self.back_office_loaded(now, request, order, store, status),
+            }
+        }
+    }
+
+    /// The store's answer to [`Output::Commit`] for `order`.
+    pub fn handle_committed(
+        &mut self,
+        now: i64,
+        order: OrderId,
+        result: Result<CommitOutcome, RelayError>,
+    ) {
+        let outcome = crdt_model::guard::contain(|| self.committed(now, order, result));
+        if let Err(why) = outcome {
+            self.metrics
+                .frame_panics
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(%order, panic = %why, "handling a commit panicked; the order is reloaded on next use");
+            self.forget(order);
+        }
+    }
+
+    /// Whether `order` is in memory (and marks it used).
+    fn loaded(&mut self, order: OrderId) -> bool {
+        self.tick += 1;
+        match self.docs.get_mut(&order) {
+            Some(d) => {
+                d.last_used = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keeps `parked` until `order` is loaded, asking for the load once.
+    fn park(&mut self, order: OrderId, parked: Parked) {
+        let waiting = self.loading.entry(order).or_default();
+        if waiting.is_empty() {
+            self.outputs.push_back(Output::Load { order });
+        }
+        waiting.push(parked);
+    }
+
+    /// Drops idle orders (nothing being committed) beyond the capacity, oldest first.
+    fn evict_if_full(&mut self) {
+        let capacity = self.config.capacity.max(1);
+        if self.docs.len() < capacity {
+            return;
+        }
+        let mut idle: Vec<(u64, OrderId)> = self
+            .docs
+            .iter()
+            .filter(|(_, d)| !d.busy())
+            .map(|(id, d)| (d.last_used, *id))
+            .collect();
+        idle.sort_unstable();
+        let drop_n = (self.docs.len() + 1)
+            .saturating_sub(capacity)
+            .max(capacity / 10)
+            .min(idle.len());
+        for (_, id) in idle.into_iter().take(drop_n) {
+            self.forget(id);
+        }
+    }
+
+    /// Drops an order from memory; its followers stay registered.
+    fn forget(&mut self, order: OrderId) {
+        if let Some(d) = self.docs.remove(&order) {
+            let in_flight = d.inflight.iter().chain(std::iter::once(&d.pending));
+            let waiting: usize = in_flight.map(|b| b.origins.len()).sum();
+            self.metrics
+                .receipts_pending
+                .fetch_sub(waiting as i64, std::sync::atomic::Ordering::Relaxed);
+            for b in d.inflight.into_iter().chain(std::iter::once(d.pending)) {
+                for request in b.requests {
+                    let e = format!("order {order} was dropped after an internal error");
+                    self.answer(request, Err(RelayError::Storage(e)));
+                }
+            }
+            for (conn, pd) in d.peers {
+                if let Some(info) = self.conns.get_mut(&conn) {
+                    info.queued_bytes = info.queued_bytes.saturating_sub(pd.queued_bytes);
+                }
+            }
+            self.metrics
+                .orders_in_memory
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn answer(&mut self, request: RequestId, result: Result<OrderView, RelayError>) {
+        self.outputs.push_back(Output::Reply {
+            request,
+            result: Box::new(result),
+        });
+    }
+
+    fn send(&mut self, conn: ConnId, frame: RelayFrame) {
+        self.outputs.push_back(Output::Send { conn, frame });
+    }
+
+    fn send_sync(&mut self, conn: ConnId, order: OrderId, m: sync::Message) {
+        self.send(
+            conn,
+            RelayFrame::Sync {
+                order: order.to_string(),
+                data: ByteBuf::from(m.encode()),
+            },
+        );
+    }
+
+    /// Registers `conn` as following `order`.
+    fn follow(&mut self, conn: ConnId, order: OrderId) {
+        self.conns.entry(conn).or_default().orders.insert(order);
+        self.followers.entry(order).or_default().insert(conn);
+    }
+
+    /// Forgets `conn`'s sync state for `order` (after a panic or a limit).
+    fn unfollow(&mut self, conn: ConnId, order: OrderId) {
+        let queued = self
+            .docs
+            .get_mut(&order)
+            .and_then(|d| d.peers.remove(&conn))
+            .map_or(0, |pd| pd.queued_bytes);
+        if let Some(info) = self.conns.get_mut(&conn) {
+            info.orders.remove(&order);
+            info.queued_bytes = info.queued_bytes.saturating_sub(queued);
+        }
+        if let Some(f) = self.followers.get_mut(&order) {
+            f.remove(&conn);
+            if f.is_empty() {
+                self.followers.remove(&order);
+            }
+        }
+    }
+
+    /// The stored metadata of an order in memory.
+    pub fn meta(&self, order: OrderId) -> Option<&OrderMeta> {
+        self.docs.get(&order).and_then(|d| d.meta.as_ref())
+    }
+
+    /// The entry a stored order has in its store's feed.
+    pub fn feed_entry(meta: &OrderMeta) -> FeedEntry {
+        feed_entry(meta)
+    }
+}
+
+/// Feed entry for stored order metadata.
+pub fn feed_entry(meta: &OrderMeta) -> FeedEntry {
+    FeedEntry {
+        seq: meta.feed_seq,
+        order: meta.order.to_string(),
+        number: Some(meta.number.0),
+        status: meta.status.as_str().to_owned(),
+        heads: meta
+            .heads
+            .iter()
+            .map(|h| ByteBuf::from(h.to_vec()))
+            .collect(),
+    }
+}

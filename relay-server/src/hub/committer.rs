@@ -1,0 +1,144 @@
+//! The committer: one thread that folds every queued write into one redb transaction (group
+//! commit) and reports each write's outcome to its worker. A write is always answered: if the
+//! thread cannot start, stops, or panics, the writes it held are reported failed (a dropped
+//! [`CommitReply`] reports itself), so nothing waits forever on a commit.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crdt_model::OrderId;
+use tokio::sync::mpsc;
+
+use super::worker::Event;
+use crate::error::RelayError;
+use crate::metrics::Metrics;
+use crate::store::{CommitOutcome, OrderWrite, RelayStore};
+
+/// Most writes folded into one transaction.
+const MAX_BATCH: usize = 4096;
+
+/// Where a write's outcome goes; reports a failure if dropped unanswered.
+pub(crate) struct CommitReply {
+    order: OrderId,
+    to: Option<mpsc::UnboundedSender<Event>>,
+}
+
+impl CommitReply {
+    pub(crate) fn new(order: OrderId, to: mpsc::UnboundedSender<Event>) -> Self {
+        Self {
+            order,
+            to: Some(to),
+        }
+    }
+
+    pub(crate) fn send(mut self, result: Result<CommitOutcome, RelayError>) {
+        if let Some(to) = self.to.take() {
+            let _ = to.send(Event::Committed {
+                order: self.order,
+                result,
+            });
+        }
+    }
+}
+
+impl Drop for CommitReply {
+    fn drop(&mut self) {
+        if let Some(to) = self.to.take() {
+            let _ = to.send(Event::Committed {
+                order: self.order,
+                result: Err(RelayError::Storage(
+                    "the committer stopped before this write".into(),
+                )),
+            });
+        }
+    }
+}
+
+/// One write and where its outcome goes.
+pub(crate) struct CommitJob {
+    pub(crate) write: OrderWrite,
+    pub(crate) reply: CommitReply,
+}
+
+/// Handle to the committer thread.
+pub(crate) struct Committer {
+    tx: Option<std::sync::mpsc::Sender<CommitJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Committer {
+    /// Starts the thread. If it cannot start, every write is answered with a failure.
+    pub(crate) fn start(store: Arc<RelayStore>, metrics: Arc<Metrics>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<CommitJob>();
+        let spawned = std::thread::Builder::new()
+            .name("relay-committer".into())
+            .spawn(move || run(&store, &metrics, &rx));
+        match spawned {
+            Ok(h) => Self {
+                tx: Some(tx),
+                thread: Some(h),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the committer thread; every write fails");
+                Self {
+                    tx: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    /// Queues a job; if the committer is gone the job is answered with a failure at once.
+    pub(crate) fn submit(&self, job: CommitJob) {
+        match &self.tx {
+            Some(tx) => {
+                // On error the job comes back and is dropped: its reply reports the failure.
+                let _ = tx.send(job);
+            }
+            None => job.reply.send(Err(RelayError::Storage(
+                "the committer is not running".into(),
+            ))),
+        }
+    }
+
+    /// Stops accepting jobs and waits for the thread to finish what it holds.
+    pub(crate) fn stop(&mut self) -> Option<std::thread::JoinHandle<()>> {
+        self.tx = None;
+        self.thread.take()
+    }
+}
+
+fn run(store: &RelayStore, metrics: &Metrics, rx: &std::sync::mpsc::Receiver<CommitJob>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let writes: Vec<OrderWrite> = jobs.iter().map(|j| j.write.clone()).collect();
+        let started = Instant::now();
+        let result = crdt_model::guard::contain(|| store.commit(&writes))
+            .unwrap_or_else(|why| Err(RelayError::Storage(format!("commit panicked: {why}"))));
+        let seconds = started.elapsed().as_secs_f64();
+        match result {
+            Ok(outcomes) => {
+                metrics.commits.fetch_add(1, Ordering::Relaxed);
+                metrics.observe_commit(seconds);
+                for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                    job.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, writes = jobs.len(), "group commit failed");
+                let reason = e.to_string();
+                for job in jobs {
+                    job.reply.send(Err(RelayError::Storage(reason.clone())));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! A worker: the tokio task that drives one [`RelayCore`] shard. It feeds the core the frames
+//! and requests of its orders, loads from redb on a blocking thread, hands writes to the
+//! committer, and carries out what the core asks (frames, closes, feed entries, replies).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use automerge::sync;
+use crdt_model::{OrderId, OrderStatus, OrderView, StoreId};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+
+use super::committer::{CommitJob, CommitReply, Committer};
+use super::feed::Registry;
+use super::peer::Peer;
+use crate::clock::now_ms;
+use crate::core::{ConnId, Origin, Output, RelayCore, RequestId};
+use crate::error::RelayError;
+use crate::store::{CommitOutcome, RelayStore, StoredOrder};
+
+pub(crate) type ViewReply = oneshot::Sender<Result<OrderView, RelayError>>;
+
+/// What a worker is asked to do.
+pub(crate) enum WorkerMsg {
+    Sync {
+        peer: Arc<Peer>,
+        order: OrderId,
+        msg: sync::Message,
+        /// Held until the frame is handled (the connection's backpressure).
+        permit: Option<OwnedSemaphorePermit>,
+    },
+    BackOffice {
+        order: OrderId,
+        store: Option<StoreId>,
+        status: OrderStatus,
+        reply: ViewReply,
+    },
+    Disconnect {
+        conn: ConnId,
+    },
+    Flush {
+        reply: oneshot::Sender<()>,
+    },
+    Stop,
+}
+
+/// What the store reports back.
+pub(crate) enum Event {
+    Committed {
+        order: OrderId,
+        result: Result<CommitOutcome, RelayError>,
+    },
+    Loaded {
+        order: OrderId,
+        result: Result<Option<StoredOrder>, RelayError>,
+    },
+}
+
+pub(crate) struct Worker {
+    pub(crate) core: RelayCore,
+    pub(crate) store: Arc<RelayStore>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) committer: Arc<Committer>,
+    pub(crate) events: mpsc::UnboundedSender<Event>,
+    pub(crate) peers: HashMap<ConnId, Arc<Peer>>,
+    pub(crate) replies: HashMap<RequestId, ViewReply>,
+    pub(crate) next_request: u64,
+    pub(crate) flush_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Worker {
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<WorkerMsg>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) {
+        let mut stopping = false;
+        while !stopping {
+            tokio::select! {
+                biased;
+                Some(e) = events.recv() => self.on_event(e),
+                msg = rx.recv() => match msg {
+                    Some(WorkerMsg::Stop) | None => stopping = true,
+                    Some(m) => self.on_msg(m),
+                },
+            }
+            self.drive();
+        }
+        // Finish what is in flight so its receipts go out before the worker stops.
+        while !self.core.is_idle() {
+            match events.recv().await {
+                Some(e) => self.on_event(e),
+                None => break,
+            }
+            self.drive();
+        }
+        self.release_flush_waiters();
+    }
+
+    fn on_msg(&mut self, msg: WorkerMsg) {
+        let now = now_ms();
+        match msg {
+            WorkerMsg::Sync {
+                peer,
+                order,
+                msg,
+                permit,
+            } => {
+                let origin = Origin {
+                    conn: peer.conn,
+                    device: peer.device,
+                    store: peer.store.clone(),
+                };
+                if !peer.is_closed() {
+                    self.peers.entry(peer.conn).or_insert(peer);
+                    self.core.handle_sync(now, origin, order, msg);
+                }
+                drop(permit);
+            }
+            WorkerMsg::BackOffice {
+                order,
+                store,
+                status,
+                reply,
+            } => {
+                self.next_request += 1;
+                let request = RequestId(self.next_request);
+                self.replies.insert(request, reply);
+                self.core
+                    .handle_back_office(now, request, order, store, status);
+            }
+            WorkerMsg::Disconnect { conn } => {
+                self.peers.remove(&conn);
+                self.core.handle_disconnect(conn);
+            }
+            WorkerMsg::Flush { reply } => self.flush_waiters.push(reply),
+            WorkerMsg::Stop => {}
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let now = now_ms();
+        match event {
+            Event::Committed { order, result } => self.core.handle_committed(now, order, result),
+            Event::Loaded { order, result } => self.core.handle_loaded(now, order, result),
+        }
+    }
+
+    /// Carries out everything the core asked for.
+    fn drive(&mut self) {
+        while let Some(out) = self.core.poll_output() {
+            match out {
+                Output::Send { conn, frame } => {
+                    if let Some(p) = self.peers.get(&conn) {
+                        p.send(frame);
+                    }
+                }
+                Output::Close {
+                    conn,
+                    code,
+                    message,
+                } => {
+                    if let Some(p) = self.peers.get(&conn) {
+                        p.fail(code, message);
+                    }
+                }
+                Output::Load { order } => {
+                    let store = Arc::clone(&self.store);
+                    let events = self.events.clone();
+                    tokio::spawn(async move {
+                        let result = tokio::task::spawn_blocking(move || store.load_order(order))
+                            .await
+                            .unwrap_or_else(|e| {
+                                Err(RelayError::Storage(format!("load task: {e}")))
+                            });
+                        let _ = events.send(Event::Loaded { order, result });
+                    });
+                }
+                Output::Commit { write } => {
+                    let reply = CommitReply::new(write.order, self.events.clone());
+                    self.committer.submit(CommitJob {
+                        write: *write,
+                        reply,
+                    });
+                }
+                Output::Publish { store, entry } => self.registry.publish(store, entry),
+                Output::Reply { request, result } => {
+                    if let Some(r) = self.replies.remove(&request) {
+                        let _ = r.send(*result);
+                    }
+                }
+            }
+        }
+        self.release_flush_waiters();
+    }
+
+    fn release_flush_waiters(&mut self) {
+        if !self.flush_waiters.is_empty() && self.core.is_idle() {
+            for w in self.flush_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+}
