@@ -578,7 +578,7 @@ impl Worker {
             let store = Arc::clone(&self.store);
             let loaded = tokio::task::spawn_blocking(move || store.load_order(order))
                 .await
-                .map_err(|e| RelayError::Storage(e.to_string()))??;
+                .map_err(|e| RelayError::Internal(e.to_string()))??;
             let mut state = DocState::empty();
             if let Some(stored) = loaded {
                 let mut doc = Automerge::load(&stored.snapshot)
@@ -1063,6 +1063,11 @@ impl Worker {
             changes: raw,
             compacted,
             status,
+            base: last_accepted(&d.inflight, &d.committed)
+                .get_heads()
+                .iter()
+                .map(|h| h.0)
+                .collect(),
             heads: d.working.get_heads().iter().map(|h| h.0).collect(),
             at: now_ms(),
         };
@@ -1106,7 +1111,7 @@ impl Worker {
                     .receipts_pending
                     .fetch_sub(inflight.origins.len() as i64, Ordering::Relaxed);
                 if let Some(r) = inflight.reply {
-                    let _ = r.send(Err(RelayError::Storage(e)));
+                    let _ = r.send(Err(RelayError::Internal(e)));
                 }
                 if d.inflight.is_empty() {
                     self.docs.remove(&order);
