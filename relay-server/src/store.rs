@@ -13,11 +13,11 @@
 //!
 //! This module holds the types and [`RelayStore::open`]; the operations are split by concern:
 //!
-//! * [`orders`]: commit, and the reads of orders (load, metadata, by number, listing, count);
-//! * [`feed`]: the store feed devices catch up from;
-//! * [`devices`]: devices, admin tokens, authentication and revocation;
-//! * [`backup`]: a consistent copy of the whole store while the relay serves;
-//! * [`check`]: the consistency check of everything stored;
+//! * `orders`: commit, and the reads of orders (load, metadata, by number, listing, count);
+//! * `feed`: the store feed devices catch up from;
+//! * `devices`: devices, admin tokens, authentication and revocation;
+//! * `backup`: a consistent copy of the whole store while the relay serves;
+//! * `check`: the consistency check of everything stored;
 //! * `codec`: byte encodings of stored values; [`tables`]: the table layout and key encodings.
 //!
 //! Failures are typed (see [`crate::error`]): redb failures keep their source and are classified
