@@ -1,5 +1,15 @@
-//! [`RelayError`]: the relay's one error type.
+//! [`RelayError`]: the relay's one error type, and [`StorageError`], the redb failure it keeps
+//! whole.
+//!
+//! The variants a caller must tell apart are apart: a storage failure ([`RelayError::Storage`],
+//! itself classified as disk full, other I/O, corruption detected by redb, or other, see
+//! [`StorageError::kind`]), stored bytes that do not decode ([`RelayError::Corrupt`]), a write
+//! whose base is not what is stored ([`RelayError::Conflict`]), and an internal failure of the
+//! relay's own machinery ([`RelayError::Internal`]). Errors from other crates are kept as
+//! sources (`#[source]`/`#[from]`), never turned into strings, so a caller can inspect them and
+//! an error report shows the whole chain.
 
+use std::io::ErrorKind;
 use std::path::PathBuf;
 
 use thiserror::Error;
@@ -8,23 +18,31 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum RelayError {
-    /// The data directory or its database could not be opened.
+    /// The data directory, its database or another file the relay needs (a TLS certificate)
+    /// could not be opened.
     #[error("cannot open relay data at {path}: {reason}")]
     Open {
         /// The file or directory.
         path: PathBuf,
-        /// Why.
+        /// Why, for an operator.
         reason: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
     },
     /// The database is held by another process (a running relay).
     #[error("relay data at {0} is in use by another process (is the relay running?)")]
     Locked(PathBuf),
-    /// A storage operation failed.
-    #[error("storage: {0}")]
-    Storage(String),
+    /// A storage operation failed in redb (disk full, I/O, corruption redb detected, ...).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     /// Stored data does not decode: the file is damaged or not ours.
     #[error("corrupt relay data: {0}")]
     Corrupt(String),
+    /// A write does not build on the stored state (its base heads are not the stored heads):
+    /// nothing of its batch was written.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The model refused something.
     #[error(transparent)]
     Model(#[from] crdt_model::ModelError),
@@ -43,25 +61,199 @@ pub enum RelayError {
     /// I/O on sockets or files.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A failure of the relay's own machinery that is not storage: a task that panicked or was
+    /// cancelled, a value that does not encode, a counter that ran out.
+    #[error("internal: {0}")]
+    Internal(String),
     /// The relay is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// One error answering several waiters: a failed group commit fails every write in it,
+    /// a failed load every request waiting for the order.
+    #[error(transparent)]
+    Shared(std::sync::Arc<RelayError>),
+}
+
+impl RelayError {
+    /// [`RelayError::Open`] for `path`, keeping `source`; the reason shown is its message.
+    pub fn open(
+        path: impl Into<PathBuf>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        let source = source.into();
+        Self::Open {
+            path: path.into(),
+            reason: source.to_string(),
+            source: Some(source),
+        }
+    }
+
+    /// [`RelayError::Open`] for `path` with a reason and no underlying error.
+    pub fn open_reason(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Self::Open {
+            path: path.into(),
+            reason: reason.into(),
+            source: None,
+        }
+    }
+
+    /// `true` for a storage failure because the disk (or the relay's quota on it) is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::Storage(s) => s.is_disk_full(),
+            Self::Shared(e) => e.is_disk_full(),
+            _ => false,
+        }
+    }
+
+    /// The error itself, or the one a [`RelayError::Shared`] shares.
+    pub fn inner(&self) -> &RelayError {
+        match self {
+            Self::Shared(e) => e.inner(),
+            e => e,
+        }
+    }
+}
+
+/// What kind of storage failure a [`StorageError`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StorageErrorKind {
+    /// The disk, or the relay's quota on it, is full. Freeing space heals it.
+    DiskFull,
+    /// Another I/O failure (including redb's "a previous I/O error occurred").
+    Io,
+    /// redb found the database file damaged.
+    Corruption,
+    /// Anything else redb reports (a value too large, a poisoned transaction, ...).
+    Other,
+}
+
+impl std::fmt::Display for StorageErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::DiskFull => "disk full",
+            Self::Io => "I/O failure",
+            Self::Corruption => "database damaged",
+            Self::Other => "failed",
+        })
+    }
+}
+
+/// A failed redb operation, kept whole (its [`source`](std::error::Error::source) is the
+/// [`redb::Error`]) and classified ([`StorageError::kind`]).
+#[derive(Debug, Error)]
+#[error("storage {kind}: {source}")]
+pub struct StorageError {
+    kind: StorageErrorKind,
+    #[source]
+    source: redb::Error,
+}
+
+impl StorageError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> StorageErrorKind {
+        self.kind
+    }
+
+    /// `true` when the disk (or quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        self.kind == StorageErrorKind::DiskFull
+    }
+
+    /// `true` for an I/O failure, disk full included.
+    pub fn is_io(&self) -> bool {
+        matches!(self.kind, StorageErrorKind::DiskFull | StorageErrorKind::Io)
+    }
+
+    /// `true` when redb found the database file damaged.
+    pub fn is_corruption(&self) -> bool {
+        self.kind == StorageErrorKind::Corruption
+    }
+
+    /// The redb error.
+    pub fn redb(&self) -> &redb::Error {
+        &self.source
+    }
+}
+
+fn io_kind(io: &std::io::Error) -> StorageErrorKind {
+    if matches!(io.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded) {
+        StorageErrorKind::DiskFull
+    } else {
+        StorageErrorKind::Io
+    }
+}
+
+impl From<redb::Error> for StorageError {
+    fn from(source: redb::Error) -> Self {
+        let kind = match &source {
+            redb::Error::Io(io) => io_kind(io),
+            redb::Error::PreviousIo => StorageErrorKind::Io,
+            redb::Error::Corrupted(_) => StorageErrorKind::Corruption,
+            _ => StorageErrorKind::Other,
+        };
+        Self { kind, source }
+    }
 }
 
 macro_rules! storage_from {
     ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self {
+                redb::Error::from(e).into()
+            }
+        }
+
         impl From<$t> for RelayError {
             fn from(e: $t) -> Self {
-                Self::Storage(e.to_string())
+                Self::Storage(e.into())
             }
         }
     )*};
 }
 
 storage_from!(
-    redb::Error,
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    redb::SetDurabilityError,
+    redb::DatabaseError
 );
+
+impl From<redb::Error> for RelayError {
+    fn from(e: redb::Error) -> Self {
+        Self::Storage(e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn storage_errors_are_classified_and_keep_their_source() {
+        let full: RelayError =
+            redb::StorageError::Io(std::io::Error::from(ErrorKind::StorageFull)).into();
+        assert!(full.is_disk_full());
+        assert!(full.source().is_some_and(|s| s.is::<redb::Error>()));
+        let io: RelayError =
+            redb::StorageError::Io(std::io::Error::from(ErrorKind::PermissionDenied)).into();
+        assert!(matches!(&io, RelayError::Storage(s) if s.is_io() && !s.is_disk_full()));
+        let bad: RelayError = redb::StorageError::Corrupted("bad page".into()).into();
+        assert!(matches!(&bad, RelayError::Storage(s) if s.is_corruption()));
+        assert!(bad.to_string().contains("bad page"), "{bad}");
+        let other: RelayError = redb::CommitError::TransactionPoisoned.into();
+        assert!(matches!(&other, RelayError::Storage(s) if s.kind() == StorageErrorKind::Other));
+    }
+
+    #[test]
+    fn open_keeps_its_source() {
+        let e = RelayError::open("/x", std::io::Error::from(ErrorKind::PermissionDenied));
+        assert!(e.source().is_some_and(|s| s.is::<std::io::Error>()));
+        assert!(e.to_string().contains("/x"));
+        assert!(RelayError::open_reason("/x", "why").source().is_none());
+    }
+}

@@ -109,7 +109,7 @@ impl IntoResponse for ApiError {
 impl From<RelayError> for ApiError {
     fn from(e: RelayError) -> Self {
         use crdt_model::ModelError as M;
-        match &e {
+        match e.inner() {
             RelayError::Unauthorized => {
                 Self(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
             }
@@ -128,6 +128,10 @@ impl From<RelayError> for ApiError {
                 Self(StatusCode::UNPROCESSABLE_ENTITY, v.code(), e.to_string())
             }
             RelayError::Model(_) => Self(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
+            RelayError::Conflict(_) => Self(StatusCode::CONFLICT, "conflict", e.to_string()),
+            RelayError::Storage(s) if s.is_disk_full() => {
+                Self(StatusCode::INSUFFICIENT_STORAGE, "disk_full", e.to_string())
+            }
             _ => Self(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         }
     }
@@ -147,7 +151,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, RelayError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| RelayError::Storage(e.to_string()))?
+        .map_err(|e| RelayError::Internal(e.to_string()))?
 }
 
 async fn authenticate(
@@ -572,7 +576,7 @@ impl RunningRelay {
         }
         self.task
             .await
-            .map_err(|e| RelayError::Storage(e.to_string()))?
+            .map_err(|e| RelayError::Internal(e.to_string()))?
     }
 }
 
@@ -692,7 +696,7 @@ pub async fn serve_store(
     }
     let served = match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(Ok(r)) => r.map_err(RelayError::Io),
-        Ok(Err(e)) => Err(RelayError::Storage(e.to_string())),
+        Ok(Err(e)) => Err(RelayError::Internal(e.to_string())),
         Err(_) => {
             server.abort();
             tracing::warn!("HTTP connections still open at the shutdown bound; closed");

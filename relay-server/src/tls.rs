@@ -28,11 +28,9 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-fn bad(path: &Path, reason: impl std::fmt::Display) -> RelayError {
-    RelayError::Open {
-        path: path.to_path_buf(),
-        reason: reason.to_string(),
-    }
+/// [`RelayError::Open`] for a TLS file, keeping the error that refused it.
+fn bad(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> RelayError {
+    RelayError::open(path, e)
 }
 
 /// Builds the rustls acceptor (TLS 1.2 and 1.3, ring crypto).
@@ -42,7 +40,10 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, RelayError> {
         .collect::<Result<_, _>>()
         .map_err(|e| bad(&files.cert, e))?;
     if certs.is_empty() {
-        return Err(bad(&files.cert, "no certificate in file"));
+        return Err(RelayError::open_reason(
+            &files.cert,
+            "no certificate in file",
+        ));
     }
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad(&files.key, e))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(

@@ -487,9 +487,23 @@ proptest! {
 /// (which depends on `c2`) first. The relay must end up storing and receipting both.
 #[tokio::test]
 async fn a_change_sent_before_its_dependency_is_stored() {
+    // Building the case needs the relay's filter in a given state; about one run in fifteen
+    // the sync rounds leave it otherwise (c2 then travels with c3). Such a run proves nothing
+    // and is tried again with another terminal seed.
+    for seed in 42..52 {
+        if change_before_dependency(seed).await {
+            return;
+        }
+    }
+    panic!("the case could not be built in ten tries");
+}
+
+/// One try of [`a_change_sent_before_its_dependency_is_stored`]; `false` if c3 would not
+/// travel alone.
+async fn change_before_dependency(seed: u64) -> bool {
     let relay = TestRelay::start().await;
     let (device, token) = relay.device(STORE, "till");
-    let mut t = Terminal::new(device, token, 42);
+    let mut t = Terminal::new(device, token, seed);
     t.connect(relay.addr).await.unwrap();
     let id = t.create(STORE);
     assert!(t.push(id).await.unwrap());
@@ -551,11 +565,11 @@ async fn a_change_sent_before_its_dependency_is_stored() {
     for chunk in next.changes.iter() {
         at_relay.load_incremental(chunk).unwrap();
     }
-    assert_eq!(
-        at_relay.get_missing_deps(&[]),
-        vec![c2],
-        "c3 {c3} travels alone"
-    );
+    if at_relay.get_missing_deps(&[]) != vec![c2] {
+        eprintln!("seed {seed}: c3 {c3} would not travel alone; trying another seed");
+        relay.stop().await;
+        return false;
+    }
 
     // The standard sync loop from here on must get both stored and receipted.
     assert!(t.push(id).await.unwrap());
@@ -567,4 +581,5 @@ async fn a_change_sent_before_its_dependency_is_stored() {
         diagnose(&relay.store, &t, id)
     );
     relay.stop().await;
+    true
 }

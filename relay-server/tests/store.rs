@@ -97,7 +97,12 @@ fn changes_since(o: &Order, since: &[ChangeHash]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// A write appending the changes of `o` made after `since`.
+fn hashes(h: &[ChangeHash]) -> Vec<[u8; 32]> {
+    h.iter().map(|h| h.0).collect()
+}
+
+/// A write appending the changes of `o` made after `since`, built on `since` (the stored heads;
+/// empty for a new order).
 fn write(o: &Order, since: &[ChangeHash], at: i64) -> OrderWrite {
     OrderWrite {
         order: o.id(),
@@ -105,17 +110,26 @@ fn write(o: &Order, since: &[ChangeHash], at: i64) -> OrderWrite {
         changes: changes_since(o, since),
         compacted: None,
         status: o.status().unwrap(),
+        base: hashes(since),
         heads: heads(o),
         at,
     }
 }
 
-/// A write replacing snapshot and tail with `o.save()`.
-fn compact(o: &Order, at: i64) -> OrderWrite {
+/// A write resending every change of `o` (a retry), built on `base` (the stored heads).
+fn resend(o: &Order, base: &[ChangeHash], at: i64) -> OrderWrite {
+    OrderWrite {
+        base: hashes(base),
+        ..write(o, &[], at)
+    }
+}
+
+/// A write replacing snapshot and tail with `o.save()`, built on `base` (the stored heads).
+fn compact(o: &Order, base: &[ChangeHash], at: i64) -> OrderWrite {
     OrderWrite {
         compacted: Some(o.save()),
         changes: Vec::new(),
-        ..write(o, &[], at)
+        ..resend(o, base, at)
     }
 }
 
@@ -226,7 +240,7 @@ fn two_stores_are_numbered_independently_and_exactly_once() {
     assert_eq!(numbers, [2, 3, 2]);
 
     // A retry of an order's first write (same bytes) keeps its number.
-    let retry = commit_one(&store, write(&a[1], &[], T0 + 5));
+    let retry = commit_one(&store, resend(&a[1], &a[1].heads(), T0 + 5));
     assert!(!retry.newly_numbered);
     assert_eq!(retry.number, OrderNumber(2));
     let stored = store.load_order(a[1].id()).unwrap().unwrap();
@@ -313,6 +327,87 @@ fn a_batch_with_a_wrong_store_for_a_known_order_writes_nothing() {
 }
 
 #[test]
+fn a_write_built_on_stale_heads_is_refused_and_its_batch_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RelayStore::open(dir.path()).unwrap();
+    let mut m = Maker::new(14);
+    let mut known = m.order("a");
+    commit_one(&store, write(&known, &[], T0));
+    let first = known.heads();
+    m.add_line(&mut known, "Tea");
+    // Built on the stored heads: commits.
+    commit_one(&store, write(&known, &first, T0 + 1));
+    let before_meta = store.order_meta(known.id()).unwrap().unwrap();
+    assert_eq!(before_meta.heads, heads(&known));
+    let before_order = store.load_order(known.id()).unwrap().unwrap();
+    let head_a = store.feed_head(&sid("a")).unwrap();
+
+    // A write built on the first heads again (what a lost in-flight write would leave behind),
+    // in a batch with a new order and a good write of another order: all refused.
+    let mut other = m.order("a");
+    commit_one(&store, write(&other, &[], T0 + 2));
+    let other_seen = other.heads();
+    let other_meta = store.order_meta(other.id()).unwrap().unwrap();
+    m.add_line(&mut other, "Cake");
+    let fresh = m.order("a");
+    m.add_line(&mut known, "Coffee");
+    let stale = write(&known, &first, T0 + 3);
+    let err = store
+        .commit(&[
+            write(&fresh, &[], T0 + 3),
+            write(&other, &other_seen, T0 + 3),
+            stale,
+        ])
+        .unwrap_err();
+    assert!(
+        matches!(&err, RelayError::Conflict(msg) if msg.contains(&known.id().to_string())),
+        "{err:?}"
+    );
+    assert!(store.order_meta(fresh.id()).unwrap().is_none());
+    assert_eq!(store.order_meta(other.id()).unwrap().unwrap(), other_meta);
+    assert_eq!(store.load_order(known.id()).unwrap().unwrap(), before_order);
+    assert_eq!(store.feed_head(&sid("a")).unwrap(), head_a + 1);
+    assert_eq!(store.order_count().unwrap(), 2);
+
+    // Built on the stored heads, it commits; a later write of the same order in one batch
+    // builds on the one before it.
+    let w = write(&known, &before_heads(&before_meta), T0 + 4);
+    let seen = known.heads();
+    m.add_line(&mut known, "Juice");
+    let out = store.commit(&[w, write(&known, &seen, T0 + 5)]).unwrap();
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[1].meta.heads, heads(&known));
+    assert!(store.check().unwrap().errors.is_empty());
+}
+
+fn before_heads(meta: &relay_server::store::OrderMeta) -> Vec<ChangeHash> {
+    meta.heads.iter().map(|h| ChangeHash(*h)).collect()
+}
+
+#[test]
+fn a_new_order_with_a_base_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RelayStore::open(dir.path()).unwrap();
+    let mut m = Maker::new(15);
+    let o = m.order("a");
+    let mut w = write(&o, &[], T0);
+    w.base = vec![[7; 32]];
+    let err = store.commit(&[w]).unwrap_err();
+    assert!(
+        matches!(&err, RelayError::Conflict(msg) if msg.contains(&o.id().to_string())),
+        "{err:?}"
+    );
+    assert!(store.order_meta(o.id()).unwrap().is_none());
+    assert_eq!(store.feed_head(&sid("a")).unwrap(), 0);
+    assert_eq!(store.order_count().unwrap(), 0);
+    // Without the base it is numbered 1: the refusal used no number.
+    assert_eq!(
+        commit_one(&store, write(&o, &[], T0)).number,
+        OrderNumber(1)
+    );
+}
+
+#[test]
 fn compaction_replaces_snapshot_and_tail() {
     let dir = tempfile::tempdir().unwrap();
     let store = RelayStore::open(dir.path()).unwrap();
@@ -328,7 +423,7 @@ fn compaction_replaces_snapshot_and_tail() {
     assert_eq!(before.tail.len(), 5);
     assert_eq!(before.meta.tail_len, 5);
 
-    let out = commit_one(&store, compact(&o, T0 + 20));
+    let out = commit_one(&store, compact(&o, &o.heads(), T0 + 20));
     assert_eq!(out.meta.tail_len, 0);
     let after = store.load_order(o.id()).unwrap().unwrap();
     assert_eq!(after.snapshot, o.save());
@@ -342,7 +437,7 @@ fn compaction_replaces_snapshot_and_tail() {
     let again = store.load_order(o.id()).unwrap().unwrap();
     assert_eq!(again.tail.len(), 1);
     assert_eq!(doc_of(&again).heads(), o.heads());
-    let mut w = compact(&o, T0 + 40);
+    let mut w = compact(&o, &o.heads(), T0 + 40);
     w.changes = vec![b"ignored".to_vec()];
     commit_one(&store, w);
     let last = store.load_order(o.id()).unwrap().unwrap();
@@ -597,7 +692,7 @@ fn a_backup_reopens_with_the_same_orders() {
         persist_new(&store, &mut o, T0 + i);
         orders.push(o);
     }
-    commit_one(&store, compact(&orders[0], T0 + 9));
+    commit_one(&store, compact(&orders[0], &orders[0].heads(), T0 + 9));
     let (rec, token) = store.add_device(&sid("a"), "till", T0).unwrap();
 
     let out = tempfile::tempdir().unwrap();
@@ -847,8 +942,9 @@ fn check_passes_on_good_data_and_reports_damage() {
         persist_new(&store, &mut o, T0 + i);
         orders.push(o);
     }
+    let stored = orders[1].heads();
     m.complete(&mut orders[1]);
-    commit_one(&store, compact(&orders[1], T0 + 10));
+    commit_one(&store, compact(&orders[1], &stored, T0 + 10));
     let fresh = m.order("s");
     commit_one(&store, write(&fresh, &[], T0 + 11));
 
@@ -974,12 +1070,12 @@ proptest! {
                 t += 1;
                 let since = staged[i].clone().unwrap_or_default();
                 let w = match op {
-                    0 => write(&pool[i], &[], t), // full resend (a retry)
+                    0 => resend(&pool[i], &since, t), // full resend (a retry)
                     1 => {
                         m.add_line(&mut pool[i], "p");
                         write(&pool[i], &since, t)
                     }
-                    2 => compact(&pool[i], t),
+                    2 => compact(&pool[i], &since, t),
                     _ => write(&pool[i], &since, t),
                 };
                 staged[i] = Some(pool[i].heads());

@@ -60,7 +60,10 @@ impl RelayCore {
                 // The policy accepted the document, so it parses; if not, refuse loudly.
                 tracing::error!(%order, error = %e, "accepted document does not parse");
                 d.working = d.committed.clone();
-                self.fail_batch(order, batch, "internal error");
+                let why = std::sync::Arc::new(RelayError::Internal(format!(
+                    "order {order}: the accepted document does not parse: {e}"
+                )));
+                self.fail_batch(order, batch, &why);
                 return;
             }
         };
@@ -70,6 +73,8 @@ impl RelayCore {
         let write = OrderWrite {
             order,
             store,
+            // One write per order is in flight, so each builds on what is stored.
+            base: d.committed.get_heads().iter().map(|h| h.0).collect(),
             changes: batch
                 .changes
                 .iter()
@@ -87,7 +92,7 @@ impl RelayCore {
     }
 
     /// Tells everyone waiting on `batch` that it will not be durable.
-    fn fail_batch(&mut self, order: OrderId, batch: Batch, reason: &str) {
+    fn fail_batch(&mut self, order: OrderId, batch: Batch, why: &std::sync::Arc<RelayError>) {
         self.metrics
             .receipts_pending
             .fetch_sub(batch.origins.len() as i64, Ordering::Relaxed);
@@ -96,16 +101,13 @@ impl RelayCore {
                 conn,
                 crdt_model::wire::RelayFrame::error(
                     codes::STORAGE,
-                    format!("order {order}: not stored ({reason}); retry"),
+                    format!("order {order}: not stored ({why}); retry"),
                     false,
                 ),
             );
         }
         for request in batch.requests {
-            self.answer(
-                request,
-                Err(RelayError::Storage(format!("order {order}: {reason}"))),
-            );
+            self.answer(request, Err(RelayError::Shared(std::sync::Arc::clone(why))));
         }
     }
 
@@ -132,9 +134,9 @@ impl RelayCore {
                 for pd in d.peers.values_mut() {
                     pd.state = automerge::sync::State::new();
                 }
-                let reason = format!("commit failed: {e}");
-                self.fail_batch(order, batch, &reason);
-                self.fail_batch(order, later, &reason);
+                let why = std::sync::Arc::new(e);
+                self.fail_batch(order, batch, &why);
+                self.fail_batch(order, later, &why);
                 return;
             }
         };

@@ -315,6 +315,7 @@ impl RelayCore {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(%order, error = %e, "cannot load order");
+                let e = Arc::new(e);
                 for p in parked {
                     match p {
                         Parked::Sync { origin, .. } => self.send(
@@ -326,8 +327,7 @@ impl RelayCore {
                             ),
                         ),
                         Parked::BackOffice { request, .. } => {
-                            let e = RelayError::Storage(format!("cannot load order {order}: {e}"));
-                            self.answer(request, Err(e));
+                            self.answer(request, Err(RelayError::Shared(Arc::clone(&e))));
                         }
                     }
                 }
@@ -437,7 +437,7 @@ impl RelayCore {
             for b in d.inflight.into_iter().chain(std::iter::once(d.pending)) {
                 for request in b.requests {
                     let e = format!("order {order} was dropped after an internal error");
-                    self.answer(request, Err(RelayError::Storage(e)));
+                    self.answer(request, Err(RelayError::Internal(e)));
                 }
             }
             for (conn, pd) in d.peers {

@@ -47,7 +47,7 @@ impl Drop for CommitReply {
         if let Some(to) = self.to.take() {
             let _ = to.send(Event::Committed {
                 order: self.order,
-                result: Err(RelayError::Storage(
+                result: Err(RelayError::Internal(
                     "the committer stopped before this write".into(),
                 )),
             });
@@ -96,7 +96,7 @@ impl Committer {
                 // On error the job comes back and is dropped: its reply reports the failure.
                 let _ = tx.send(job);
             }
-            None => job.reply.send(Err(RelayError::Storage(
+            None => job.reply.send(Err(RelayError::Internal(
                 "the committer is not running".into(),
             ))),
         }
@@ -121,7 +121,7 @@ fn run(store: &RelayStore, metrics: &Metrics, rx: &std::sync::mpsc::Receiver<Com
         let writes: Vec<OrderWrite> = jobs.iter().map(|j| j.write.clone()).collect();
         let started = Instant::now();
         let result = crdt_model::guard::contain(|| store.commit(&writes))
-            .unwrap_or_else(|why| Err(RelayError::Storage(format!("commit panicked: {why}"))));
+            .unwrap_or_else(|why| Err(RelayError::Internal(format!("commit panicked: {why}"))));
         let seconds = started.elapsed().as_secs_f64();
         match result {
             Ok(outcomes) => {
@@ -134,9 +134,9 @@ fn run(store: &RelayStore, metrics: &Metrics, rx: &std::sync::mpsc::Receiver<Com
             Err(e) => {
                 metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, writes = jobs.len(), "group commit failed");
-                let reason = e.to_string();
+                let shared = Arc::new(e);
                 for job in jobs {
-                    job.reply.send(Err(RelayError::Storage(reason.clone())));
+                    job.reply.send(Err(RelayError::Shared(Arc::clone(&shared))));
                 }
             }
         }

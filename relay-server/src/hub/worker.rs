@@ -170,7 +170,7 @@ impl Worker {
                         let result = tokio::task::spawn_blocking(move || store.load_order(order))
                             .await
                             .unwrap_or_else(|e| {
-                                Err(RelayError::Storage(format!("load task: {e}")))
+                                Err(RelayError::Internal(format!("load task: {e}")))
                             });
                         let _ = events.send(Event::Loaded { order, result });
                     });

@@ -201,7 +201,7 @@ pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
 
 /// JSON bytes of a value.
 pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, RelayError> {
-    serde_json::to_vec(v).map_err(|e| RelayError::Storage(format!("encode: {e}")))
+    serde_json::to_vec(v).map_err(|e| RelayError::Internal(format!("encode: {e}")))
 }
 
 /// A bounds-checked reader over a byte slice.

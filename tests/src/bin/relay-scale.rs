@@ -757,6 +757,8 @@ fn build_order(
         changes: Vec::new(),
         compacted: Some(numbered.save()),
         status: OrderStatus::InProgress,
+        // A new order: it builds on nothing stored.
+        base: Vec::new(),
         heads: numbered.heads().iter().map(|h| h.0).collect(),
         at: at.0,
     })
