@@ -860,8 +860,9 @@ async fn finding_3_a_flood_of_changes_withheld_from_their_dependency() {
 }
 
 /// A flood of valid frames: new lines on 20 orders of the attacker's store, one change per sync
-/// message, 1,000 messages a second (half the relay's per-connection rate limit) for 3 s,
-/// while another task reads everything the relay answers.
+/// message, 1,000 messages a second (half the relay's per-connection rate limit; another rate
+/// with `HOSTILE_PROCESS_FLOOD_RATE`) for 3 s, while another task reads everything the relay
+/// answers.
 ///
 /// Every frame is honest work the relay must apply and commit; the witness of another store
 /// must still be served within [`MAX_GAP`]. The attacker's own work must be done too: by the
@@ -870,14 +871,18 @@ async fn finding_3_a_flood_of_changes_withheld_from_their_dependency() {
 async fn finding_8_a_flood_of_valid_frames() {
     let _serial = SERIAL.lock().await;
     const ORDERS: usize = 20;
-    const RATE: usize = 1_000;
+    let rate: usize = std::env::var("HOSTILE_PROCESS_FLOOD_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_usize)
+        .max(100);
     const SECS: usize = 3;
     let scene = Scene::start(0).await;
     let dev = scene.attackers[0].clone();
     let mut c = Client::connect(scene.relay.addr, dev.id, &dev.token).await;
     // The frames, made before the clock starts: the first of each order carries its creation.
     let mut orders: Vec<Order> = (0..ORDERS).map(|_| c.create("attack")).collect();
-    let mut frames = Vec::with_capacity(RATE * SECS);
+    let mut frames = Vec::with_capacity(rate * SECS);
     for (i, o) in orders.iter().enumerate() {
         let all: Vec<Vec<u8>> = o
             .doc()
@@ -887,7 +892,7 @@ async fn finding_8_a_flood_of_valid_frames() {
             .collect();
         frames.push((i, raw_message(&o.heads(), &[], &all)));
     }
-    while frames.len() < RATE * SECS {
+    while frames.len() < rate * SECS {
         let i = frames.len() % ORDERS;
         let o = &mut orders[i];
         let before = o.heads();
@@ -952,7 +957,7 @@ async fn finding_8_a_flood_of_valid_frames() {
     });
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let mut sent = 0usize;
-    'flood: for batch in frames.chunks(RATE / 100) {
+    'flood: for batch in frames.chunks(rate / 100) {
         tick.tick().await;
         for (i, data) in batch {
             let f = sync_frame(ids[*i], data.clone());
