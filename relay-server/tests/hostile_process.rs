@@ -1472,7 +1472,7 @@ async fn random_sync_messages() {
             cases()
         );
     }
-    // The attacker's order is intact and the store still works.
+    // The attacker's order still loads (the back office can read it) and the store still works.
     let (status, view) = scene.relay.order(o.id()).await;
     assert_eq!(status, 200, "{view}");
     scene.attacker_store_still_works(0).await;
