@@ -703,3 +703,51 @@ async fn a_long_history_is_compacted() {
     assert_eq!(view.lines[0].quantity, 151);
     relay.stop().await;
 }
+
+/// Issue 12, defect 7: a relay stopped in-process releases its data before `stop` returns, even
+/// while connections are in the middle of their feed catch-up (which used to run in a task
+/// nothing waited for, holding the store): the same data opens again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_relay_releases_its_data_at_once() {
+    let mut dir = tempfile::tempdir().unwrap();
+    {
+        // Enough orders for a catch-up of several pages.
+        let store = relay_server::store::RelayStore::open(dir.path()).unwrap();
+        let mut rng = SplitMix64::new(77);
+        let device = DeviceId::generate(Timestamp(T0), &mut rng);
+        let writes: Vec<_> = (0..1_200)
+            .map(|i| {
+                let new = NewOrder {
+                    id: OrderId::generate(Timestamp(T0 + i), &mut rng),
+                    store: StoreId::new("s1").unwrap(),
+                    currency: Currency::new("EUR").unwrap(),
+                };
+                let o = Order::create(new, Writer::new(device, 1), Timestamp(T0 + i), &mut rng)
+                    .unwrap();
+                relay_server::store::OrderWrite {
+                    order: o.id(),
+                    store: o.store().clone(),
+                    base: Vec::new(),
+                    changes: Vec::new(),
+                    compacted: Some(o.doc().save()),
+                    status: OrderStatus::InProgress,
+                    heads: o.heads().iter().map(|h| h.0).collect(),
+                    at: T0 + i,
+                }
+            })
+            .collect();
+        store.commit(&writes).unwrap();
+    }
+    for round in 0..5 {
+        let relay = TestRelay::start_in(dir).await;
+        let (d, t) = relay.device("s1", &format!("till-{round}"));
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(Client::connect(relay.addr, d, &t).await);
+        }
+        dir = relay.stop().await;
+        drop(clients);
+        relay_server::store::RelayStore::open(dir.path())
+            .unwrap_or_else(|e| panic!("round {round}: the data is still held: {e}"));
+    }
+}

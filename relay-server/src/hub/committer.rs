@@ -142,3 +142,59 @@ fn run(store: &RelayStore, metrics: &Metrics, rx: &std::sync::mpsc::Receiver<Com
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn order() -> OrderId {
+        OrderId::generate(
+            crdt_model::Timestamp(1),
+            &mut crdt_model::SplitMix64::new(3),
+        )
+    }
+
+    /// Issue 12, defect 5: a write the committer never answers (its thread stopped or
+    /// panicked with the job) is reported failed, so nobody waits for it forever.
+    #[test]
+    fn a_write_dropped_unanswered_reports_a_failure() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        drop(CommitReply::new(order(), tx));
+        match rx.try_recv() {
+            Ok(Event::Committed { result: Err(e), .. }) => {
+                assert!(e.to_string().contains("committer stopped"), "{e}");
+            }
+            _ => panic!("no failure reported"),
+        }
+    }
+
+    /// A committer that is not running answers every write at once with a failure.
+    #[test]
+    fn a_committer_that_is_not_running_fails_writes_at_once() {
+        let committer = Committer {
+            tx: None,
+            thread: None,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let write = OrderWrite {
+            order: order(),
+            store: crdt_model::StoreId::new("s1").unwrap(),
+            base: Vec::new(),
+            changes: Vec::new(),
+            compacted: None,
+            status: crdt_model::OrderStatus::InProgress,
+            heads: Vec::new(),
+            at: 1,
+        };
+        committer.submit(CommitJob {
+            write,
+            reply: CommitReply::new(order(), tx),
+        });
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Event::Committed { result: Err(_), .. })
+        ));
+    }
+}

@@ -145,3 +145,74 @@ impl Peer {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crdt_model::{SplitMix64, Timestamp};
+
+    fn entry(seq: u64) -> FeedEntry {
+        FeedEntry {
+            seq,
+            order: format!("order-{seq}"),
+            number: Some(seq),
+            status: "in_progress".into(),
+            heads: Vec::new(),
+        }
+    }
+
+    fn peer() -> (Peer, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(64);
+        let device = DeviceId::generate(Timestamp(1), &mut SplitMix64::new(1));
+        let store = StoreId::new("s1").unwrap();
+        (Peer::new(ConnId(1), device, store, tx), rx)
+    }
+
+    fn feed(entries: Vec<FeedEntry>) -> (Bytes, Vec<FeedEntry>) {
+        let frame = RelayFrame::Feed {
+            entries: entries.clone(),
+        };
+        (Bytes::from(frame.encode()), entries)
+    }
+
+    fn seqs(rx: &mut mpsc::Receiver<Bytes>) -> Vec<Vec<u64>> {
+        let mut out = Vec::new();
+        while let Ok(b) = rx.try_recv() {
+            if let RelayFrame::Feed { entries } = RelayFrame::decode(&b).unwrap() {
+                out.push(entries.iter().map(|e| e.seq).collect());
+            }
+        }
+        out
+    }
+
+    /// Issue 12, defect 2: a live entry published while the connection catches up must not
+    /// reach the device before the catch-up's pages (the device keeps the highest position it
+    /// saw; a dropped socket would then skip the rest of the catch-up for good).
+    #[test]
+    fn live_entries_wait_for_the_catch_up() {
+        let (p, mut rx) = peer();
+        let (bytes, entries) = feed(vec![entry(7), entry(4)]);
+        p.offer_feed(&bytes, &entries);
+        assert!(seqs(&mut rx).is_empty(), "held while catching up");
+        // The catch-up read the store up to 5 (4 came with its pages): only 7 is new.
+        assert!(p.go_live(5));
+        assert_eq!(seqs(&mut rx), vec![vec![7]]);
+        let (bytes, entries) = feed(vec![entry(8)]);
+        p.offer_feed(&bytes, &entries);
+        assert_eq!(seqs(&mut rx), vec![vec![8]], "live now");
+    }
+
+    /// Too many entries while catching up: the gate drops them and asks for another read.
+    #[test]
+    fn an_overflowing_catch_up_reads_again() {
+        let (p, mut rx) = peer();
+        let many: Vec<FeedEntry> = (1..=FEED_HELD as u64 + 1).map(entry).collect();
+        let (bytes, entries) = feed(many);
+        p.offer_feed(&bytes, &entries);
+        assert!(!p.go_live(0), "read the store again");
+        assert!(p.go_live(FEED_HELD as u64 + 1));
+        assert!(seqs(&mut rx).is_empty());
+    }
+}
