@@ -9,6 +9,7 @@
 //! sources (`#[source]`/`#[from]`), never turned into strings, so a caller can inspect them and
 //! an error report shows the whole chain.
 
+#[cfg(feature = "server")]
 use std::io::ErrorKind;
 use std::path::PathBuf;
 
@@ -34,6 +35,7 @@ pub enum RelayError {
     #[error("relay data at {0} is in use by another process (is the relay running?)")]
     Locked(PathBuf),
     /// A storage operation failed in redb (disk full, I/O, corruption redb detected, ...).
+    #[cfg(feature = "server")]
     #[error(transparent)]
     Storage(#[from] StorageError),
     /// Stored data does not decode: the file is damaged or not ours.
@@ -100,6 +102,7 @@ impl RelayError {
     /// `true` for a storage failure because the disk (or the relay's quota on it) is full.
     pub fn is_disk_full(&self) -> bool {
         match self {
+            #[cfg(feature = "server")]
             Self::Storage(s) => s.is_disk_full(),
             Self::Shared(e) => e.is_disk_full(),
             _ => false,
@@ -140,6 +143,7 @@ impl std::fmt::Display for StorageErrorKind {
     }
 }
 
+#[cfg(feature = "server")]
 /// A failed redb operation, kept whole (its [`source`](std::error::Error::source) is the
 /// [`redb::Error`]) and classified ([`StorageError::kind`]).
 #[derive(Debug, Error)]
@@ -150,6 +154,7 @@ pub struct StorageError {
     source: redb::Error,
 }
 
+#[cfg(feature = "server")]
 impl StorageError {
     /// What kind of failure this is.
     pub fn kind(&self) -> StorageErrorKind {
@@ -177,6 +182,7 @@ impl StorageError {
     }
 }
 
+#[cfg(feature = "server")]
 fn io_kind(io: &std::io::Error) -> StorageErrorKind {
     if matches!(io.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded) {
         StorageErrorKind::DiskFull
@@ -185,6 +191,7 @@ fn io_kind(io: &std::io::Error) -> StorageErrorKind {
     }
 }
 
+#[cfg(feature = "server")]
 impl From<redb::Error> for StorageError {
     fn from(source: redb::Error) -> Self {
         let kind = match &source {
@@ -197,6 +204,7 @@ impl From<redb::Error> for StorageError {
     }
 }
 
+#[cfg(feature = "server")]
 macro_rules! storage_from {
     ($($t:ty),*) => {$(
         impl From<$t> for StorageError {
@@ -213,6 +221,7 @@ macro_rules! storage_from {
     )*};
 }
 
+#[cfg(feature = "server")]
 storage_from!(
     redb::TransactionError,
     redb::TableError,
@@ -222,6 +231,7 @@ storage_from!(
     redb::DatabaseError
 );
 
+#[cfg(feature = "server")]
 impl From<redb::Error> for RelayError {
     fn from(e: redb::Error) -> Self {
         Self::Storage(e.into())
@@ -233,6 +243,7 @@ mod tests {
     use super::*;
     use std::error::Error as _;
 
+    #[cfg(feature = "server")]
     #[test]
     fn storage_errors_are_classified_and_keep_their_source() {
         let full: RelayError =

@@ -2,6 +2,7 @@
 //! source of truth.
 //!
 //! # Layout
+//! * [`records`]: the plain records the core and the stores exchange (writes, outcomes, metadata).
 //! * [`store`]: redb persistence (orders as snapshot + change tail, numbers, feed, devices).
 //! * [`core`]: the sans-IO relay core: documents in memory, sync states, policy checks, the
 //!   writes to commit, receipts, fan-out, the order cache. No I/O, no clock, no entropy.
@@ -20,19 +21,32 @@
 //!
 //! It depends on [`crdt_model`] only; the protocol is `crdt_model::wire` (see `docs/protocol.md`).
 
-pub mod admission;
-pub mod clock;
-mod conn;
+// The core and what it needs: no I/O, no clock, no entropy, no storage engine. With
+// `--no-default-features` the crate is only this (CI checks that it builds).
 pub mod core;
 pub mod error;
-pub mod hub;
 pub mod metrics;
+pub mod records;
 pub mod screen;
+
+// The drivers: tokio, sockets, redb, TLS (feature `server`, on by default).
+#[cfg(feature = "server")]
+pub mod admission;
+#[cfg(feature = "server")]
+pub mod clock;
+#[cfg(feature = "server")]
+mod conn;
+#[cfg(feature = "server")]
+pub mod hub;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
 pub mod tls;
 
 pub use error::RelayError;
+#[cfg(feature = "server")]
 pub use server::{RelayConfig, RunningRelay, run, spawn};
 
 /// The model crate this relay builds on, re-exported for tools and tests.

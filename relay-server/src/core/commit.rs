@@ -11,7 +11,7 @@ use crdt_model::{Order, OrderId, OrderNumber, OrderStatus, StoreId, Timestamp, v
 use super::doc::Batch;
 use super::{COMPACT_EVERY, ConnId, Output, RelayCore, RequestId};
 use crate::error::RelayError;
-use crate::store::{CommitOutcome, OrderWrite};
+use crate::records::{CommitOutcome, OrderWrite};
 
 impl RelayCore {
     /// Adds `changes` (already in `working`) to the order's next write.

@@ -8,8 +8,8 @@ use automerge::{Automerge, Change, ChangeHash, ReadDoc};
 use crdt_model::StoreId;
 
 use super::{ConnId, RequestId};
+use crate::records::OrderMeta;
 use crate::screen::Limits;
-use crate::store::OrderMeta;
 
 /// Changes accepted by the policy that wait to be made durable, and who waits for them.
 #[derive(Debug, Default)]

@@ -43,8 +43,8 @@ use serde_bytes::ByteBuf;
 
 use crate::error::RelayError;
 use crate::metrics::Metrics;
+use crate::records::{CommitOutcome, OrderMeta, OrderWrite, StoredOrder};
 use crate::screen::Limits;
-use crate::store::{CommitOutcome, OrderMeta, OrderWrite, StoredOrder};
 use doc::DocState;
 
 /// How many tail changes an order may accumulate before it is compacted into a snapshot.

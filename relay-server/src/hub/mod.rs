@@ -1,7 +1,7 @@
 //! The hub: the tokio driver of the relay's core ([`crate::core`]).
 //!
 //! Orders are sharded over a few worker tasks by order id; each worker owns one
-//! [`RelayCore`](crate::core::RelayCore) outright, so no document is ever locked. The pieces:
+//! [`RelayCore`] outright, so no document is ever locked. The pieces:
 //!
 //! * [`peer`]: a connected device (outbox, backpressure permits, feed gate);
 //! * `feed`: connections by store and the coalesced live feed;

@@ -31,7 +31,7 @@ pub struct FeedGate {
     pub live: bool,
     /// Entries published while catching up.
     pub held: Vec<FeedEntry>,
-    /// More than [`FEED_HELD`] were published while catching up: read the store again.
+    /// More than `FEED_HELD` entries were published while catching up: read the store again.
     pub overflowed: bool,
 }
 
