@@ -131,12 +131,24 @@ impl RelayCore {
                 // Sync states are reset, since they count those changes as received.
                 let later = std::mem::take(&mut d.pending);
                 d.working = d.committed.clone();
-                for pd in d.peers.values_mut() {
+                // A fresh round with every connection of the order: its devices learn what the
+                // relay holds, and send what it lacks again (the retry needs no timer).
+                let mut rounds = Vec::new();
+                for (conn, pd) in &mut d.peers {
                     pd.state = automerge::sync::State::new();
+                    // Asks the device to forget what it counts as sent (Automerge's sync reset).
+                    pd.state.needs_reset = true;
+                    if let Ok(Some(m)) = crdt_model::guard::contain(|| pd.generate(&d.committed)) {
+                        rounds.push((*conn, m));
+                    }
                 }
                 let why = std::sync::Arc::new(e);
                 self.fail_batch(order, batch, &why);
                 self.fail_batch(order, later, &why);
+                rounds.sort_by_key(|(conn, _)| *conn);
+                for (conn, m) in rounds {
+                    self.send_sync(conn, order, m);
+                }
                 return;
             }
         };
