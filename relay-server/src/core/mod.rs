@@ -228,6 +228,11 @@ impl RelayCore {
         self.loading.is_empty() && self.docs.values().all(|d| !d.busy())
     }
 
+    /// Whether inputs for `order` wait for its load.
+    pub fn is_loading(&self, order: OrderId) -> bool {
+        self.loading.contains_key(&order)
+    }
+
     /// Orders in memory.
     pub fn orders_in_memory(&self) -> usize {
         self.docs.len()

@@ -111,6 +111,7 @@ impl Hub {
                 replies: std::collections::HashMap::new(),
                 next_request: 0,
                 flush_waiters: Vec::new(),
+                parked: std::collections::HashMap::new(),
             };
             handles.push(tokio::spawn(w.run(rx, events_rx)));
             workers.push(tx);

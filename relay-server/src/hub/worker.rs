@@ -65,6 +65,8 @@ pub(crate) struct Worker {
     pub(crate) replies: HashMap<RequestId, ViewReply>,
     pub(crate) next_request: u64,
     pub(crate) flush_waiters: Vec<oneshot::Sender<()>>,
+    /// Backpressure permits of frames waiting for their order's load.
+    pub(crate) parked: HashMap<OrderId, Vec<OwnedSemaphorePermit>>,
 }
 
 impl Worker {
@@ -114,7 +116,13 @@ impl Worker {
                     self.peers.entry(peer.conn).or_insert(peer);
                     self.core.handle_sync(now, origin, order, msg);
                 }
-                drop(permit);
+                // A frame waiting for its order's load still counts against its connection.
+                match permit {
+                    Some(p) if self.core.is_loading(order) => {
+                        self.parked.entry(order).or_default().push(p);
+                    }
+                    other => drop(other),
+                }
             }
             WorkerMsg::BackOffice {
                 order,
@@ -141,7 +149,10 @@ impl Worker {
         let now = now_ms();
         match event {
             Event::Committed { order, result } => self.core.handle_committed(now, order, result),
-            Event::Loaded { order, result } => self.core.handle_loaded(now, order, result),
+            Event::Loaded { order, result } => {
+                self.core.handle_loaded(now, order, result);
+                self.parked.remove(&order);
+            }
         }
     }
 
