@@ -3,7 +3,12 @@
 //! Several replicator engines (`replicator::core::Engine`, sans-IO, each with its
 //! `MemoryStore`) talk to two shards of the real [`RelayCore`] (orders routed by id as
 //! `Hub::worker` does) over a simulated network, on a virtual clock, with a simulated store
-//! behind the cores. Everything is driven by one seed, so a run replays exactly.
+//! behind the cores. Everything is driven by one seed, so a run replays exactly. Two to four
+//! terminals; with three or more, the last one works for a second store. Cashiers create and
+//! edit orders, take payments, complete, deliver and delete them; now and then a device forges
+//! an order number (the relay must refuse it) or asks for another store's order, and the back
+//! office changes an order's status through the core. Each core keeps only a few orders in
+//! memory, so orders are evicted and loaded again.
 //!
 //! The parts, all in this file:
 //!
@@ -40,6 +45,8 @@
 //! * safety, at the end: order numbers unique and gap-free per store, and each stored document
 //!   carries its stored number; every payment captured on a terminal exists exactly once on the
 //!   relay, with its amount; no device holds another store's order;
+//! * the glue's promise: a device never sees a later feed position before an earlier one on a
+//!   connection; and determinism: a seed replays event for event (`a_seed_replays_exactly`);
 //! * liveness: after the faults stop and the network heals, within a bounded virtual time every
 //!   engine has every order it holds Synced (except orders the relay refused: Blocked), holds the
 //!   relay's heads for each, and has learned every order of its store from the feed.
