@@ -52,7 +52,8 @@
 //!   relay's heads for each, and has learned every order of its store from the feed.
 //!
 //! `RELAY_SIM_SEEDS=N` (or `PROPTEST_CASES=N`) sets the number of seeds (default 256);
-//! `RELAY_SIM_SEED=S` runs seed `S` only; `SIM_TRACE=1` prints every frame, cut and crash.
+//! `RELAY_SIM_SEED=S` runs seed `S` only; `RELAY_SIM_ACTIONS=N` sets the random actions per
+//! seed before the network heals (default 160); `SIM_TRACE=1` prints every frame, cut and crash.
 //!
 //! Known relay-core bugs this simulation found are worked around by default and pinned by the
 //! `#[ignore]`d `known_bug*` tests (see them). `RELAY_SIM_STRICT=1` drops the workarounds;
@@ -1683,7 +1684,11 @@ fn run_with(seed: u64, resend: Resend, strict_numbers: bool) -> Stats {
     let mut w = World::new(seed);
     w.resend = resend;
     w.strict_numbers = strict_numbers;
-    for _ in 0..ACTIONS {
+    let actions = std::env::var("RELAY_SIM_ACTIONS")
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(ACTIONS);
+    for _ in 0..actions {
         w.action();
     }
     w.settle();
