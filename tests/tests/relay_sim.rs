@@ -1188,14 +1188,20 @@ impl World {
             self.apply_commit(&c.write)
         };
         let order = c.write.order;
+        let changes = hs(&c
+            .write
+            .changes
+            .iter()
+            .map(|c| hash_of(c))
+            .collect::<Vec<_>>());
         self.log(|| match &result {
             Ok(o) => format!(
-                "commit {} ok: number {} feed {}",
+                "commit {} {changes} ok: number {} feed {}",
                 short(&order),
                 o.number.0,
                 o.feed_seq
             ),
-            Err(e) => format!("commit {} FAILED: {e}", short(&order)),
+            Err(e) => format!("commit {} {changes} FAILED: {e}", short(&order)),
         });
         let now = self.now;
         if let Some(r) = self.relay.as_mut() {
