@@ -49,7 +49,9 @@
 //!   connection; and determinism: a seed replays event for event (`a_seed_replays_exactly`);
 //! * liveness: after the faults stop and the network heals, within a bounded virtual time every
 //!   engine has every order it holds Synced (except orders the relay refused: Blocked), holds the
-//!   relay's heads for each, and has learned every order of its store from the feed.
+//!   relay's heads for each, and has learned every order of its store from the feed (bound:
+//!   120 s of virtual time; by default every connection is replaced when the network heals and
+//!   every 10 s without convergence, which works around known bugs 1 and 3 below).
 //!
 //! `RELAY_SIM_SEEDS=N` (or `PROPTEST_CASES=N`) sets the number of seeds (default 256);
 //! `RELAY_SIM_SEED=S` runs seed `S` only; `RELAY_SIM_ACTIONS=N` sets the random actions per
