@@ -39,8 +39,9 @@
 //! Checked in every run (a failure names the seed and how to replay it):
 //!
 //! * safety, while it runs: when the core emits a receipt, the store durably holds every change
-//!   it names; every change in a sync message the core sends is durable and was never refused;
-//!   a refused change is never stored; a Done or Deleted order never becomes active again; after
+//!   it names; every change in a sync message the core sends is durable; a change the core
+//!   refuses is not stored when it refuses it, and a forged one (a device writing the order
+//!   number) is never stored nor forwarded; a Done or Deleted order never becomes active again; after
 //!   every relay crash the store still holds every receipted change;
 //! * safety, at the end: order numbers unique and gap-free per store, and each stored document
 //!   carries its stored number; every payment captured on a terminal exists exactly once on the
@@ -356,8 +357,11 @@ struct World {
     slow_disk: bool,
     /// Heads named by receipts, per order.
     receipted: BTreeMap<OrderId, BTreeSet<ChangeHash>>,
-    /// Changes the core refused.
+    /// Changes the core refused (a legitimate change refused with a forged one in the same
+    /// message may be accepted later, alone).
     refused: HashSet<ChangeHash>,
+    /// Changes that write an order number on a device: never to be stored nor forwarded.
+    forged: HashSet<ChangeHash>,
     /// Payments seen captured on a terminal: amount.
     captured: BTreeMap<PaymentId, i64>,
     stats: Stats,
@@ -505,6 +509,7 @@ impl World {
             slow_disk: false,
             receipted: BTreeMap::new(),
             refused: HashSet::new(),
+            forged: HashSet::new(),
             captured: BTreeMap::new(),
             stats: Stats::default(),
         };
@@ -895,12 +900,17 @@ impl World {
             }
             (38, Some(id)) if self.faults => {
                 // A device writing the order number: the relay must refuse it.
+                let before = term.engine.order(id).map(|o| o.heads()).unwrap_or_default();
                 let r = term
                     .engine
                     .edit(id, now, replicator::Trigger::LocalEdit, |o| {
                         o.assign_number(Timestamp(now), OrderNumber(9_000 + x % 100))
                             .map(|_| ())
                     });
+                if let Ok(o) = term.engine.order(id) {
+                    let forged = o.doc().get_changes(&before);
+                    self.forged.extend(forged.iter().map(|c| c.hash()));
+                }
                 format!("FORGE number on {} {:?}", short(&id), r.is_ok())
             }
             (39, _) if self.faults => {
@@ -1155,9 +1165,9 @@ impl World {
     fn apply_commit(&mut self, w: &OrderWrite) -> Result<CommitOutcome, RelayError> {
         for c in &w.changes {
             let h = hash_of(c);
-            if self.refused.contains(&h) {
+            if self.forged.contains(&h) {
                 self.fail(format!(
-                    "refused change {h} of order {} is being stored",
+                    "forged change {h} of order {} is being stored",
                     w.order
                 ));
             }
@@ -1281,9 +1291,9 @@ impl World {
                                 "the relay sent change {h} of order {order} before it was durable"
                             ));
                         }
-                        if self.refused.contains(&h) {
+                        if self.forged.contains(&h) {
                             self.fail(format!(
-                                "the relay forwarded refused change {h} of order {order}"
+                                "the relay forwarded forged change {h} of order {order}"
                             ));
                         }
                     }
@@ -1800,8 +1810,8 @@ fn run_strict(resend: Resend, strict_numbers: bool) {
 ///    `PeerDoc::queued`) counts as idle and can be evicted; the queued chunks go with it, the
 ///    device counts them as sent, and after the reload the relay asks for them forever.
 ///
-/// Changes to the core that made all 256 default seeds pass with `RELAY_SIM_STRICT=1` in an
-/// experiment: on a failed commit, each peer's sync state is replaced by one with
+/// Changes to the core that made the first 256 default seeds pass with `RELAY_SIM_STRICT=1` in
+/// an experiment (with the `ensure_number` call of known bug 2): on a failed commit, each peer's sync state is replaced by one with
 /// `needs_reset` set (capabilities kept) and offered a message from the committed document at
 /// once; a failed load closes the parked connections (`Output::Close`, `storage_error`) instead
 /// of a non-fatal error; `evict_if_full` skips orders whose peers hold queued chunks.
@@ -1814,8 +1824,12 @@ fn known_bugs_1_and_3_dropped_changes_are_never_sent_again() {
 /// Known bug 2 (found by this simulation): when the relay's write of an order's number into the
 /// document (`ensure_number` after the first commit) fails, it is not tried again until the
 /// order is loaded again: the store and the feed carry the number, the document (what devices
-/// get) does not. Fails until fixed. Calling `ensure_number` after a failed commit fixed it in
-/// an experiment.
+/// get) does not. Fails until fixed. Calling `ensure_number` after a failed commit fixed most
+/// seeds in an experiment; one more (seed 15583534651427268673 with that fix and the others of
+/// `known_bugs_1_and_3_…`, `RELAY_SIM_STRICT=1`) shows the crash variant: the first commit lands
+/// just before a relay crash, and after the restart no device touches the order (its author's
+/// copy is Blocked, the others do not fetch a Done order), so it is never loaded again and never
+/// gets its number in the document.
 #[test]
 #[ignore = "known relay-core bug 2: a failed number write is not retried"]
 fn known_bug_2_a_failed_number_write_is_not_retried() {
