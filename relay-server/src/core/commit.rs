@@ -135,7 +135,9 @@ impl RelayCore {
                 // relay holds, and send what it lacks again (the retry needs no timer).
                 let mut rounds = Vec::new();
                 for (conn, pd) in &mut d.peers {
+                    let caps = pd.state.their_capabilities.take();
                     pd.state = automerge::sync::State::new();
+                    pd.state.their_capabilities = caps;
                     // Asks the device to forget what it counts as sent (Automerge's sync reset).
                     pd.state.needs_reset = true;
                     if let Ok(Some(m)) = crdt_model::guard::contain(|| pd.generate(&d.committed)) {
@@ -149,6 +151,8 @@ impl RelayCore {
                 for (conn, m) in rounds {
                     self.send_sync(conn, order, m);
                 }
+                // A failed number write is written again (the store holds the number).
+                self.ensure_number(now, order);
                 return;
             }
         };

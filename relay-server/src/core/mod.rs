@@ -323,14 +323,13 @@ impl RelayCore {
                 let e = Arc::new(e);
                 for p in parked {
                     match p {
-                        Parked::Sync { origin, .. } => self.send(
-                            origin.conn,
-                            RelayFrame::error(
-                                crdt_model::wire::codes::STORAGE,
-                                format!("cannot load order {order}; retry"),
-                                false,
-                            ),
-                        ),
+                        // Closed, not answered with a plain error: the device counts the
+                        // message as sent, and only a new connection makes it send it again.
+                        Parked::Sync { origin, .. } => self.outputs.push_back(Output::Close {
+                            conn: origin.conn,
+                            code: crdt_model::wire::codes::STORAGE,
+                            message: format!("cannot load order {order}; reconnect to retry"),
+                        }),
                         Parked::BackOffice { request, .. } => {
                             self.answer(request, Err(RelayError::Shared(Arc::clone(&e))));
                         }
@@ -409,7 +408,8 @@ impl RelayCore {
         waiting.push(parked);
     }
 
-    /// Drops idle orders (nothing being committed) beyond the capacity, oldest first.
+    /// Drops idle orders (nothing being committed, nothing queued) beyond the capacity, oldest
+    /// first.
     fn evict_if_full(&mut self) {
         let capacity = self.config.capacity.max(1);
         if self.docs.len() < capacity {
@@ -418,7 +418,9 @@ impl RelayCore {
         let mut idle: Vec<(u64, OrderId)> = self
             .docs
             .iter()
-            .filter(|(_, d)| !d.busy())
+            // Changes queued for a missing dependency live in the order's peers: an order
+            // holding some stays until they apply or their connection goes.
+            .filter(|(_, d)| !d.busy() && d.peers.values().all(|p| p.queued.is_empty()))
             .map(|(id, d)| (d.last_used, *id))
             .collect();
         idle.sort_unstable();
