@@ -82,6 +82,10 @@ pub struct OrderWrite {
     /// Several writes of one order in one batch chain: each builds on the heads of the one
     /// before.
     pub base: Vec<[u8; 32]>,
+    /// Whether the document after this write carries the order's number (the relay's number
+    /// change). An order first stored without it is listed ([`crate::store`]'s `unnumbered`)
+    /// until a write with it lands, so a relay that stopped in between writes it at start.
+    pub numbered: bool,
     /// Heads after this write.
     pub heads: Vec<[u8; 32]>,
     /// When, ms since the epoch (relay clock).

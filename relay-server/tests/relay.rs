@@ -728,6 +728,7 @@ async fn a_stopped_relay_releases_its_data_at_once() {
                     order: o.id(),
                     store: o.store().clone(),
                     base: Vec::new(),
+                    numbered: false,
                     changes: Vec::new(),
                     compacted: Some(o.doc().save()),
                     status: OrderStatus::InProgress,
@@ -750,4 +751,54 @@ async fn a_stopped_relay_releases_its_data_at_once() {
         relay_server::store::RelayStore::open(dir.path())
             .unwrap_or_else(|e| panic!("round {round}: the data is still held: {e}"));
     }
+}
+
+/// An order stored without its number change (the relay stopped between the two writes) gets
+/// its number written when the relay starts again, with no device touching it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_that_missed_its_document_is_written_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let store = relay_server::store::RelayStore::open(dir.path()).unwrap();
+        let mut rng = SplitMix64::new(78);
+        let device = DeviceId::generate(Timestamp(T0), &mut rng);
+        let new = NewOrder {
+            id: OrderId::generate(Timestamp(T0), &mut rng),
+            store: StoreId::new("s1").unwrap(),
+            currency: Currency::new("EUR").unwrap(),
+        };
+        let o = Order::create(new, Writer::new(device, 1), Timestamp(T0), &mut rng).unwrap();
+        store
+            .commit(&[relay_server::store::OrderWrite {
+                order: o.id(),
+                store: o.store().clone(),
+                base: Vec::new(),
+                numbered: false,
+                changes: o
+                    .doc()
+                    .get_changes(&[])
+                    .iter()
+                    .map(|c| c.raw_bytes().to_vec())
+                    .collect(),
+                compacted: None,
+                status: OrderStatus::InProgress,
+                heads: o.heads().iter().map(|h| h.0).collect(),
+                at: T0,
+            }])
+            .unwrap();
+        o.id()
+    };
+    let relay = TestRelay::start_in(dir).await;
+    let mut number = None;
+    for _ in 0..100 {
+        let stored = relay.store.load_order(id).unwrap().unwrap();
+        number = number_of(&stored.to_doc().unwrap()).unwrap();
+        if number.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(number, Some(OrderNumber(1)));
+    assert!(relay.store.unnumbered(10).unwrap().is_empty());
+    relay.stop().await;
 }

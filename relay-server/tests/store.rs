@@ -111,6 +111,7 @@ fn write(o: &Order, since: &[ChangeHash], at: i64) -> OrderWrite {
         compacted: None,
         status: o.status().unwrap(),
         base: hashes(since),
+        numbered: o.number().unwrap().is_some(),
         heads: heads(o),
         at,
     }
@@ -1096,4 +1097,35 @@ proptest! {
             }
         }
     }
+}
+
+/// Orders stored with a number their document does not carry yet are listed until a write
+/// whose document carries it lands (the relay writes such numbers at start; issue 12's
+/// simulation found an order left without its number after a crash between the two writes).
+#[test]
+fn orders_waiting_for_their_number_change_are_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RelayStore::open(dir.path()).unwrap();
+    let mut m = Maker::new(41);
+    let mut a = m.order("s1");
+    let mut b = m.order("s1");
+    let first = commit_one(&store, write(&a, &[], T0));
+    assert!(first.newly_numbered);
+    assert_eq!(store.unnumbered(10).unwrap(), vec![a.id()]);
+    // `persist_new` writes b's number change too: never listed after it.
+    persist_new(&store, &mut b, T0 + 5);
+    assert_eq!(store.unnumbered(10).unwrap(), vec![a.id()]);
+    // a's number change lands: no longer listed; the list survives a reopen meanwhile.
+    drop(store);
+    let store = RelayStore::open(dir.path()).unwrap();
+    assert_eq!(store.unnumbered(10).unwrap(), vec![a.id()]);
+    let before = a.heads();
+    let relay = store.identity().unwrap().writer();
+    let mut as_relay = Order::from_doc(a.doc().clone(), relay).unwrap();
+    as_relay
+        .assign_number(Timestamp(T0 + 9), first.number)
+        .unwrap();
+    a = Order::from_doc(as_relay.into_doc(), a.writer().clone()).unwrap();
+    commit_one(&store, write(&a, &before, T0 + 10));
+    assert!(store.unnumbered(10).unwrap().is_empty());
 }

@@ -157,6 +157,9 @@ impl SimOrder {
 #[derive(Default)]
 struct SimStore {
     orders: BTreeMap<OrderId, SimOrder>,
+    /// Orders stored with a number their document does not carry yet (the store's
+    /// `unnumbered` list): the relay loads them at start.
+    unnumbered: BTreeSet<OrderId>,
     /// Per store: (last number, feed head).
     stores: BTreeMap<String, (u64, u64)>,
     /// Per store: feed position → order.
@@ -199,6 +202,11 @@ impl SimStore {
             }
         };
         self.stores.insert(key.clone(), (last, seq));
+        if w.numbered {
+            self.unnumbered.remove(&w.order);
+        } else if newly {
+            self.unnumbered.insert(w.order);
+        }
         if let Some(old) = old_seq {
             self.feed.remove(&(key.clone(), old));
         }
@@ -568,6 +576,16 @@ impl World {
             .collect();
         self.relay = Some(Relay { cores });
         self.log(|| "RELAY START".into());
+        // As the hub does at start: orders whose number did not reach their document.
+        let now = self.now;
+        let unnumbered: Vec<OrderId> = self.store.unnumbered.iter().copied().collect();
+        for order in unnumbered {
+            let s = shard_of(&order);
+            if let Some(r) = self.relay.as_mut() {
+                r.cores[s].handle_touch(now, order);
+            }
+            self.drain(s);
+        }
     }
 
     /// The relay process dies: cores and connections gone, each commit in flight either
@@ -1831,11 +1849,10 @@ fn known_bugs_1_and_3_dropped_changes_are_never_sent_again() {
 /// feed carried the number, the document (what devices get) did not. Fixed by calling
 /// `ensure_number` after a failed commit.
 ///
-/// **Still open, the crash variant** (seed 15583534651427268673, `RELAY_SIM_SEED=` that seed):
-/// the first commit lands just before a relay crash, and after the restart no device touches
-/// the order (its author's copy is Blocked, the others do not fetch a Done order), so it is
-/// never loaded again and its document never gets the number. The store would need to keep
-/// which orders still lack their number change, for the relay to write them at start.
+/// The crash variant (seed 15583534651427268673): the first commit lands just before a relay
+/// crash and after the restart no device touches the order (its author's copy is Blocked, the
+/// others do not fetch a Done order). Fixed by the store's list of orders whose number has not
+/// reached their document (`RelayStore::unnumbered`), which the relay loads at start.
 #[test]
 fn known_bug_2_a_failed_number_write_is_not_retried() {
     run_strict(Resend::Watchdog, true);

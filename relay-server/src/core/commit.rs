@@ -48,13 +48,14 @@ impl RelayCore {
         };
         let built = (|| {
             let status = crdt_model::status_of(snapshot)?;
+            let numbered = crdt_model::number_of(snapshot)?.is_some();
             let store = match &d.store {
                 Some(s) => s.clone(),
                 None => crdt_model::store_of(snapshot)?,
             };
-            Ok::<_, crdt_model::ModelError>((status, store))
+            Ok::<_, crdt_model::ModelError>((status, numbered, store))
         })();
-        let (status, store) = match built {
+        let (status, numbered, store) = match built {
             Ok(v) => v,
             Err(e) => {
                 // The policy accepted the document, so it parses; if not, refuse loudly.
@@ -75,6 +76,7 @@ impl RelayCore {
             store,
             // One write per order is in flight, so each builds on what is stored.
             base: d.committed.get_heads().iter().map(|h| h.0).collect(),
+            numbered,
             changes: batch
                 .changes
                 .iter()

@@ -272,6 +272,18 @@ impl RelayCore {
         }
     }
 
+    /// Makes sure `order` is in memory, so its stored number is written into its document if
+    /// it is not there yet (the driver touches the store's unnumbered orders at start).
+    pub fn handle_touch(&mut self, now: i64, order: OrderId) {
+        if self.loaded(order) {
+            self.ensure_number(now, order);
+        } else if let std::collections::hash_map::Entry::Vacant(e) = self.loading.entry(order) {
+            // Loading it writes the number (see `handle_loaded`); nothing waits for it.
+            e.insert(Vec::new());
+            self.outputs.push_back(Output::Load { order });
+        }
+    }
+
     /// A connection closed: its sync states and queued chunks go.
     pub fn handle_disconnect(&mut self, conn: ConnId) {
         let Some(info) = self.conns.remove(&conn) else {
@@ -401,11 +413,10 @@ impl RelayCore {
 
     /// Keeps `parked` until `order` is loaded, asking for the load once.
     fn park(&mut self, order: OrderId, parked: Parked) {
-        let waiting = self.loading.entry(order).or_default();
-        if waiting.is_empty() {
+        if !self.loading.contains_key(&order) {
             self.outputs.push_back(Output::Load { order });
         }
-        waiting.push(parked);
+        self.loading.entry(order).or_default().push(parked);
     }
 
     /// Drops idle orders (nothing being committed, nothing queued) beyond the capacity, oldest

@@ -117,6 +117,23 @@ impl Hub {
             workers.push(tx);
         }
         let feed_task = tokio::spawn(Arc::clone(&registry).run_feed());
+        // Orders stored with a number their document lacks (the relay stopped between the
+        // first commit and the number change): loading them writes it.
+        let unnumbered = store.unnumbered(100_000)?;
+        if !unnumbered.is_empty() {
+            tracing::info!(
+                orders = unnumbered.len(),
+                "writing order numbers that did not reach their documents"
+            );
+        }
+        for order in unnumbered {
+            let b = order.as_bytes();
+            let idx = (u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
+                % workers.len() as u64) as usize;
+            if workers[idx].try_send(WorkerMsg::Touch { order }).is_err() {
+                tracing::warn!(%order, "worker queue full at start; its number is written on next use");
+            }
+        }
         Ok(Self {
             inner: Arc::new(HubInner {
                 workers,

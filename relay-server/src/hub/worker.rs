@@ -37,6 +37,10 @@ pub(crate) enum WorkerMsg {
     Disconnect {
         conn: ConnId,
     },
+    /// Load the order so a number its document lacks is written (at start).
+    Touch {
+        order: OrderId,
+    },
     Flush {
         reply: oneshot::Sender<()>,
     },
@@ -140,6 +144,7 @@ impl Worker {
                 self.peers.remove(&conn);
                 self.core.handle_disconnect(conn);
             }
+            WorkerMsg::Touch { order } => self.core.handle_touch(now, order),
             WorkerMsg::Flush { reply } => self.flush_waiters.push(reply),
             WorkerMsg::Stop => {}
         }

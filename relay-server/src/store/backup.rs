@@ -10,6 +10,7 @@ use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTrans
 use super::codec;
 use super::tables::{
     DEVICES, FEED, META, META_IDENTITY, NUMBERS, ORDERS, SNAPSHOTS, STORES, TAIL, TOKENS,
+    UNNUMBERED,
 };
 use super::{RelayIdentity, RelayStore, open_error, set_immediate};
 use crate::error::RelayError;
@@ -57,6 +58,14 @@ impl RelayStore {
         copy_table(&src, &w, STORES)?;
         copy_table(&src, &w, DEVICES)?;
         copy_table(&src, &w, TOKENS)?;
+        // Absent in files from before the list existed.
+        match copy_table(&src, &w, UNNUMBERED) {
+            Err(RelayError::Storage(e))
+                if matches!(e.redb(), redb::Error::TableDoesNotExist(_)) => {}
+            other => {
+                other?;
+            }
+        }
         {
             let mut epoch = self.identity.epoch;
             while epoch == self.identity.epoch {

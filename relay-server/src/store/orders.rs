@@ -9,7 +9,7 @@ use crdt_model::{OrderId, OrderNumber, StoreId};
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use super::codec::{self, decode_meta, encode_meta};
-use super::tables::{FEED, NUMBERS, ORDERS, SNAPSHOTS, STORES, TAIL};
+use super::tables::{FEED, NUMBERS, ORDERS, SNAPSHOTS, STORES, TAIL, UNNUMBERED};
 use super::{
     CommitOutcome, OrderMeta, OrderWrite, RelayStore, StatusFilter, StoredOrder, set_immediate,
 };
@@ -62,6 +62,7 @@ impl RelayStore {
         let mut feed = txn.open_table(FEED)?;
         let mut numbers = txn.open_table(NUMBERS)?;
         let mut stores = txn.open_table(STORES)?;
+        let mut unnumbered = txn.open_table(UNNUMBERED)?;
         let mut out = Vec::with_capacity(writes.len());
         for w in writes {
             let key = *w.order.as_bytes();
@@ -110,6 +111,11 @@ impl RelayStore {
                 }
             };
             stores.insert(store, (last_number, feed_seq))?;
+            if w.numbered {
+                unnumbered.remove(key)?;
+            } else if newly_numbered {
+                unnumbered.insert(key, ())?;
+            }
 
             let tail_len = if let Some(snapshot) = &w.compacted {
                 snapshots.insert(key, snapshot.as_slice())?;
@@ -203,6 +209,23 @@ impl RelayStore {
             .map(|g| decode_meta(g.value()))
             .transpose()?;
         Ok(meta)
+    }
+
+    /// Orders stored with a number their document does not carry yet, at most `limit` (the
+    /// relay writes those numbers at start). A file from before this list existed has none.
+    pub fn unnumbered(&self, limit: usize) -> Result<Vec<OrderId>, RelayError> {
+        let txn = self.read()?;
+        let table = match txn.open_table(UNNUMBERED) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for entry in table.iter()?.take(limit) {
+            let (k, _) = entry?;
+            out.push(codec::order_id(&k.value())?);
+        }
+        Ok(out)
     }
 
     /// The order with `number` in `store`, if any.

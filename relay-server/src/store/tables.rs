@@ -48,6 +48,10 @@ pub const DEVICES: TableDefinition<'static, [u8; 16], &[u8]> = TableDefinition::
 /// sha256(token) -> JSON token grant. The token itself is never stored.
 pub const TOKENS: TableDefinition<'static, [u8; 32], &[u8]> = TableDefinition::new("tokens");
 
+/// Orders stored with a number their document does not carry yet (the relay's number change
+/// is not durable): the relay writes those numbers at start. Absent in older files: empty.
+pub const UNNUMBERED: TableDefinition<'static, [u8; 16], ()> = TableDefinition::new("unnumbered");
+
 /// Names of every table above, to tell our database from a foreign redb file.
 pub const ALL_TABLES: [&str; 9] = [
     "meta",

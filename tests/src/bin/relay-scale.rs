@@ -759,6 +759,7 @@ fn build_order(
         status: OrderStatus::InProgress,
         // A new order: it builds on nothing stored.
         base: Vec::new(),
+        numbered: false,
         heads: numbered.heads().iter().map(|h| h.0).collect(),
         at: at.0,
     })
