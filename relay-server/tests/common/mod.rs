@@ -1,6 +1,8 @@
 //! Test harness: a relay on 127.0.0.1:0 with a temp data dir, and a WebSocket test client.
 #![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod hostile;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
