@@ -358,7 +358,7 @@ struct World {
     faults: bool,
     /// One line-adding cashier edit in this many is a busy table (30 edits); 0: never.
     busy_every: u64,
-    /// The workaround for known bugs 1 and 3 (see the `#[ignore]` tests).
+    /// The workaround once used for known bugs 1 and 3 (see the `known_bug*` tests); off by default.
     resend: Resend,
     /// No tolerance for known bug 2: otherwise a stored order's document may still lack its
     /// number at the end (but never carries another one).

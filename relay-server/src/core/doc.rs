@@ -60,6 +60,14 @@ impl PeerDoc {
         }
     }
 
+    /// Starts the sync over and forgets the queued chunks; returns their bytes (to release
+    /// from the connection's total).
+    pub fn reset(&mut self) -> usize {
+        self.state = sync::State::new();
+        self.queued.clear();
+        std::mem::take(&mut self.queued_bytes)
+    }
+
     /// `doc`, plus the queued chunks when there are any.
     fn view_of(&self, doc: &Automerge) -> Option<Automerge> {
         if self.queued.is_empty() {

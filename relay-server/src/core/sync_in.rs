@@ -108,9 +108,7 @@ impl RelayCore {
         };
         let chunks: Vec<Vec<u8>> = msg.changes.iter().map(<[u8]>::to_vec).collect();
         if let Err(e) = target.receive_sync_message(&mut pd.state, msg) {
-            pd.state = sync::State::new();
-            let freed = std::mem::take(&mut pd.queued_bytes);
-            pd.queued.clear();
+            let freed = pd.reset();
             if direct {
                 d.working = base.clone();
             }
@@ -129,9 +127,7 @@ impl RelayCore {
             .flatten()
             .any(|h| !holds(target, &h));
         if lost {
-            pd.state = sync::State::new();
-            let freed = std::mem::take(&mut pd.queued_bytes);
-            pd.queued.clear();
+            let freed = pd.reset();
             if direct {
                 d.working = base.clone();
             }
@@ -208,9 +204,7 @@ impl RelayCore {
             && let Ok(inside) = crdt_model::id_of(after)
             && inside != order
         {
-            pd.state = sync::State::new();
-            let freed = std::mem::take(&mut pd.queued_bytes);
-            pd.queued.clear();
+            let freed = pd.reset();
             if direct {
                 d.working = base.clone();
             }

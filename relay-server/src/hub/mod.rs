@@ -56,6 +56,13 @@ impl Default for HubConfig {
     }
 }
 
+/// The worker (shard) that owns `order`, of `n`.
+fn shard_of(order: &OrderId, n: usize) -> usize {
+    let b = order.as_bytes();
+    let x = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+    (x % n.max(1) as u64) as usize
+}
+
 /// Handle to the hub, cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
@@ -127,9 +134,7 @@ impl Hub {
             );
         }
         for order in unnumbered {
-            let b = order.as_bytes();
-            let idx = (u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
-                % workers.len() as u64) as usize;
+            let idx = shard_of(&order, workers.len());
             if workers[idx].try_send(WorkerMsg::Touch { order }).is_err() {
                 tracing::warn!(%order, "worker queue full at start; its number is written on next use");
             }
@@ -170,10 +175,7 @@ impl Hub {
     }
 
     fn worker(&self, order: &OrderId) -> &mpsc::Sender<WorkerMsg> {
-        let b = order.as_bytes();
-        let idx = (u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
-            % self.inner.workers.len() as u64) as usize;
-        &self.inner.workers[idx]
+        &self.inner.workers[shard_of(order, self.inner.workers.len())]
     }
 
     /// Registers a connection of `device` (store `store`); frames for it go to `outbox`.
