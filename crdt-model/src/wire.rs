@@ -12,7 +12,7 @@ use serde_bytes::ByteBuf;
 use crate::error::ModelError;
 
 /// The protocol's major version: peers with a different major cannot talk.
-pub const PROTOCOL_MAJOR: u16 = 1;
+pub const PROTOCOL_MAJOR: u16 = 2;
 /// The protocol's minor version: additions a peer may ignore.
 pub const PROTOCOL_MINOR: u16 = 0;
 /// Largest frame a peer must accept, in bytes (the relay may be configured lower or higher).
@@ -58,6 +58,17 @@ pub enum ClientFrame {
         order: String,
         /// `automerge::sync::Message::encode()` bytes.
         data: ByteBuf,
+    },
+    /// Changes this device made (or holds) that the relay has not acknowledged, pushed as
+    /// they are, with the device's heads once they are applied: the relay answers with a
+    /// `receipt` naming those heads once they are durable (protocol 2).
+    Changes {
+        /// Order id.
+        order: String,
+        /// Raw change chunks (`Change::raw_bytes`), dependencies first.
+        changes: Vec<ByteBuf>,
+        /// The device's heads for the order after these changes.
+        heads: Vec<ByteBuf>,
     },
     /// Keep-alive request; the relay answers with `pong` and the same nonce.
     Ping {
@@ -109,6 +120,15 @@ pub enum RelayFrame {
         order: String,
         /// Sync message bytes.
         data: ByteBuf,
+    },
+    /// Committed changes of an order, forwarded as they were stored (protocol 2): the same
+    /// encoded frame goes to every connection that follows the order. A device that lacks a
+    /// dependency of one of them runs a sync round for the order.
+    Changes {
+        /// Order id.
+        order: String,
+        /// Raw change chunks, dependencies first.
+        changes: Vec<ByteBuf>,
     },
     /// Durable receipt: the relay has committed (fsynced) the order up to these heads.
     Receipt {
@@ -296,6 +316,11 @@ mod tests {
                 order: "o".into(),
                 data: ByteBuf::from(vec![0x42, 1, 2, 3]),
             },
+            ClientFrame::Changes {
+                order: "o".into(),
+                changes: vec![ByteBuf::from(vec![0x85, 0x6f])],
+                heads: vec![ByteBuf::from(vec![9u8; 32])],
+            },
             ClientFrame::Ping { nonce: u64::MAX },
             ClientFrame::Pong { nonce: 0 },
             ClientFrame::Bye,
@@ -326,6 +351,10 @@ mod tests {
             RelayFrame::Receipt {
                 order: "o".into(),
                 heads: h.clone(),
+            },
+            RelayFrame::Changes {
+                order: "o".into(),
+                changes: vec![ByteBuf::from(vec![1, 2, 3])],
             },
             RelayFrame::Rejected {
                 order: "o".into(),

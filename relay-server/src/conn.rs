@@ -9,6 +9,8 @@ use automerge::sync;
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket};
 use crdt_model::wire::{ClientFrame, PROTOCOL_MAJOR, RelayFrame, Version, codes};
+
+use crate::core::Incoming;
 use crdt_model::{DeviceId, OrderId, StoreId};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
@@ -308,11 +310,31 @@ async fn run(
                         match sync::Message::decode(&data) {
                             Ok(_) if ticket.is_revoked() => continue,
                             Ok(msg) => {
-                                if state.hub.sync(peer, order_id, msg).await.is_err() {
+                                if state.hub.sync(peer, order_id, Incoming::Sync(msg)).await.is_err() {
                                     return;
                                 }
                             }
                             Err(e) => peer.send(RelayFrame::error(codes::BAD_SYNC_MESSAGE, format!("order {order}: {e}"), false)),
+                        }
+                    }
+                    Ok(ClientFrame::Changes { order, changes, heads }) => {
+                        let Ok(order_id) = order.parse::<OrderId>() else {
+                            peer.send(RelayFrame::error(codes::BAD_ORDER_ID, format!("bad order id {order:?}"), false));
+                            continue;
+                        };
+                        match crate::screen::decode_push(&changes, &heads, state.hub.limits()) {
+                            Ok(_) if ticket.is_revoked() => continue,
+                            Ok(p) => {
+                                let push = Incoming::Push { changes: p.changes, heads: p.heads };
+                                if state.hub.sync(peer, order_id, push).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err((code, why)) => {
+                                state.metrics.sync_refused(code);
+                                tracing::info!(conn = %peer.conn, device = %peer.device, %order, code, reason = %why, "pushed changes refused");
+                                peer.send(RelayFrame::error(code, format!("order {order}: {why}"), false));
+                            }
                         }
                     }
                     Ok(ClientFrame::Ping { nonce }) => peer.send(RelayFrame::Pong { nonce }),

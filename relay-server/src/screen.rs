@@ -426,6 +426,18 @@ pub fn document_heads(entry: &[u8]) -> Option<Vec<automerge::ChangeHash>> {
     Some(heads)
 }
 
+/// `total` plus `more` inflated bytes, refused past [`Limits::max_inflated_bytes`].
+fn add_inflated(total: usize, more: usize, limits: &Limits) -> Result<usize, Refusal> {
+    let total = total.saturating_add(more);
+    if total > limits.max_inflated_bytes {
+        return Err(Refusal::TooMuch(format!(
+            "changes inflate to more than {} bytes",
+            limits.max_inflated_bytes
+        )));
+    }
+    Ok(total)
+}
+
 /// Checks an encoded sync message against `limits` without decoding it through Automerge.
 pub fn screen(data: &[u8], limits: &Limits) -> Result<Screened, Refusal> {
     let mut c = Cursor { rest: data };
@@ -460,18 +472,84 @@ pub fn screen(data: &[u8], limits: &Limits) -> Result<Screened, Refusal> {
     for _ in 0..changes {
         let len = c.usize()?;
         let entry = c.take(len)?;
-        inflated = inflated.saturating_add(check_chunks(entry, limits)?);
-        if inflated > limits.max_inflated_bytes {
-            return Err(Refusal::TooMuch(format!(
-                "changes inflate to more than {} bytes",
-                limits.max_inflated_bytes
-            )));
-        }
+        inflated = add_inflated(inflated, check_chunks(entry, limits)?, limits)?;
     }
     Ok(Screened {
         changes,
         inflated_bytes: inflated,
     })
+}
+
+/// Checks the changes of a pushed `changes` frame (protocol 2) against `limits`: at most
+/// [`Limits::max_changes`] entries, each exactly one change chunk (plain or deflated; a whole
+/// document is not a change), with a valid checksum, that decodes, within the size limits.
+pub fn screen_changes<B: AsRef<[u8]>>(chunks: &[B], limits: &Limits) -> Result<Screened, Refusal> {
+    if chunks.len() > limits.max_changes {
+        return Err(Refusal::TooMuch(format!(
+            "{} changes in one frame, at most {}",
+            chunks.len(),
+            limits.max_changes
+        )));
+    }
+    let mut inflated = 0usize;
+    for entry in chunks {
+        let entry = entry.as_ref();
+        let mut c = Cursor { rest: entry };
+        let one = (|| -> Result<bool, Refusal> {
+            if c.take(4)? != MAGIC {
+                return Ok(false);
+            }
+            c.take(4)?;
+            let kind = c.byte()?;
+            let len = c.usize()?;
+            c.take(len)?;
+            Ok((kind == 1 || kind == 2) && c.rest.is_empty())
+        })()
+        .unwrap_or(false);
+        if !one {
+            return Err(Refusal::BadChange(
+                "each pushed entry must be exactly one change chunk".into(),
+            ));
+        }
+        inflated = add_inflated(inflated, check_chunks(entry, limits)?, limits)?;
+    }
+    Ok(Screened {
+        changes: chunks.len(),
+        inflated_bytes: inflated,
+    })
+}
+
+/// Screens and decodes a pushed `changes` frame (its changes and the device's heads); the
+/// error is a wire code and a reason for the device.
+pub fn decode_push(
+    changes: &[serde_bytes::ByteBuf],
+    heads: &[serde_bytes::ByteBuf],
+    limits: &Limits,
+) -> Result<Pushed, (&'static str, String)> {
+    if heads.len() > limits.max_hashes {
+        return Err((
+            crdt_model::wire::codes::LIMIT_EXCEEDED,
+            format!("{} heads, at most {}", heads.len(), limits.max_hashes),
+        ));
+    }
+    let heads = crdt_model::wire::heads_from_wire(heads)
+        .map_err(|e| (crdt_model::wire::codes::BAD_CHANGE, e.to_string()))?;
+    screen_changes(changes, limits).map_err(|r| (r.code(), r.message().to_owned()))?;
+    let changes = changes
+        .iter()
+        .map(|c| crdt_model::guard::decode_change(c))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| (crdt_model::wire::codes::BAD_CHANGE, e.to_string()))?;
+    Ok(Pushed { changes, heads })
+}
+
+/// A pushed `changes` frame, screened and decoded.
+#[derive(Debug)]
+pub struct Pushed {
+    /// The changes, in the order sent.
+    pub changes: Vec<automerge::Change>,
+    /// The device's heads after them.
+    pub heads: Vec<automerge::ChangeHash>,
 }
 
 #[cfg(test)]
@@ -608,6 +686,39 @@ mod tests {
                 "flip at {at}"
             );
         }
+    }
+
+    #[test]
+    fn pushed_changes_are_screened() {
+        let d = doc_with(3);
+        let good: Vec<Vec<u8>> = d
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        let l = Limits::default();
+        assert_eq!(screen_changes(&good, &l).unwrap().changes, 3);
+        // Two changes in one entry, a whole document, a flipped byte, too many entries.
+        let joined = vec![[good[0].clone(), good[1].clone()].concat()];
+        assert!(matches!(
+            screen_changes(&joined, &l),
+            Err(Refusal::BadChange(_))
+        ));
+        assert!(matches!(
+            screen_changes(&[d.save()], &l),
+            Err(Refusal::BadChange(_))
+        ));
+        let mut bad = good.clone();
+        bad[2][15] ^= 0x55;
+        assert!(screen_changes(&bad, &l).is_err());
+        let few = Limits {
+            max_changes: 2,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            screen_changes(&good, &few),
+            Err(Refusal::TooMuch(_))
+        ));
     }
 
     #[test]

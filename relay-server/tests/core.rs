@@ -66,6 +66,11 @@ impl Rig {
             while let Some(out) = self.core.poll_output() {
                 match out {
                     Output::Send { conn, frame } => self.sent.entry(conn).or_default().push(frame),
+                    Output::Broadcast { conns, frame } => {
+                        for conn in conns {
+                            self.sent.entry(conn).or_default().push(frame.clone());
+                        }
+                    }
                     Output::Close {
                         conn,
                         code,

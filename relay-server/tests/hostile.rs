@@ -16,6 +16,7 @@ use common::terminal::{Down, Terminal};
 use common::*;
 use crdt_model::wire::{ClientFrame, RelayFrame, codes};
 use crdt_model::*;
+use relay_server::core::Incoming;
 
 /// The longest a witness may wait for its next receipt while an attack runs.
 const MAX_GAP: Duration = Duration::from_secs(2);
@@ -303,7 +304,7 @@ async fn hub_sync_until_receipt(
     let mut state = sync::State::new();
     for _ in 0..50 {
         if let Some(m) = order.doc().generate_sync_message(&mut state) {
-            hub.sync(peer, order.id(), m).await.unwrap();
+            hub.sync(peer, order.id(), Incoming::Sync(m)).await.unwrap();
         }
         let bytes = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
@@ -362,7 +363,7 @@ async fn a_panic_while_handling_a_frame_is_contained() {
     while rx.try_recv().is_ok() {}
 
     let bad = sync::Message::decode(&raw_message(&o.heads(), &[bloom(3, 0, 7, 0)], &[])).unwrap();
-    hub.sync(&peer, o.id(), bad).await.unwrap();
+    hub.sync(&peer, o.id(), Incoming::Sync(bad)).await.unwrap();
     let mut got = None;
     while let Ok(Some(bytes)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
         if let RelayFrame::Error { code, fatal, .. } = RelayFrame::decode(&bytes).unwrap() {

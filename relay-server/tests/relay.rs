@@ -68,31 +68,39 @@ async fn upgrade_needs_a_valid_token() {
 async fn unknown_major_version_gets_a_typed_error() {
     let relay = TestRelay::start().await;
     let (device, token) = relay.device("s1", "till");
-    let mut ws = connect_raw(relay.addr, Some(&token)).await.unwrap();
+    // Major 1 (the protocol before pushed changes) and a future major are both refused.
+    for major in [1, 3] {
+        let mut ws = connect_raw(relay.addr, Some(&token)).await.unwrap();
+        send_hello(&mut ws, Version { major, minor: 0 }, device).await;
+        match recv_frame(&mut ws).await {
+            Some(RelayFrame::Error { code, fatal, .. }) => {
+                assert_eq!(code, codes::UNSUPPORTED_VERSION);
+                assert!(fatal);
+            }
+            other => panic!("major {major}: {other:?}"),
+        }
+        assert!(
+            recv_frame(&mut ws).await.is_none(),
+            "the relay closes after the error"
+        );
+    }
+    relay.stop().await;
+}
+
+/// Sends a `hello` for `device` speaking `protocol`.
+async fn send_hello(ws: &mut Ws, protocol: Version, device: DeviceId) {
     let hello = ClientFrame::Hello {
-        protocol: Version { major: 2, minor: 0 },
+        protocol,
         device: device.to_string(),
         agent: "x".into(),
         feed_since: 0,
     };
     futures_util::SinkExt::send(
-        &mut ws,
+        ws,
         tokio_tungstenite::tungstenite::Message::Binary(hello.encode().into()),
     )
     .await
     .unwrap();
-    match recv_frame(&mut ws).await {
-        Some(RelayFrame::Error { code, fatal, .. }) => {
-            assert_eq!(code, codes::UNSUPPORTED_VERSION);
-            assert!(fatal);
-        }
-        other => panic!("{other:?}"),
-    }
-    assert!(
-        recv_frame(&mut ws).await.is_none(),
-        "the relay closes after the error"
-    );
-    relay.stop().await;
 }
 
 #[tokio::test]
@@ -101,18 +109,7 @@ async fn hello_must_name_the_tokens_device() {
     let (_device, token) = relay.device("s1", "till");
     let (other, _) = relay.device("s1", "other");
     let mut ws = connect_raw(relay.addr, Some(&token)).await.unwrap();
-    let hello = ClientFrame::Hello {
-        protocol: Version::CURRENT,
-        device: other.to_string(),
-        agent: "x".into(),
-        feed_since: 0,
-    };
-    futures_util::SinkExt::send(
-        &mut ws,
-        tokio_tungstenite::tungstenite::Message::Binary(hello.encode().into()),
-    )
-    .await
-    .unwrap();
+    send_hello(&mut ws, Version::CURRENT, other).await;
     assert!(
         matches!(recv_frame(&mut ws).await, Some(RelayFrame::Error { code, .. }) if code == codes::WRONG_DEVICE)
     );

@@ -193,7 +193,11 @@ impl Held {
 
 struct Slot {
     held: Held,
+    /// `record.receipted` holds the heads the relay is known to hold durably: receipts, and
+    /// changes that came from the relay (it sends only what it committed).
     record: OrderRecord,
+    /// Heads the relay holds or was sent on this connection: the next push starts after them.
+    pushed: Vec<ChangeHash>,
     sync: sync::State,
     /// Subscribed on the current connection (a sync message was sent since it opened).
     subscribed: bool,
@@ -213,7 +217,14 @@ pub struct Engine {
     outbox: VecDeque<ClientFrame>,
     effects: VecDeque<Effect>,
     events: VecDeque<Event>,
+    /// The feed position stored on the device: every entry up to it is handled.
     feed_seq: u64,
+    /// The highest feed position seen on this connection.
+    feed_seen: u64,
+    /// Orders the feed said were behind whose catch-up has not finished: their entry's
+    /// position and heads. The stored position stays below them, so a cut connection or a
+    /// crash brings their entries again.
+    feed_waiting: BTreeMap<OrderId, (u64, Vec<ChangeHash>)>,
     storage_errors: u32,
     rng: SplitMix64,
     /// Set between [`Engine::begin`] and [`Engine::commit`] / [`Engine::rollback`].
@@ -241,6 +252,7 @@ struct Touched {
 struct Before {
     heads: Vec<ChangeHash>,
     record: OrderRecord,
+    pushed: Vec<ChangeHash>,
     sync: sync::State,
     subscribed: bool,
     fetching: bool,
@@ -254,6 +266,33 @@ fn to_hashes(h: &[[u8; 32]]) -> Vec<ChangeHash> {
 
 fn from_hashes(h: &[ChangeHash]) -> Vec<[u8; 32]> {
     h.iter().map(|c| c.0).collect()
+}
+
+/// `set` (heads) after `new` changes joined it: their hashes are added, and whatever they
+/// depend on is no longer a head. Not always minimal (an older head may stay), which is
+/// harmless: the set is only used as `have_deps`.
+fn advance(set: &mut Vec<ChangeHash>, new: &[automerge::Change]) {
+    for c in new {
+        set.retain(|h| !c.deps().contains(h));
+    }
+    for c in new {
+        let h = c.hash();
+        if !set.contains(&h) && !new.iter().any(|o| o.deps().contains(&h)) {
+            set.push(h);
+        }
+    }
+}
+
+/// Changes that came from the relay: it holds them durably (it sends only what it committed),
+/// so they are neither pushed back nor waited for.
+fn learned(slot: &mut Slot, new: &[automerge::Change]) {
+    if new.is_empty() {
+        return;
+    }
+    let mut known = to_hashes(&slot.record.receipted);
+    advance(&mut known, new);
+    slot.record.receipted = from_hashes(&known);
+    advance(&mut slot.pushed, new);
 }
 
 impl Engine {
@@ -280,6 +319,7 @@ impl Engine {
                     fetching: doc.get_heads().is_empty(),
                     held: Held::Raw(Box::new(doc)),
                     tail_len: s.tail.len(),
+                    pushed: to_hashes(&s.record.receipted),
                     record: s.record,
                     sync: sync::State::new(),
                     subscribed: false,
@@ -301,6 +341,8 @@ impl Engine {
             effects: VecDeque::new(),
             events: VecDeque::new(),
             feed_seq,
+            feed_seen: feed_seq,
+            feed_waiting: BTreeMap::new(),
             storage_errors: 0,
             rng: SplitMix64::new(seed),
             undo: None,
@@ -420,6 +462,8 @@ impl Engine {
             retry_at: now + base / 2 + jitter,
         };
         self.outbox.clear();
+        self.feed_seen = self.feed_seq;
+        self.feed_waiting.clear();
         if attempt == 0 {
             self.events.push_back(Event::Disconnected);
         }
@@ -428,6 +472,7 @@ impl Engine {
             if let Some(s) = self.orders.get_mut(&id) {
                 s.sync = sync::State::new();
                 s.subscribed = false;
+                s.pushed = to_hashes(&s.record.receipted);
             }
             self.transition(id, Trigger::Offline, now);
         }
@@ -478,6 +523,11 @@ impl Engine {
                     tracing::warn!(%order, error = %e, "sync message refused");
                 }
             }
+            RelayFrame::Changes { order, changes } => {
+                if let Err(e) = self.handle_changes(&order, &changes, now) {
+                    tracing::warn!(%order, error = %e, "changes from the relay refused");
+                }
+            }
             RelayFrame::Receipt { order, heads } => self.on_receipt(&order, &heads, now),
             RelayFrame::Rejected {
                 order,
@@ -522,10 +572,18 @@ impl Engine {
         let ids: Vec<OrderId> = self.orders.keys().copied().collect();
         for id in ids {
             self.transition(id, Trigger::Reconnected, now);
-            // Every order is re-offered on a new connection: pending ones push their changes,
-            // the others learn what changed elsewhere while this device was away (the feed
-            // position alone cannot tell: it may have moved past an order whose sync was cut).
-            self.send_sync(id);
+            // A reconnect costs what is unreceipted, not what the device holds: orders with
+            // changes the relay has not acknowledged push them, fetches start over, and the
+            // rest learn what changed elsewhere from the store feed (which resumes before any
+            // order whose catch-up was cut, see `on_feed`).
+            let Some(slot) = self.orders.get(&id) else {
+                continue;
+            };
+            if slot.fetching {
+                self.send_sync(id);
+            } else if slot.record.status != LocalSyncStatus::Synced {
+                self.push(id, true);
+            }
         }
     }
 
@@ -550,7 +608,10 @@ impl Engine {
         let received = guard::decode_sync_message(data)
             .and_then(|msg| guard::receive_sync_message(slot.held.doc_mut(), &mut slot.sync, msg));
         let new: Vec<Vec<u8>> = match received {
-            Ok(changes) => changes.iter().map(|c| c.raw_bytes().to_vec()).collect(),
+            Ok(changes) => {
+                learned(slot, &changes);
+                changes.iter().map(|c| c.raw_bytes().to_vec()).collect()
+            }
             Err(e) => {
                 slot.sync = sync::State::new();
                 self.send_sync(id);
@@ -558,18 +619,72 @@ impl Engine {
             }
         };
         if !new.is_empty() {
-            let arrived = slot.fetching && crdt_model::store_of(slot.held.doc()).is_ok();
-            if arrived {
-                slot.fetching = false;
-                self.events.push_back(Event::OrderArrived(id));
-            }
-            self.persist(id, new);
-            self.events.push_back(Event::OrderChanged(id));
-            self.refresh_number(id);
-            self.transition(id, Trigger::RemoteChange, now);
-            self.check_covered(id, now);
+            self.received(id, new, now);
         }
         self.send_sync(id);
+        Ok(())
+    }
+
+    /// Changes from the relay, applied to `id`: stored, announced, and their consequences (a
+    /// fetched order arrived, a number, Synced, a feed entry handled).
+    fn received(&mut self, id: OrderId, new: Vec<Vec<u8>>, now: i64) {
+        let Some(slot) = self.orders.get_mut(&id) else {
+            return;
+        };
+        let arrived = slot.fetching && crdt_model::store_of(slot.held.doc()).is_ok();
+        if arrived {
+            slot.fetching = false;
+            self.events.push_back(Event::OrderArrived(id));
+        }
+        self.persist(id, new);
+        self.events.push_back(Event::OrderChanged(id));
+        self.refresh_number(id);
+        self.transition(id, Trigger::RemoteChange, now);
+        self.check_covered(id, now);
+        self.feed_caught_up(id);
+    }
+
+    /// Committed changes the relay forwarded for `order` (protocol 2). They are applied as
+    /// they are; if one lacks a dependency (this device missed a change), a sync round with the
+    /// relay fetches what is missing. A change that does not decode or apply leaves the order
+    /// as it was and starts a sync round instead.
+    pub fn handle_changes(
+        &mut self,
+        order: &str,
+        changes: &[ByteBuf],
+        now: i64,
+    ) -> Result<(), ReplicatorError> {
+        let id = order
+            .parse::<OrderId>()
+            .map_err(|e| ReplicatorError::Invalid(format!("changes for order {order:?}: {e}")))?;
+        let Some(slot) = self.orders.get_mut(&id) else {
+            return Ok(());
+        };
+        let applied = changes
+            .iter()
+            .map(|c| guard::decode_change(c))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|decoded| guard::apply_changes(slot.held.doc_mut(), decoded));
+        let new = match applied {
+            Ok(new) => new,
+            Err(e) => {
+                slot.sync = sync::State::new();
+                self.send_sync(id);
+                return Err(e.into());
+            }
+        };
+        let gap = !slot.held.doc().get_missing_deps(&[]).is_empty();
+        if !new.is_empty() {
+            learned(slot, &new);
+            self.received(
+                id,
+                new.iter().map(|c| c.raw_bytes().to_vec()).collect(),
+                now,
+            );
+        }
+        if gap {
+            self.send_sync(id);
+        }
         Ok(())
     }
 
@@ -583,7 +698,30 @@ impl Engine {
         let Some(slot) = self.orders.get_mut(&id) else {
             return;
         };
-        slot.record.receipted = from_hashes(&heads);
+        if !heads
+            .iter()
+            .all(|h| slot.held.doc().get_change_meta_by_hash(h).is_some())
+        {
+            // Heads this device no longer holds (an edit undone after it was announced).
+            tracing::debug!(%id, "receipt for heads not held; ignored");
+            return;
+        }
+        // The receipt names heads this device announced: they cover everything it had then.
+        // Changes from the relay that arrived since stay known.
+        let later: std::collections::HashSet<ChangeHash> = slot
+            .held
+            .doc()
+            .get_changes_meta(&heads)
+            .iter()
+            .map(|m| m.hash)
+            .collect();
+        let mut known = heads;
+        for h in to_hashes(&slot.record.receipted) {
+            if later.contains(&h) && !known.contains(&h) {
+                known.push(h);
+            }
+        }
+        slot.record.receipted = from_hashes(&known);
         self.storage_errors = 0;
         self.check_covered(id, now);
     }
@@ -641,6 +779,8 @@ impl Engine {
             message,
         });
         self.transition(id, Trigger::RelayRejected, now);
+        // A Blocked order does not wait for its feed entry any more.
+        self.advance_feed();
     }
 
     fn on_unavailable(&mut self, order: &str, now: i64) {
@@ -665,9 +805,8 @@ impl Engine {
     }
 
     fn on_feed(&mut self, entries: Vec<FeedEntry>, now: i64) {
-        let mut max_seq = self.feed_seq;
         for e in entries {
-            max_seq = max_seq.max(e.seq);
+            self.feed_seen = self.feed_seen.max(e.seq);
             let Ok(id) = e.order.parse::<OrderId>() else {
                 continue;
             };
@@ -681,10 +820,14 @@ impl Engine {
                     let theirs = heads_from_wire(&e.heads).unwrap_or_default();
                     let behind = theirs
                         .iter()
-                        .any(|h| slot.held.doc().get_change_by_hash(h).is_none());
-                    if behind && !slot.subscribed && slot.record.status != LocalSyncStatus::Blocked
-                    {
-                        self.send_sync(id);
+                        .any(|h| slot.held.doc().get_change_meta_by_hash(h).is_none());
+                    if behind && slot.record.status != LocalSyncStatus::Blocked {
+                        let subscribed = slot.subscribed;
+                        let seq = self.feed_waiting.get(&id).map_or(e.seq, |w| w.0.min(e.seq));
+                        self.feed_waiting.insert(id, (seq, theirs));
+                        if !subscribed {
+                            self.send_sync(id);
+                        }
                     }
                 }
                 None if !terminal && !self.removed.contains_key(&id) => {
@@ -693,9 +836,42 @@ impl Engine {
                 None => {}
             }
         }
-        if max_seq > self.feed_seq {
-            self.feed_seq = max_seq;
-            self.effects.push_back(Effect::FeedSeq(max_seq));
+        self.advance_feed();
+    }
+
+    /// Stores the feed position up to the first entry whose order has not caught up.
+    fn advance_feed(&mut self) {
+        let orders = &self.orders;
+        // An order that left the device or is Blocked will not catch up through the feed.
+        self.feed_waiting.retain(|id, _| {
+            orders
+                .get(id)
+                .is_some_and(|s| s.record.status != LocalSyncStatus::Blocked)
+        });
+        let safe = match self.feed_waiting.values().map(|w| w.0).min() {
+            Some(first) => first.saturating_sub(1),
+            None => self.feed_seen,
+        };
+        if safe > self.feed_seq {
+            self.feed_seq = safe;
+            self.effects.push_back(Effect::FeedSeq(safe));
+        }
+    }
+
+    /// `id` got changes from the relay: if it now holds what the feed announced, its entry is
+    /// handled.
+    fn feed_caught_up(&mut self, id: OrderId) {
+        let Some((_, heads)) = self.feed_waiting.get(&id) else {
+            return;
+        };
+        let held = self.orders.get(&id).is_some_and(|s| {
+            heads
+                .iter()
+                .all(|h| s.held.doc().get_change_meta_by_hash(h).is_some())
+        });
+        if held {
+            self.feed_waiting.remove(&id);
+            self.advance_feed();
         }
     }
 
@@ -707,6 +883,7 @@ impl Engine {
                     Automerge::new().with_actor(self.writer.actor.clone()),
                 )),
                 record: OrderRecord::new(LocalSyncStatus::Synced, now),
+                pushed: Vec::new(),
                 sync: sync::State::new(),
                 subscribed: false,
                 fetching: true,
@@ -762,6 +939,44 @@ impl Engine {
             Ok(None) => {}
             Err(e) => tracing::warn!(%id, error = %e, "no sync message for the relay"),
         }
+    }
+
+    /// Pushes the changes of `id` the relay has not acknowledged nor been sent on this
+    /// connection, with the device's heads, if connected. With `announce`, sends the heads
+    /// even when there is nothing to push, so the relay answers with a receipt.
+    fn push(&mut self, id: OrderId, announce: bool) {
+        if self.link != Link::Online {
+            return;
+        }
+        let Some(slot) = self.orders.get_mut(&id) else {
+            return;
+        };
+        if slot.record.status == LocalSyncStatus::Blocked || slot.fetching {
+            return;
+        }
+        let heads = slot.held.doc().get_heads();
+        let mut sent = slot.pushed.clone();
+        sent.sort_unstable();
+        let changes: Vec<ByteBuf> = if sent == heads {
+            Vec::new()
+        } else {
+            slot.held
+                .doc()
+                .get_changes(&slot.pushed)
+                .iter()
+                .map(|c| ByteBuf::from(c.raw_bytes().to_vec()))
+                .collect()
+        };
+        if changes.is_empty() && !announce {
+            return;
+        }
+        slot.subscribed = true;
+        slot.pushed.clone_from(&heads);
+        self.outbox.push_back(ClientFrame::Changes {
+            order: id.to_string(),
+            changes,
+            heads: crdt_model::wire::heads_to_wire(&heads),
+        });
     }
 
     fn refresh_number(&mut self, id: OrderId) {
@@ -892,6 +1107,7 @@ impl Engine {
                 continue;
             };
             slot.record = before.record;
+            slot.pushed = before.pushed;
             slot.sync = before.sync;
             slot.subscribed = before.subscribed;
             slot.fetching = before.fetching;
@@ -941,6 +1157,7 @@ impl Engine {
         let slot = self.orders.get(&id).map(|s| Before {
             heads: s.held.doc().get_heads(),
             record: s.record.clone(),
+            pushed: s.pushed.clone(),
             sync: s.sync.clone(),
             subscribed: s.subscribed,
             fetching: s.fetching,
@@ -978,6 +1195,7 @@ impl Engine {
             Slot {
                 held: Held::Typed(Box::new(order)),
                 record: OrderRecord::new(LocalSyncStatus::Syncing, now),
+                pushed: Vec::new(),
                 sync: sync::State::new(),
                 subscribed: false,
                 fetching: false,
@@ -991,7 +1209,7 @@ impl Engine {
             status: LocalSyncStatus::Syncing,
         });
         self.events.push_back(Event::OrderChanged(id));
-        self.send_sync(id);
+        self.push(id, false);
         Ok(id)
     }
 
@@ -1032,7 +1250,7 @@ impl Engine {
             }
             self.persist(id, changes);
             self.events.push_back(Event::OrderChanged(id));
-            self.send_sync(id);
+            self.push(id, false);
         }
         Ok(value)
     }
@@ -1074,8 +1292,9 @@ impl Engine {
         if trigger == Trigger::RetryBlocked {
             if let Some(s) = self.orders.get_mut(&id) {
                 s.sync = sync::State::new();
+                s.pushed = to_hashes(&s.record.receipted);
             }
-            self.send_sync(id);
+            self.push(id, true);
         }
         Ok(())
     }

@@ -347,6 +347,28 @@ fn exchange(
                     order,
                     heads: heads_to_wire(&relay.doc.get_heads()),
                 });
+            } else if let ClientFrame::Changes {
+                order,
+                changes,
+                heads,
+            } = frame
+            {
+                // A push (protocol 2): applied, receipted with the device's heads; if the
+                // relay holds something the device lacks, a sync round follows.
+                let changes: Vec<automerge::Change> = changes
+                    .iter()
+                    .map(|c| automerge::Change::from_bytes(c.to_vec()).unwrap())
+                    .collect();
+                relay.doc.apply_changes(changes).unwrap();
+                let theirs = crdt_model::wire::heads_from_wire(&heads).unwrap();
+                let ahead = !relay.doc.get_changes_meta(&theirs).is_empty();
+                if ahead && let Some(m) = relay.doc.generate_sync_message(&mut relay.sync) {
+                    answers.push(RelayFrame::Sync {
+                        order: order.clone(),
+                        data: ByteBuf::from(m.encode()),
+                    });
+                }
+                answers.push(RelayFrame::Receipt { order, heads });
             }
         }
         if answers.is_empty() {

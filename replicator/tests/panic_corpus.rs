@@ -88,6 +88,20 @@ impl Exchange {
         );
         if self.device_doc.is_none() {
             engine.fetch(self.id, 0);
+        } else {
+            // The store feed says the order changed: the device catches up with a sync round.
+            engine.handle_frame(
+                RelayFrame::Feed {
+                    entries: vec![wire::FeedEntry {
+                        seq: 1,
+                        order: self.id.to_string(),
+                        number: None,
+                        status: "in_progress".into(),
+                        heads: wire::heads_to_wire(&self.relay_doc.get_heads()),
+                    }],
+                },
+                0,
+            );
         }
         let mut relay = self.relay_doc.clone();
         let mut state = sync::State::new();

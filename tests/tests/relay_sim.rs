@@ -436,6 +436,16 @@ fn describe_client(f: &ClientFrame) -> String {
     match f {
         ClientFrame::Sync { order, data } => describe_sync(order, data),
         ClientFrame::Hello { feed_since, .. } => format!("hello feed_since {feed_since}"),
+        ClientFrame::Changes {
+            order,
+            changes,
+            heads,
+        } => format!(
+            "push {} changes {} heads {}",
+            short(order),
+            changes.len(),
+            heads.len()
+        ),
         other => format!("{other:?}").chars().take(60).collect(),
     }
 }
@@ -1051,6 +1061,33 @@ impl World {
                     }
                 }
             }
+            ClientFrame::Changes {
+                order,
+                changes,
+                heads,
+            } => {
+                let Ok(id) = order.parse::<OrderId>() else {
+                    let e = RelayFrame::error(
+                        codes::BAD_ORDER_ID,
+                        format!("bad order id {order:?}"),
+                        false,
+                    );
+                    self.send_to_device(cid, e);
+                    return;
+                };
+                match relay_server::screen::decode_push(&changes, &heads, &Limits::default()) {
+                    Ok(p) => {
+                        let s = shard_of(&id);
+                        let now = self.now;
+                        self.relay.as_mut().unwrap().cores[s]
+                            .handle_push(now, origin, id, p.changes, p.heads);
+                        self.drain(s);
+                    }
+                    Err((code, why)) => {
+                        self.send_to_device(cid, RelayFrame::error(code, why, false));
+                    }
+                }
+            }
             ClientFrame::Ping { nonce } => self.send_to_device(cid, RelayFrame::Pong { nonce }),
             ClientFrame::Pong { .. } => {}
             ClientFrame::Bye => self.drop_conn(cid, true),
@@ -1136,6 +1173,14 @@ impl World {
                     self.check_frame(&frame);
                     if self.conns.get(&conn).is_some_and(|c| !c.closed_by_relay) {
                         self.send_to_device(conn, frame);
+                    }
+                }
+                Output::Broadcast { conns, frame } => {
+                    self.check_frame(&frame);
+                    for conn in conns {
+                        if self.conns.get(&conn).is_some_and(|c| !c.closed_by_relay) {
+                            self.send_to_device(conn, frame.clone());
+                        }
                     }
                 }
                 Output::Close {
@@ -1269,6 +1314,21 @@ impl World {
     // ----- checks ---------------------------------------------------------------------------
 
     /// Safety checks on a frame the core emits, at the moment it emits it.
+    /// A change the relay sends to a device (forwarded or in a sync message) must be durable
+    /// and must not be one the policy should have refused.
+    fn check_sent_change(&mut self, id: OrderId, h: &ChangeHash) {
+        if !self.store.holds(id, h) {
+            self.fail(format!(
+                "the relay sent change {h} of order {id} before it was durable"
+            ));
+        }
+        if self.forged.contains(h) {
+            self.fail(format!(
+                "the relay forwarded forged change {h} of order {id}"
+            ));
+        }
+    }
+
     fn check_frame(&mut self, frame: &RelayFrame) {
         match frame {
             RelayFrame::Receipt { order, heads } => {
@@ -1300,22 +1360,19 @@ impl World {
                     self.refused.insert(h);
                 }
             }
+            RelayFrame::Changes { order, changes } => {
+                let id: OrderId = order.parse().unwrap();
+                for chunk in changes {
+                    let c = Change::from_bytes(chunk.to_vec()).unwrap();
+                    self.check_sent_change(id, &c.hash());
+                }
+            }
             RelayFrame::Sync { order, data } => {
                 let id: OrderId = order.parse().unwrap();
                 let msg = sync::Message::decode(data).unwrap();
                 for chunk in msg.changes.iter() {
                     if let Ok(c) = Change::from_bytes(chunk.to_vec()) {
-                        let h = c.hash();
-                        if !self.store.holds(id, &h) {
-                            self.fail(format!(
-                                "the relay sent change {h} of order {order} before it was durable"
-                            ));
-                        }
-                        if self.forged.contains(&h) {
-                            self.fail(format!(
-                                "the relay forwarded forged change {h} of order {order}"
-                            ));
-                        }
+                        self.check_sent_change(id, &c.hash());
                     }
                 }
             }

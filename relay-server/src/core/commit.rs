@@ -4,14 +4,22 @@
 
 use std::sync::atomic::Ordering;
 
-use automerge::Change;
-use crdt_model::wire::codes;
+use automerge::{Change, ChangeHash};
+use crdt_model::wire::{RelayFrame, codes};
 use crdt_model::{Order, OrderId, OrderNumber, OrderStatus, StoreId, Timestamp, validate};
+use serde_bytes::ByteBuf;
 
 use super::doc::Batch;
 use super::{COMPACT_EVERY, ConnId, Output, RelayCore, RequestId};
 use crate::error::RelayError;
 use crate::records::{CommitOutcome, OrderWrite};
+
+/// What a durable write sends one connection of its order, besides a receipt.
+enum Out {
+    Nothing,
+    Sync(automerge::sync::Message),
+    Changes(Vec<ByteBuf>),
+}
 
 impl RelayCore {
     /// Adds `changes` (already in `working`) to the order's next write.
@@ -101,7 +109,7 @@ impl RelayCore {
         for conn in batch.origins {
             self.send(
                 conn,
-                crdt_model::wire::RelayFrame::error(
+                RelayFrame::error(
                     codes::STORAGE,
                     format!("order {order}: not stored ({why}); retry"),
                     false,
@@ -137,6 +145,8 @@ impl RelayCore {
                 // relay holds, and send what it lacks again (the retry needs no timer).
                 let mut rounds = Vec::new();
                 for (conn, pd) in &mut d.peers {
+                    pd.push_mode = false;
+                    pd.sent.clear();
                     let caps = pd.state.their_capabilities.take();
                     pd.state = automerge::sync::State::new();
                     pd.state.their_capabilities = caps;
@@ -162,7 +172,9 @@ impl RelayCore {
             return;
         };
         tracing::debug!(%order, changes = batch.changes.len(), "committed");
+        let before = d.committed.get_heads();
         d.committed = snapshot;
+        let after = d.committed.get_heads();
         d.tail_len = outcome.meta.tail_len;
         self.metrics
             .changes_accepted
@@ -171,21 +183,60 @@ impl RelayCore {
             .receipts_pending
             .fetch_sub(batch.origins.len() as i64, Ordering::Relaxed);
         // Every connection of the order gets what it lacks, then any receipt due: a receipt
-        // never overtakes the changes it names. Each connection's message comes from its own
-        // sync state, which its own messages shaped: a panic there is that connection's.
+        // never overtakes the changes it names. A connection in step (it pushes, and had
+        // everything before this write) gets the write's changes as stored, minus those it
+        // sent, in one frame encoded once for all of them; any other gets a sync message from
+        // its own sync state, which its own messages shaped: a panic there is that
+        // connection's.
+        let hashes: Vec<ChangeHash> = batch.changes.iter().map(Change::hash).collect();
+        let mut everyone = Vec::new();
         let mut sends = Vec::new();
         let mut failed = Vec::new();
         for (conn, pd) in &mut d.peers {
-            match crdt_model::guard::contain(|| pd.generate(&d.committed)) {
-                Ok(m) => {
-                    let receipt = pd.receipt_due(&d.committed).then(|| {
-                        pd.last_receipt.clone_from(&pd.their_heads);
-                        pd.their_heads.clone()
-                    });
-                    sends.push((*conn, m, receipt));
+            let out = if pd.push_mode && pd.queued.is_empty() {
+                let theirs = hashes.iter().filter(|h| pd.sent.contains(h)).count();
+                pd.state.sent_hashes.extend(hashes.iter().copied());
+                if pd.in_step_at == before {
+                    pd.in_step_at.clone_from(&after);
                 }
-                Err(why) => failed.push((*conn, why)),
+                if theirs == 0 {
+                    everyone.push(*conn);
+                    Out::Nothing
+                } else if theirs == hashes.len() {
+                    Out::Nothing
+                } else {
+                    let rest = batch
+                        .changes
+                        .iter()
+                        .filter(|c| !pd.sent.contains(&c.hash()))
+                        .map(|c| ByteBuf::from(c.raw_bytes().to_vec()))
+                        .collect();
+                    Out::Changes(rest)
+                }
+            } else {
+                match crdt_model::guard::contain(|| pd.generate(&d.committed)) {
+                    Ok(Some(m)) => Out::Sync(m),
+                    Ok(None) => {
+                        if pd.queued.is_empty() {
+                            pd.push_mode = true;
+                            pd.in_step_at.clone_from(&after);
+                        }
+                        Out::Nothing
+                    }
+                    Err(why) => {
+                        failed.push((*conn, why));
+                        continue;
+                    }
+                }
+            };
+            for h in &hashes {
+                pd.sent.remove(h);
             }
+            let receipt = pd.receipt_due(&d.committed).then(|| {
+                pd.last_receipt.clone_from(&pd.their_heads);
+                pd.their_heads.clone()
+            });
+            sends.push((*conn, out, receipt));
         }
         let replies: Vec<_> = batch
             .requests
@@ -202,9 +253,32 @@ impl RelayCore {
         let newly = outcome.newly_numbered;
         d.meta = Some(outcome.meta);
         sends.sort_by_key(|(conn, _, _)| *conn);
-        for (conn, m, receipt) in sends {
-            if let Some(m) = m {
-                self.send_sync(conn, order, m);
+        if !everyone.is_empty() {
+            everyone.sort_unstable();
+            let changes = batch
+                .changes
+                .iter()
+                .map(|c| ByteBuf::from(c.raw_bytes().to_vec()))
+                .collect();
+            self.outputs.push_back(Output::Broadcast {
+                conns: everyone,
+                frame: RelayFrame::Changes {
+                    order: order.to_string(),
+                    changes,
+                },
+            });
+        }
+        for (conn, out, receipt) in sends {
+            match out {
+                Out::Sync(m) => self.send_sync(conn, order, m),
+                Out::Changes(changes) => self.send(
+                    conn,
+                    RelayFrame::Changes {
+                        order: order.to_string(),
+                        changes,
+                    },
+                ),
+                Out::Nothing => {}
             }
             if let Some(heads) = receipt {
                 self.send_receipt(conn, order, &heads);

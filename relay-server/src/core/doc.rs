@@ -1,7 +1,7 @@
 //! One order's state in the relay core: the committed and working documents, the write in
 //! flight and the one waiting behind it, and each connection's sync state for the order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, Change, ChangeHash, ReadDoc};
@@ -47,6 +47,16 @@ pub(super) struct PeerDoc {
     pub queued: Vec<Vec<u8>>,
     /// Bytes in `queued`.
     pub queued_bytes: usize,
+    /// Whether the connection pushes its changes (protocol 2) and is in step: committed
+    /// changes are forwarded to it as they are, without a sync message. Cleared while a sync
+    /// round with it is under way.
+    pub push_mode: bool,
+    /// Hashes of the changes it sent that are accepted but not yet durable (not echoed back
+    /// when their write is fanned out).
+    pub sent: HashSet<ChangeHash>,
+    /// Heads of the committed document when the connection was last known to hold all of it
+    /// (a sync round ended, or a write was forwarded to it while it was in step).
+    pub in_step_at: Vec<ChangeHash>,
 }
 
 impl PeerDoc {
@@ -57,7 +67,30 @@ impl PeerDoc {
             last_receipt: Vec::new(),
             queued: Vec::new(),
             queued_bytes: 0,
+            push_mode: false,
+            sent: HashSet::new(),
+            in_step_at: Vec::new(),
         }
+    }
+
+    /// Whether the connection, which announced `heads` (its document's heads), lacks a change
+    /// of `committed`. `working` holds every change the heads name, if the relay has them.
+    pub fn lacks_committed(&self, committed: &Automerge, working: &Automerge) -> bool {
+        let ours = committed.get_heads();
+        if ours.is_empty() || ours == self.in_step_at {
+            return false;
+        }
+        if ours.iter().all(|h| self.their_heads.contains(h)) {
+            return false;
+        }
+        if !self.their_heads.iter().all(|h| holds(working, h)) {
+            // It holds changes the relay lacks: only a sync round can tell.
+            return true;
+        }
+        working
+            .get_changes_meta(&self.their_heads)
+            .iter()
+            .any(|m| holds(committed, &m.hash))
     }
 
     /// Starts the sync over and forgets the queued chunks; returns their bytes (to release

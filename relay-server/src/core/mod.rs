@@ -46,6 +46,7 @@ use crate::metrics::Metrics;
 use crate::records::{CommitOutcome, OrderMeta, OrderWrite, StoredOrder};
 use crate::screen::Limits;
 use doc::DocState;
+pub use sync_in::Incoming;
 
 /// How many tail changes an order may accumulate before it is compacted into a snapshot.
 pub const COMPACT_EVERY: u32 = 64;
@@ -82,6 +83,13 @@ pub enum Output {
     Send {
         /// The connection.
         conn: ConnId,
+        /// The frame.
+        frame: RelayFrame,
+    },
+    /// Send one frame to several connections (encode it once).
+    Broadcast {
+        /// The connections, in ascending order.
+        conns: Vec<ConnId>,
         /// The frame.
         frame: RelayFrame,
     },
@@ -143,7 +151,7 @@ impl Default for CoreConfig {
 enum Parked {
     Sync {
         origin: Origin,
-        msg: sync::Message,
+        msg: Incoming,
     },
     BackOffice {
         request: RequestId,
@@ -240,6 +248,24 @@ impl RelayCore {
 
     /// A sync message from a device (already screened and decoded by the driver).
     pub fn handle_sync(&mut self, now: i64, origin: Origin, order: OrderId, msg: sync::Message) {
+        self.handle_incoming(now, origin, order, Incoming::Sync(msg));
+    }
+
+    /// Changes a device pushed with its heads after them (protocol 2; already screened and
+    /// decoded by the driver). Answered with a receipt naming `heads` once they are durable.
+    pub fn handle_push(
+        &mut self,
+        now: i64,
+        origin: Origin,
+        order: OrderId,
+        changes: Vec<automerge::Change>,
+        heads: Vec<automerge::ChangeHash>,
+    ) {
+        self.handle_incoming(now, origin, order, Incoming::Push { changes, heads });
+    }
+
+    /// A sync message or a push from a device.
+    pub fn handle_incoming(&mut self, now: i64, origin: Origin, order: OrderId, msg: Incoming) {
         self.conns.entry(origin.conn).or_default();
         if self.loaded(order) {
             self.sync_loaded(now, &origin, order, msg);

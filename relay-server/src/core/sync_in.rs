@@ -1,6 +1,7 @@
-//! A device's sync message for an order in memory: applied to the working document, judged by
-//! the policy at the changes' dependencies, and either accepted into the next write or undone
-//! and answered with the refusal.
+//! What a device sends for an order in memory — a sync message, or changes it pushes
+//! (protocol 2) — applied to the working document, judged by the policy at the changes'
+//! dependencies, and either accepted into the next write or undone and answered with the
+//! refusal.
 
 use std::sync::atomic::Ordering;
 
@@ -12,16 +13,51 @@ use crdt_model::{Author, OrderId, PolicyViolation, Role, validate_changes};
 use super::doc::{PeerDoc, holds, last_accepted, new_changes_in, within_queue_limits};
 use super::{Origin, Output, RelayCore};
 
+/// What a device sent for an order.
+#[derive(Debug)]
+pub enum Incoming {
+    /// An Automerge sync message (catch-up: a fetch, a reconnect, a follower that missed
+    /// something).
+    Sync(sync::Message),
+    /// Changes the device pushed, with its heads once they are applied (protocol 2).
+    Push {
+        /// The changes, decoded (the driver screened and decoded them).
+        changes: Vec<Change>,
+        /// The device's heads after them.
+        heads: Vec<ChangeHash>,
+    },
+}
+
+impl Incoming {
+    fn has_changes(&self) -> bool {
+        match self {
+            Incoming::Sync(m) => !m.changes.is_empty(),
+            Incoming::Push { changes, .. } => !changes.is_empty(),
+        }
+    }
+
+    fn heads(&self) -> &[ChangeHash] {
+        match self {
+            Incoming::Sync(m) => &m.heads,
+            Incoming::Push { heads, .. } => heads,
+        }
+    }
+
+    /// The encoded change chunks it carries.
+    fn chunks(&self) -> Vec<Vec<u8>> {
+        match self {
+            Incoming::Sync(m) => m.changes.iter().map(<[u8]>::to_vec).collect(),
+            Incoming::Push { changes, .. } => {
+                changes.iter().map(|c| c.raw_bytes().to_vec()).collect()
+            }
+        }
+    }
+}
+
 impl RelayCore {
     /// [`Self::apply_sync`] with a panic contained: the order goes back to its last accepted
     /// state and only the sending connection is closed.
-    pub(super) fn sync_loaded(
-        &mut self,
-        now: i64,
-        origin: &Origin,
-        order: OrderId,
-        msg: sync::Message,
-    ) {
+    pub(super) fn sync_loaded(&mut self, now: i64, origin: &Origin, order: OrderId, msg: Incoming) {
         if let Err(why) = crdt_model::guard::contain(|| self.apply_sync(now, origin, order, msg)) {
             self.metrics.frame_panics.fetch_add(1, Ordering::Relaxed);
             tracing::error!(%order, device = %origin.device, conn = %origin.conn, panic = %why,
@@ -38,23 +74,40 @@ impl RelayCore {
         }
     }
 
-    fn apply_sync(&mut self, now: i64, origin: &Origin, order: OrderId, msg: sync::Message) {
+    fn apply_sync(&mut self, now: i64, origin: &Origin, order: OrderId, msg: Incoming) {
         let conn = origin.conn;
         let Some(d) = self.docs.get(&order) else {
             return;
         };
-        let has_changes = !msg.changes.is_empty();
+        let has_changes = msg.has_changes();
         if let Some(store) = &d.store
             && *store != origin.store
         {
             // Another store's order: answered exactly as an order the relay does not have,
             // so no message tells a device which ids exist in other stores.
-            self.answer_as_absent(origin, order, msg);
+            match msg {
+                Incoming::Sync(m) => self.answer_as_absent(origin, order, m),
+                Incoming::Push { changes, heads } => {
+                    let m = sync::Message {
+                        heads,
+                        need: Vec::new(),
+                        have: Vec::new(),
+                        changes: changes
+                            .into_iter()
+                            .map(|c| c.raw_bytes().to_vec())
+                            .collect::<Vec<_>>()
+                            .into(),
+                        flags: None,
+                        version: sync::MessageVersion::V1,
+                    };
+                    self.answer_as_absent(origin, order, m);
+                }
+            }
             return;
         }
         // A device asking for an order nobody has (and has none of it either): unavailable. A
         // device announcing heads of an order the relay lacks is creating it: sync normally.
-        if !d.exists() && !has_changes && msg.heads.is_empty() {
+        if !d.exists() && !has_changes && msg.heads().is_empty() {
             self.send(
                 conn,
                 RelayFrame::Unavailable {
@@ -72,12 +125,20 @@ impl RelayCore {
         };
         let busy = d.busy();
         let pd = d.peers.entry(conn).or_insert_with(PeerDoc::new);
-        pd.their_heads.clone_from(&msg.heads);
+        pd.their_heads = msg.heads().to_vec();
+        pd.push_mode = matches!(msg, Incoming::Push { .. });
         if !has_changes {
-            if let Err(e) = d.committed.receive_sync_message(&mut pd.state, msg) {
+            if let Incoming::Sync(m) = msg
+                && let Err(e) = d.committed.receive_sync_message(&mut pd.state, m)
+            {
                 let frame = RelayFrame::error(codes::BAD_SYNC_MESSAGE, e.to_string(), false);
                 self.send(conn, frame);
                 return;
+            }
+            if pd.push_mode && pd.lacks_committed(&d.committed, &d.working) {
+                // The device lacks a committed change, or counts on changes the relay lacks:
+                // a sync round finds them.
+                pd.push_mode = false;
             }
             // While a write of this order is being committed, the committed document lacks
             // changes the peer may already have sent: a reply now would ask for them again.
@@ -106,17 +167,23 @@ impl RelayCore {
             Some(f) => f,
             None => &mut d.working,
         };
-        let chunks: Vec<Vec<u8>> = msg.changes.iter().map(<[u8]>::to_vec).collect();
-        if let Err(e) = target.receive_sync_message(&mut pd.state, msg) {
+        let chunks = msg.chunks();
+        let received = match msg {
+            Incoming::Sync(m) => target
+                .receive_sync_message(&mut pd.state, m)
+                .map_err(|e| (codes::BAD_SYNC_MESSAGE, e.to_string())),
+            Incoming::Push { changes, .. } => target
+                .apply_changes(changes)
+                .map_err(|e| (codes::BAD_CHANGE, e.to_string())),
+        };
+        if let Err((code, e)) = received {
             let freed = pd.reset();
             if direct {
                 d.working = base.clone();
             }
             self.release_queued(conn, freed);
-            self.send(
-                conn,
-                RelayFrame::error(codes::BAD_SYNC_MESSAGE, e.to_string(), false),
-            );
+            self.metrics.sync_refused(code);
+            self.send(conn, RelayFrame::error(code, e, false));
             return;
         }
         // A document chunk loads into a non-empty document change by change, and what does not
@@ -188,6 +255,12 @@ impl RelayCore {
             None
         };
         let new_changes = from_chunks.unwrap_or_else(|| after.get_changes(&before_heads));
+        if pd.push_mode && pd.lacks_committed(&d.committed, after) {
+            // The device pushed from heads the relay lacks (a dependency is missing, or it
+            // counts on a change the relay never stored), or it lacks a committed change: a
+            // sync round finds what is missing.
+            pd.push_mode = false;
+        }
         if new_changes.is_empty() {
             // Everything was known already (a retry): its receipt comes now if it is durable,
             // else after the commit under way.
@@ -251,6 +324,8 @@ impl RelayCore {
         if let Some(f) = fork {
             d.working = f.with_actor(relay_actor);
         }
+        // Not echoed back to this connection when the write is fanned out.
+        pd.sent.extend(new_changes.iter().map(Change::hash));
         self.add_queued(conn, conn_delta);
         self.metrics
             .receipts_pending
@@ -277,7 +352,19 @@ impl RelayCore {
         let Some(pd) = d.peers.get_mut(&conn) else {
             return;
         };
-        let msg = pd.generate(&d.committed);
+        // A pushing connection is answered with its receipt only, unless a sync round is
+        // under way (it lacks something, or the relay does).
+        let msg = if pd.push_mode && pd.queued.is_empty() {
+            None
+        } else {
+            let m = pd.generate(&d.committed);
+            if m.is_none() && pd.queued.is_empty() {
+                // In step: from now on this connection gets committed changes as they are.
+                pd.push_mode = true;
+                pd.in_step_at = d.committed.get_heads();
+            }
+            m
+        };
         let receipt = pd.receipt_due(&d.committed).then(|| {
             pd.last_receipt.clone_from(&pd.their_heads);
             pd.their_heads.clone()

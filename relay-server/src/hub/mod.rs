@@ -16,7 +16,6 @@ mod worker;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use automerge::sync;
 use axum::body::Bytes;
 use crdt_model::{DeviceId, OrderId, OrderStatus, OrderView, StoreId};
 use tokio::sync::{mpsc, oneshot};
@@ -207,14 +206,14 @@ impl Hub {
         }
     }
 
-    /// Hands one sync message to the order's worker. Waits while the connection already has
+    /// Hands one sync message or push to the order's worker. Waits while the connection already has
     /// [`peer::FRAMES_IN_FLIGHT`] frames being handled (backpressure: the caller stops reading
     /// its socket meanwhile).
     pub async fn sync(
         &self,
         peer: &Arc<Peer>,
         order: OrderId,
-        msg: sync::Message,
+        msg: crate::core::Incoming,
     ) -> Result<(), RelayError> {
         let permit = Arc::clone(&peer.in_flight)
             .acquire_owned()

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use automerge::sync;
 use crdt_model::{OrderId, OrderStatus, OrderView, StoreId};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
@@ -13,7 +12,7 @@ use super::committer::{CommitJob, CommitReply, Committer};
 use super::feed::Registry;
 use super::peer::Peer;
 use crate::clock::now_ms;
-use crate::core::{ConnId, Origin, Output, RelayCore, RequestId};
+use crate::core::{ConnId, Incoming, Origin, Output, RelayCore, RequestId};
 use crate::error::RelayError;
 use crate::store::{CommitOutcome, RelayStore, StoredOrder};
 
@@ -24,7 +23,7 @@ pub(crate) enum WorkerMsg {
     Sync {
         peer: Arc<Peer>,
         order: OrderId,
-        msg: sync::Message,
+        msg: Incoming,
         /// Held until the frame is handled (the connection's backpressure).
         permit: Option<OwnedSemaphorePermit>,
     },
@@ -118,7 +117,7 @@ impl Worker {
                 };
                 if !peer.is_closed() {
                     self.peers.entry(peer.conn).or_insert(peer);
-                    self.core.handle_sync(now, origin, order, msg);
+                    self.core.handle_incoming(now, origin, order, msg);
                 }
                 // A frame waiting for its order's load still counts against its connection.
                 match permit {
@@ -168,6 +167,14 @@ impl Worker {
                 Output::Send { conn, frame } => {
                     if let Some(p) = self.peers.get(&conn) {
                         p.send(frame);
+                    }
+                }
+                Output::Broadcast { conns, frame } => {
+                    let encoded = axum::body::Bytes::from(frame.encode());
+                    for conn in conns {
+                        if let Some(p) = self.peers.get(&conn) {
+                            p.send_encoded(encoded.clone());
+                        }
                     }
                 }
                 Output::Close {

@@ -288,6 +288,11 @@ impl Client {
                     order.refresh().unwrap();
                     self.push(order).await;
                 }
+                RelayFrame::Changes { order: o, changes } if o == order.id().to_string() => {
+                    if apply_forwarded(order, &changes) {
+                        self.push(order).await;
+                    }
+                }
                 RelayFrame::Receipt { order: o, heads } if o == order.id().to_string() => {
                     let heads = heads_from_wire(&heads).unwrap();
                     // Covered: none of our changes is missing from the receipted heads.
@@ -342,6 +347,13 @@ impl Client {
                 ord.refresh().unwrap();
                 self.push(ord).await;
             }
+            if let (RelayFrame::Changes { order: o, changes }, Some(ord)) =
+                (&frame, order.as_deref_mut())
+                && *o == ord.id().to_string()
+                && apply_forwarded(ord, changes)
+            {
+                self.push(ord).await;
+            }
         }
         panic!("frame never arrived");
     }
@@ -369,11 +381,28 @@ impl Client {
                     order.refresh().unwrap();
                     self.push(order).await;
                 }
+                RelayFrame::Changes { order: o, changes } if o == order.id().to_string() => {
+                    if apply_forwarded(order, &changes) {
+                        self.push(order).await;
+                    }
+                }
                 other => kept.push(other),
             }
         }
         panic!("condition never held");
     }
+}
+
+/// Applies committed changes the relay forwarded (protocol 2); `true` when one lacks a
+/// dependency, so a sync round must fill the gap.
+pub fn apply_forwarded(order: &mut Order, changes: &[ByteBuf]) -> bool {
+    let changes: Vec<automerge::Change> = changes
+        .iter()
+        .map(|c| automerge::Change::from_bytes(c.to_vec()).expect("the relay forwards changes"))
+        .collect();
+    order.doc_mut().apply_changes(changes).unwrap();
+    order.refresh().unwrap();
+    !order.doc().get_missing_deps(&[]).is_empty()
 }
 
 pub async fn recv_frame(ws: &mut Ws) -> Option<RelayFrame> {
@@ -629,6 +658,28 @@ pub mod terminal {
                     }
                     self.push(id).await?;
                 }
+                RelayFrame::Changes { order, changes } => {
+                    // Committed changes forwarded as they are (protocol 2): applied; a gap
+                    // (a missing dependency) is filled by a sync round.
+                    let id: OrderId = order.parse().expect("relay sent a bad order id");
+                    let changes: Vec<automerge::Change> = changes
+                        .iter()
+                        .map(|c| automerge::Change::from_bytes(c.to_vec()).expect("a change"))
+                        .collect();
+                    if let Some(o) = self.orders.get_mut(&id) {
+                        // The relay sends only what it committed: these count as receipted.
+                        let known = self.last_receipt.entry(id).or_default();
+                        for c in &changes {
+                            known.retain(|h| !c.deps().contains(h));
+                            known.push(c.hash());
+                        }
+                        o.doc_mut().apply_changes(changes).unwrap();
+                        o.refresh().unwrap();
+                        if !o.doc().get_missing_deps(&[]).is_empty() {
+                            self.push(id).await?;
+                        }
+                    }
+                }
                 RelayFrame::Receipt { order, heads } => {
                     let id: OrderId = order.parse().expect("relay sent a bad order id");
                     let heads = heads_from_wire(&heads).expect("receipt heads are hashes");
@@ -636,7 +687,27 @@ pub mod terminal {
                         order: id,
                         heads: heads.clone(),
                     });
-                    self.last_receipt.insert(id, heads);
+                    // Changes the relay forwarded since the frame this receipt answers stay
+                    // known (they are not ancestors of the receipted heads).
+                    let mut known = heads;
+                    if let (Some(o), Some(old)) = (self.orders.get(&id), self.last_receipt.get(&id))
+                        && known
+                            .iter()
+                            .all(|h| o.doc().get_change_meta_by_hash(h).is_some())
+                    {
+                        let later: Vec<ChangeHash> = o
+                            .doc()
+                            .get_changes_meta(&known)
+                            .iter()
+                            .map(|m| m.hash)
+                            .collect();
+                        for h in old {
+                            if later.contains(h) && !known.contains(h) {
+                                known.push(*h);
+                            }
+                        }
+                    }
+                    self.last_receipt.insert(id, known);
                 }
                 RelayFrame::Feed { entries } => {
                     for e in entries {

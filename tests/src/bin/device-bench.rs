@@ -34,10 +34,6 @@ struct Args {
     quick: bool,
 }
 
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e3
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let mut args = Args::parse();
@@ -94,14 +90,13 @@ async fn main() -> Result<()> {
             },
         )
         .await?;
-    let mut samples = Vec::with_capacity(args.edits);
+    let mut samples = e2e::latency::Latency::new();
     for i in 0..args.edits {
         let delta = if i % 2 == 0 { 1 } else { -1 };
         let t = Instant::now();
         till.change_quantity(order, line, delta).await?;
-        samples.push(t.elapsed());
+        samples.record(t.elapsed());
     }
-    samples.sort();
     println!(
         "device-bench ({} edits, {} backlog orders x {} lines{})",
         args.edits,
@@ -113,8 +108,8 @@ async fn main() -> Result<()> {
     println!("|---|---|---|");
     println!(
         "| durable local edit (change quantity, redb commit) p50 / p99 | {:.3} / {:.3} ms | p99 <= 1 ms |",
-        pct(&samples, 0.5),
-        pct(&samples, 0.99)
+        samples.ms(0.5).unwrap_or(f64::NAN),
+        samples.ms(0.99).unwrap_or(f64::NAN)
     );
 
     // 2. The offline backlog.

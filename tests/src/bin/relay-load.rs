@@ -16,15 +16,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use automerge::sync::{self, SyncDoc};
-use automerge::{Automerge, ChangeHash, ReadDoc};
+use automerge::{Automerge, Change, ChangeHash, ReadDoc};
 use clap::Parser;
-use crdt_model::wire::{ClientFrame, RelayFrame, Version, heads_from_wire};
+use crdt_model::wire::{ClientFrame, RelayFrame, Version, heads_from_wire, heads_to_wire};
 use crdt_model::{
-    Currency, DeviceId, LineDraft, LineId, NewOrder, Order, OrderId, SplitMix64, StoreId,
-    Timestamp, Writer,
+    Currency, DeviceId, FinalPayment, LineDraft, LineId, NewOrder, Order, OrderId, PaymentDraft,
+    PaymentKind, SplitMix64, StoreId, Timestamp, Writer,
 };
 use e2e::harness::EmbeddedRelay;
+use e2e::latency::Latency;
 use futures_util::{SinkExt, StreamExt};
+use serde_bytes::ByteBuf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -51,6 +53,10 @@ struct Args {
     /// Sample every k-th change for terminal-to-terminal propagation.
     #[arg(long, default_value_t = 4)]
     sample_every: u64,
+    /// Realistic orders: a sale is paid and closed after about 40 changes, then the device
+    /// starts a new order (its partner follows the new one through the store feed).
+    #[arg(long)]
+    realistic: bool,
     /// CI mode: 5 devices, 2 seconds.
     #[arg(long)]
     quick: bool,
@@ -126,12 +132,14 @@ async fn ws_connect(
 #[derive(Default)]
 struct Stats {
     sent_changes: u64,
+    /// Sales closed (realistic mode).
+    sales: u64,
     receipted: u64,
     receipted_in_window: u64,
-    receipt_lat: Vec<Duration>,
-    prop_lat: Vec<Duration>,
+    receipt_lat: Latency,
+    prop_lat: Latency,
     /// Propagation samples by the second of the measured run their change was sent in.
-    prop_by_sec: Vec<(u64, Duration)>,
+    prop_by_sec: std::collections::BTreeMap<u64, Latency>,
     rejected: u64,
     unavailable: u64,
     errors: HashMap<String, u64>,
@@ -152,11 +160,14 @@ impl Stats {
     }
     fn merge(&mut self, o: Stats) {
         self.sent_changes += o.sent_changes;
+        self.sales += o.sales;
         self.receipted += o.receipted;
         self.receipted_in_window += o.receipted_in_window;
-        self.receipt_lat.extend(o.receipt_lat);
-        self.prop_lat.extend(o.prop_lat);
-        self.prop_by_sec.extend(o.prop_by_sec);
+        self.receipt_lat.merge(&o.receipt_lat);
+        self.prop_lat.merge(&o.prop_lat);
+        for (sec, h) in o.prop_by_sec {
+            self.prop_by_sec.entry(sec).or_default().merge(&h);
+        }
         self.rejected += o.rejected;
         self.unavailable += o.unavailable;
         for (k, v) in o.errors {
@@ -189,6 +200,8 @@ struct Shared {
     sample_every: u64,
     /// Device count (to stagger paced devices).
     devices: usize,
+    /// Close each sale after this many changes and start a new one (0 = one order forever).
+    sale_changes: u64,
 }
 
 struct Device {
@@ -198,6 +211,12 @@ struct Device {
     rx: mpsc::UnboundedReceiver<Incoming>,
     order: Order,
     state: sync::State,
+    /// Heads after the last push (or what the relay sent since).
+    pushed: Vec<ChangeHash>,
+    /// Changes made on the current order (realistic mode closes it after `sale_changes`).
+    on_order: u64,
+    /// The current sale is closed; a new order starts once its changes are receipted.
+    closed: bool,
     line: LineId,
     qty: i64,
     rng: SplitMix64,
@@ -207,6 +226,17 @@ struct Device {
     stats: Stats,
     deadline: Option<Instant>,
     last_receipt: Instant,
+}
+
+/// The first line of every sale.
+fn espresso() -> LineDraft {
+    LineDraft {
+        sku: "espresso".into(),
+        name: "Espresso".into(),
+        unit_price: 180,
+        quantity: 1,
+        ..Default::default()
+    }
 }
 
 fn now_ms() -> i64 {
@@ -222,7 +252,30 @@ impl Device {
         Timestamp(self.last_ms)
     }
 
+    /// Pushes the changes made since the last push (protocol 2), with the order's heads.
     async fn push(&mut self) -> Result<()> {
+        let heads = self.order.heads();
+        if heads == self.pushed {
+            return Ok(());
+        }
+        let changes = self
+            .order
+            .doc()
+            .get_changes(&self.pushed)
+            .iter()
+            .map(|c| ByteBuf::from(c.raw_bytes().to_vec()))
+            .collect();
+        let f = ClientFrame::Changes {
+            order: self.order.id().to_string(),
+            changes,
+            heads: heads_to_wire(&heads),
+        };
+        self.pushed = heads;
+        self.ws.frame(&f).await
+    }
+
+    /// Answers the relay's sync message for the device's own order (a catch-up round).
+    async fn sync_own(&mut self) -> Result<()> {
         if let Some(m) = self.order.doc().generate_sync_message(&mut self.state) {
             let f = ClientFrame::Sync {
                 order: self.order.id().to_string(),
@@ -231,6 +284,34 @@ impl Device {
             self.ws.frame(&f).await?;
         }
         Ok(())
+    }
+
+    /// Records the propagation time of the partner's sampled changes that arrived.
+    fn partner_arrivals(&mut self, at: Instant, shared: &Shared) {
+        let Some((id, doc, _)) = self.partner_order.as_ref() else {
+            return;
+        };
+        if self.deadline.is_none() {
+            return;
+        }
+        let mut prop = shared.prop.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = prop.get_mut(id) {
+            while let Some((h, t)) = q.front().copied() {
+                if doc.get_change_meta_by_hash(&h).is_none() {
+                    break;
+                }
+                let lat = at.saturating_duration_since(t);
+                self.stats.prop_lat.record(lat);
+                if let Some(start) = self
+                    .deadline
+                    .and_then(|d| d.checked_sub(Duration::from_secs(shared.seconds)))
+                {
+                    let sec = t.saturating_duration_since(start).as_secs();
+                    self.stats.prop_by_sec.entry(sec).or_default().record(lat);
+                }
+                q.pop_front();
+            }
+        }
     }
 
     async fn push_partner(&mut self) -> Result<()> {
@@ -282,7 +363,45 @@ impl Device {
                     self.stats.model_errors += 1;
                     self.stats.note(format!("refresh: {e}"));
                 }
-                self.push().await?;
+                self.sync_own().await?;
+            }
+            RelayFrame::Changes { order, changes } => {
+                let decoded: Vec<Change> = changes
+                    .iter()
+                    .filter_map(|c| Change::from_bytes(c.to_vec()).ok())
+                    .collect();
+                if order == mine {
+                    // Changes from the relay are known to it: the next push starts after them.
+                    for c in &decoded {
+                        self.pushed.retain(|h| !c.deps().contains(h));
+                        if !decoded.iter().any(|o| o.deps().contains(&c.hash())) {
+                            self.pushed.push(c.hash());
+                        }
+                    }
+                    if let Err(e) = self.order.doc_mut().apply_changes(decoded) {
+                        self.stats.model_errors += 1;
+                        self.stats.note(format!("apply_changes: {e}"));
+                    }
+                    if let Err(e) = self.order.refresh() {
+                        self.stats.model_errors += 1;
+                        self.stats.note(format!("refresh: {e}"));
+                    }
+                    if !self.order.doc().get_missing_deps(&[]).is_empty() {
+                        self.sync_own().await?;
+                    }
+                } else if let Some((id, doc, _)) = self.partner_order.as_mut()
+                    && order == id.to_string()
+                {
+                    if let Err(e) = doc.apply_changes(decoded) {
+                        self.stats.model_errors += 1;
+                        self.stats.note(format!("partner apply_changes: {e}"));
+                    }
+                    let gap = !doc.get_missing_deps(&[]).is_empty();
+                    self.partner_arrivals(at, shared);
+                    if gap {
+                        self.push_partner().await?;
+                    }
+                }
             }
             RelayFrame::Sync { order, data } => {
                 let Some((id, doc, st)) = self.partner_order.as_mut() else {
@@ -297,27 +416,7 @@ impl Device {
                     self.stats
                         .note(format!("partner receive_sync_message: {e}"));
                 }
-                let id = *id;
-                if self.deadline.is_some() {
-                    let mut prop = shared.prop.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(q) = prop.get_mut(&id) {
-                        while let Some((h, t)) = q.front().copied() {
-                            if doc.get_change_by_hash(&h).is_none() {
-                                break;
-                            }
-                            let lat = at.saturating_duration_since(t);
-                            self.stats.prop_lat.push(lat);
-                            if let Some(start) = self
-                                .deadline
-                                .and_then(|d| d.checked_sub(Duration::from_secs(shared.seconds)))
-                            {
-                                let sec = t.saturating_duration_since(start).as_secs();
-                                self.stats.prop_by_sec.push((sec, lat));
-                            }
-                            q.pop_front();
-                        }
-                    }
-                }
+                self.partner_arrivals(at, shared);
                 self.push_partner().await?;
             }
             RelayFrame::Receipt { order, heads } if order == mine => {
@@ -342,12 +441,29 @@ impl Device {
                         if in_window {
                             self.stats.receipted_in_window += 1;
                         }
-                        self.stats.receipt_lat.push(at.saturating_duration_since(t));
+                        self.stats
+                            .receipt_lat
+                            .record(at.saturating_duration_since(t));
                     }
                     self.last_receipt = at;
                 }
             }
-            RelayFrame::Receipt { .. } | RelayFrame::Feed { .. } | RelayFrame::Pong { .. } => {}
+            RelayFrame::Feed { entries } => {
+                // Realistic mode: the partner's new order shows up in the feed; follow it.
+                let Some(p) = self.partner else {
+                    return Ok(());
+                };
+                let want = shared.order_ids.lock().unwrap_or_else(|e| e.into_inner())[p];
+                let following = self.partner_order.as_ref().map(|(id, _, _)| *id);
+                if let Some(want) = want
+                    && following != Some(want)
+                    && entries.iter().any(|e| e.order == want.to_string())
+                {
+                    self.partner_order = Some((want, Automerge::new(), sync::State::new()));
+                    self.push_partner().await?;
+                }
+            }
+            RelayFrame::Receipt { .. } | RelayFrame::Pong { .. } => {}
             RelayFrame::Welcome { .. } => {}
             RelayFrame::Ping { nonce } => self.ws.frame(&ClientFrame::Pong { nonce }).await?,
             RelayFrame::Rejected { code, message, .. } => {
@@ -374,8 +490,20 @@ impl Device {
         Ok(())
     }
 
-    /// One cashier edit, committed locally and sent.
-    async fn edit(&mut self, n: u64, shared: &Shared) -> Result<()> {
+    /// One cashier edit, committed locally and sent; `false` when the device is waiting for its
+    /// closed sale's receipts before it starts the next one.
+    async fn edit(&mut self, n: u64, shared: &Shared) -> Result<bool> {
+        if self.closed {
+            if !self.in_flight.is_empty() {
+                return Ok(false);
+            }
+            self.new_sale(shared).await?;
+            return Ok(true);
+        }
+        if shared.sale_changes > 0 && self.on_order + 1 >= shared.sale_changes {
+            return self.close_sale(shared).await.map(|()| true);
+        }
+        self.on_order += 1;
         let at = self.tick();
         let r = if n % 50 == 49 {
             let draft = LineDraft {
@@ -399,11 +527,11 @@ impl Device {
         if let Err(e) = r {
             self.stats.model_errors += 1;
             self.stats.note(format!("local edit: {e}"));
-            return Ok(());
+            return Ok(true);
         }
         let heads = self.order.heads();
         let Some(&h) = heads.first() else {
-            return Ok(());
+            return Ok(true);
         };
         let t = Instant::now();
         if shared.sample_every > 0
@@ -419,6 +547,57 @@ impl Device {
         }
         self.in_flight.push_back((h, t));
         self.stats.sent_changes += 1;
+        self.push().await?;
+        Ok(true)
+    }
+
+    /// Pays the balance in cash and closes the sale, in one change.
+    async fn close_sale(&mut self, _shared: &Shared) -> Result<()> {
+        let at = self.tick();
+        let due = self.order.view().map(|v| v.totals.balance_due).unwrap_or(0);
+        let last = (due > 0).then(|| {
+            FinalPayment::New(PaymentDraft {
+                kind: PaymentKind::Cash,
+                amount: due,
+                reference: String::new(),
+            })
+        });
+        if let Err(e) = self.order.complete_sale(at, &mut self.rng, last) {
+            self.stats.model_errors += 1;
+            self.stats.note(format!("complete sale: {e}"));
+        }
+        self.closed = true;
+        self.stats.sales += 1;
+        for h in self.order.heads() {
+            self.in_flight.push_back((h, Instant::now()));
+        }
+        self.stats.sent_changes += 1;
+        self.push().await
+    }
+
+    /// Starts the next sale: a new order with one line, pushed at once.
+    async fn new_sale(&mut self, shared: &Shared) -> Result<()> {
+        let at = self.tick();
+        let new = NewOrder {
+            id: OrderId::generate(at, &mut self.rng),
+            store: self.order.store().clone(),
+            currency: self.order.currency(),
+        };
+        let mut order = Order::create(new, self.order.writer().clone(), at, &mut self.rng)?;
+        let at = self.tick();
+        self.line = order.add_line(at, &mut self.rng, espresso())?;
+        self.qty = 1;
+        self.order = order;
+        self.state = sync::State::new();
+        self.pushed = Vec::new();
+        self.on_order = 2;
+        self.closed = false;
+        shared.order_ids.lock().unwrap_or_else(|e| e.into_inner())[self.idx] =
+            Some(self.order.id());
+        for h in self.order.heads() {
+            self.in_flight.push_back((h, Instant::now()));
+        }
+        self.stats.sent_changes += 2;
         self.push().await
     }
 
@@ -486,15 +665,8 @@ async fn device_main(
     };
     let mut order =
         Order::create(new, Writer::new(device, 1), at, &mut rng).map_err(|e| fail(e.into()))?;
-    let draft = LineDraft {
-        sku: "espresso".into(),
-        name: "Espresso".into(),
-        unit_price: 180,
-        quantity: 1,
-        ..Default::default()
-    };
     let line = order
-        .add_line(Timestamp(at.0 + 1), &mut rng, draft)
+        .add_line(Timestamp(at.0 + 1), &mut rng, espresso())
         .map_err(|e| fail(e.into()))?;
     let mut d = Device {
         idx,
@@ -508,6 +680,9 @@ async fn device_main(
             .collect(),
         order,
         state: sync::State::new(),
+        pushed: Vec::new(),
+        on_order: 0,
+        closed: false,
         line,
         qty: 1,
         rng,
@@ -575,21 +750,26 @@ async fn device_main(
         });
     let mut n: u64 = 0;
     let mut stalled = false;
+    let mut waiting = false;
     loop {
         while let Ok(item) = d.rx.try_recv() {
             tri!(d.handle(item, shared).await);
+            waiting = false;
         }
         let now = Instant::now();
         if now >= deadline {
             break;
         }
-        if d.in_flight.len() < shared.window && now >= next_send {
-            tri!(d.edit(n, shared).await);
-            n += 1;
-            if let Some(p) = shared.period {
-                next_send += p;
+        if d.in_flight.len() < shared.window && now >= next_send && !waiting {
+            if tri!(d.edit(n, shared).await) {
+                n += 1;
+                if let Some(p) = shared.period {
+                    next_send += p;
+                }
+                continue;
             }
-            continue;
+            // Waiting for the closed sale's receipts before the next sale.
+            waiting = true;
         }
         // Stall detection: window full and nothing receipted for 1 s.
         if d.in_flight.len() >= shared.window {
@@ -604,13 +784,14 @@ async fn device_main(
         } else {
             stalled = false;
         }
-        let wake = if d.in_flight.len() < shared.window {
+        let wake = if d.in_flight.len() < shared.window && !waiting {
             next_send.min(deadline)
         } else {
             deadline.min(now + Duration::from_millis(250))
         };
         if let Some(item) = d.next(wake).await {
             tri!(d.handle(item, shared).await);
+            waiting = false;
         }
     }
     // Drain: collect receipts for changes still in flight (not counted in the throughput).
@@ -707,15 +888,6 @@ async fn relay_counters(addr: SocketAddr, admin: &str) -> Result<HashMap<String,
         .collect())
 }
 
-fn pct(sorted: &[Duration], p: f64) -> String {
-    if sorted.is_empty() {
-        return "-".into();
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    let d = sorted[i.min(sorted.len() - 1)];
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
-
 fn main() -> Result<()> {
     let mut args = Args::parse();
     if args.quick {
@@ -769,6 +941,7 @@ fn main() -> Result<()> {
         period,
         sample_every: args.sample_every,
         devices,
+        sale_changes: if args.realistic { 40 } else { 0 },
     });
 
     println!(
@@ -812,9 +985,6 @@ fn main() -> Result<()> {
     let counters = relay_rt.block_on(relay_counters(addr, &relay.admin));
     relay_rt.block_on(relay.stop())?;
 
-    let mut stats = stats;
-    stats.receipt_lat.sort();
-    stats.prop_lat.sort();
     let cpu_total = (p1.utime + p1.stime - p0.utime - p0.stime) as f64 / HZ;
     let cpu_load = load1.saturating_sub(load0) as f64 / HZ;
     let secs = args.seconds.max(1) as f64;
@@ -838,34 +1008,34 @@ fn main() -> Result<()> {
     );
     println!(
         "| receipt latency p50 / p99 / p999 / max | {} / {} / {} / {} |",
-        pct(&stats.receipt_lat, 0.5),
-        pct(&stats.receipt_lat, 0.99),
-        pct(&stats.receipt_lat, 0.999),
-        pct(&stats.receipt_lat, 1.0)
+        stats.receipt_lat.fmt(0.5),
+        stats.receipt_lat.fmt(0.99),
+        stats.receipt_lat.fmt(0.999),
+        stats.receipt_lat.fmt(1.0)
     );
     println!(
         "| terminal-to-terminal p50 / p99 / max ({} samples, every {}th change) | {} / {} / {} |",
         stats.prop_lat.len(),
         args.sample_every,
-        pct(&stats.prop_lat, 0.5),
-        pct(&stats.prop_lat, 0.99),
-        pct(&stats.prop_lat, 1.0)
+        stats.prop_lat.fmt(0.5),
+        stats.prop_lat.fmt(0.99),
+        stats.prop_lat.fmt(1.0)
     );
     if !stats.prop_by_sec.is_empty() {
-        let mut by_sec: std::collections::BTreeMap<u64, Vec<Duration>> = Default::default();
-        for (sec, lat) in &stats.prop_by_sec {
-            by_sec.entry(*sec).or_default().push(*lat);
-        }
-        let cells: Vec<String> = by_sec
-            .into_values()
-            .map(|mut v| {
-                v.sort();
-                pct(&v, 0.99).replace(" ms", "")
-            })
+        let cells: Vec<String> = stats
+            .prop_by_sec
+            .values()
+            .map(|h| h.fmt(0.99).replace(" ms", ""))
             .collect();
         println!(
             "| terminal-to-terminal p99 (ms) by second of the run the change was sent in | {} |",
             cells.join(" / ")
+        );
+    }
+    if args.realistic {
+        println!(
+            "| sales closed (each ~40 changes, then a new order) | {} |",
+            stats.sales
         );
     }
     println!("| rejected | {} |", stats.rejected);

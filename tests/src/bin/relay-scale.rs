@@ -334,13 +334,9 @@ fn now_ms() -> i64 {
     relay_server::hub::now_ms()
 }
 
-fn pct(sorted: &[Duration], p: f64) -> String {
-    if sorted.is_empty() {
-        return "-".into();
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    let d = sorted[i.min(sorted.len() - 1)];
-    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+/// `h` at quantile `q`, as "1.2 ms".
+fn pct(h: &e2e::latency::Latency, q: f64) -> String {
+    h.ms(q).map_or_else(|| "-".into(), |v| format!("{v:.1} ms"))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -579,18 +575,18 @@ fn run_connections(bin: &Path, a: &ConnArgs) -> Result<()> {
             let e = failures.entry(stage).or_insert((0, why));
             e.0 += 1;
         };
-        let mut connect_lat = Vec::with_capacity(n);
+        let mut connect_lat = e2e::latency::Latency::new();
         let mut seen = 0;
         while seen < n {
             match ev_rx.recv().await {
-                Some(Event::Connected(d)) => connect_lat.push(d),
+                Some(Event::Connected(d)) => connect_lat.record(d),
                 Some(Event::Failed(s, w)) => note(s, w),
                 Some(Event::Receipted(_)) | None => {}
             }
             seen += 1;
         }
         let connect_wall = t_connect.elapsed();
-        let connected = connect_lat.len();
+        let connected = connect_lat.len() as usize;
         tokio::time::sleep(Duration::from_secs(a.settle)).await;
         let after_connect = mem_of(pid);
         let gen_connect = mem_of(std::process::id());
@@ -598,11 +594,11 @@ fn run_connections(bin: &Path, a: &ConnArgs) -> Result<()> {
 
         let _ = go_tx.send(true);
         let t_orders = Instant::now();
-        let mut receipt_lat = Vec::with_capacity(n);
+        let mut receipt_lat = e2e::latency::Latency::new();
         let mut seen = 0;
         while seen < connected {
             match ev_rx.recv().await {
-                Some(Event::Receipted(d)) => receipt_lat.push(d),
+                Some(Event::Receipted(d)) => receipt_lat.record(d),
                 Some(Event::Failed(s, w)) => note(s, w),
                 Some(Event::Connected(_)) => continue,
                 None => break,
@@ -622,9 +618,7 @@ fn run_connections(bin: &Path, a: &ConnArgs) -> Result<()> {
         }
         drop(relay);
 
-        connect_lat.sort();
-        receipt_lat.sort();
-        let receipted = receipt_lat.len();
+        let receipted = receipt_lat.len() as usize;
         let per = |a: u64, b: u64, k: usize| {
             if k == 0 {
                 "-".to_string()
