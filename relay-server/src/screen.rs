@@ -480,10 +480,40 @@ pub fn screen(data: &[u8], limits: &Limits) -> Result<Screened, Refusal> {
     })
 }
 
-/// Checks the changes of a pushed `changes` frame (protocol 2) against `limits`: at most
-/// [`Limits::max_changes`] entries, each exactly one change chunk (plain or deflated; a whole
-/// document is not a change), with a valid checksum, that decodes, within the size limits.
-pub fn screen_changes<B: AsRef<[u8]>>(chunks: &[B], limits: &Limits) -> Result<Screened, Refusal> {
+/// The header of an entry that is exactly one change chunk (plain or deflated).
+struct ChangeChunk<'a> {
+    checksum: &'a [u8],
+    kind: u8,
+    len: usize,
+}
+
+impl<'a> ChangeChunk<'a> {
+    fn parse(entry: &'a [u8]) -> Option<Self> {
+        let mut c = Cursor { rest: entry };
+        if c.take(4).ok()? != MAGIC {
+            return None;
+        }
+        let checksum = c.take(4).ok()?;
+        let kind = c.byte().ok()?;
+        let len = c.usize().ok()?;
+        c.take(len).ok()?;
+        ((kind == 1 || kind == 2) && c.rest.is_empty()).then_some(Self {
+            checksum,
+            kind,
+            len,
+        })
+    }
+}
+
+/// Screens and decodes the changes of a pushed `changes` frame (protocol 2) against `limits`:
+/// at most [`Limits::max_changes`] entries, each exactly one change chunk (plain or deflated; a
+/// whole document is not a change), with a valid checksum, that decodes, within the size
+/// limits. A plain change is parsed once: its hash (SHA-256 over the chunk) gives the checksum
+/// to compare; a deflated one is inflated through the bounded reader first.
+pub fn screen_changes<B: AsRef<[u8]>>(
+    chunks: &[B],
+    limits: &Limits,
+) -> Result<Vec<automerge::Change>, Refusal> {
     if chunks.len() > limits.max_changes {
         return Err(Refusal::TooMuch(format!(
             "{} changes in one frame, at most {}",
@@ -492,31 +522,41 @@ pub fn screen_changes<B: AsRef<[u8]>>(chunks: &[B], limits: &Limits) -> Result<S
         )));
     }
     let mut inflated = 0usize;
+    let mut out = Vec::with_capacity(chunks.len());
     for entry in chunks {
         let entry = entry.as_ref();
-        let mut c = Cursor { rest: entry };
-        let one = (|| -> Result<bool, Refusal> {
-            if c.take(4)? != MAGIC {
-                return Ok(false);
-            }
-            c.take(4)?;
-            let kind = c.byte()?;
-            let len = c.usize()?;
-            c.take(len)?;
-            Ok((kind == 1 || kind == 2) && c.rest.is_empty())
-        })()
-        .unwrap_or(false);
-        if !one {
+        let Some(ChangeChunk {
+            checksum,
+            kind,
+            len,
+        }) = ChangeChunk::parse(entry)
+        else {
             return Err(Refusal::BadChange(
                 "each pushed entry must be exactly one change chunk".into(),
             ));
+        };
+        let size = if kind == 1 {
+            if len > limits.max_change_bytes {
+                return Err(Refusal::TooMuch(format!(
+                    "a change of {len} bytes, at most {}",
+                    limits.max_change_bytes
+                )));
+            }
+            len
+        } else {
+            check_chunks(entry, limits)?
+        };
+        inflated = add_inflated(inflated, size, limits)?;
+        let change = crdt_model::guard::decode_change(entry)
+            .map_err(|e| Refusal::BadChange(format!("a change does not decode: {e}")))?;
+        if kind == 1 && change.hash().0.get(..4) != Some(checksum) {
+            return Err(Refusal::BadChange(
+                "a chunk's checksum does not match".into(),
+            ));
         }
-        inflated = add_inflated(inflated, check_chunks(entry, limits)?, limits)?;
+        out.push(change);
     }
-    Ok(Screened {
-        changes: chunks.len(),
-        inflated_bytes: inflated,
-    })
+    Ok(out)
 }
 
 /// Screens and decodes a pushed `changes` frame (its changes and the device's heads); the
@@ -534,12 +574,8 @@ pub fn decode_push(
     }
     let heads = crdt_model::wire::heads_from_wire(heads)
         .map_err(|e| (crdt_model::wire::codes::BAD_CHANGE, e.to_string()))?;
-    screen_changes(changes, limits).map_err(|r| (r.code(), r.message().to_owned()))?;
-    let changes = changes
-        .iter()
-        .map(|c| crdt_model::guard::decode_change(c))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| (crdt_model::wire::codes::BAD_CHANGE, e.to_string()))?;
+    let changes =
+        screen_changes(changes, limits).map_err(|r| (r.code(), r.message().to_owned()))?;
     Ok(Pushed { changes, heads })
 }
 
@@ -643,6 +679,11 @@ mod tests {
         chunk.extend([0, 0, 0, 0, 2]);
         leb(&mut chunk, deflated.len() as u64);
         chunk.extend(&deflated);
+        // Pushed as a change (protocol 2), it is refused the same way.
+        assert!(matches!(
+            screen_changes(std::slice::from_ref(&chunk), &Limits::default()),
+            Err(Refusal::TooMuch(_))
+        ));
         let mut m = vec![0x42, 0, 0, 0, 1];
         leb(&mut m, chunk.len() as u64);
         m.extend(chunk);
@@ -697,7 +738,7 @@ mod tests {
             .map(|c| c.raw_bytes().to_vec())
             .collect();
         let l = Limits::default();
-        assert_eq!(screen_changes(&good, &l).unwrap().changes, 3);
+        assert_eq!(screen_changes(&good, &l).unwrap().len(), 3);
         // Two changes in one entry, a whole document, a flipped byte, too many entries.
         let joined = vec![[good[0].clone(), good[1].clone()].concat()];
         assert!(matches!(
@@ -711,6 +752,20 @@ mod tests {
         let mut bad = good.clone();
         bad[2][15] ^= 0x55;
         assert!(screen_changes(&bad, &l).is_err());
+        // A checksum that does not match the change (the change itself parses).
+        let mut bad = good.clone();
+        bad[0][4] ^= 0x01;
+        assert!(matches!(
+            screen_changes(&bad, &l),
+            Err(Refusal::BadChange(_))
+        ));
+        // Deflated changes pass through the bounded inflater and decode.
+        let big: Vec<Vec<u8>> = doc_with(40)
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.clone().bytes().to_vec())
+            .collect();
+        assert_eq!(screen_changes(&big, &l).unwrap().len(), 40);
         let few = Limits {
             max_changes: 2,
             ..Limits::default()

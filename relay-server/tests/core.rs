@@ -1,6 +1,8 @@
 //! The relay core driven directly, with no socket, thread or clock: the regressions of issue
 //! 12's defects that live in the core (1: a write built on a failed one; 3: eviction dropping
-//! followers; 6: a receipt overtaking the change it names), against a real redb store.
+//! followers; 6: a receipt overtaking the change it names), and protocol 2's pushed changes
+//! (fan-out encoded once, duplicates, reordering, a pusher that lacks a committed change),
+//! against a real redb store.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, VecDeque};
@@ -29,6 +31,8 @@ struct Rig {
     commits: VecDeque<OrderWrite>,
     hold: bool,
     now: i64,
+    /// The connections of every broadcast (one frame, encoded once, for all of them).
+    broadcasts: Vec<Vec<ConnId>>,
 }
 
 impl Rig {
@@ -57,6 +61,7 @@ impl Rig {
             commits: VecDeque::new(),
             hold: false,
             now: T0,
+            broadcasts: Vec::new(),
         }
     }
 
@@ -67,6 +72,7 @@ impl Rig {
                 match out {
                     Output::Send { conn, frame } => self.sent.entry(conn).or_default().push(frame),
                     Output::Broadcast { conns, frame } => {
+                        self.broadcasts.push(conns.clone());
                         for conn in conns {
                             self.sent.entry(conn).or_default().push(frame.clone());
                         }
@@ -199,11 +205,35 @@ impl Till {
         true
     }
 
-    /// Applies the relay's sync frames among `frames`; returns the other frames.
+    /// Pushes `changes` with `heads` as the till's heads (protocol 2).
+    fn push_changes(&mut self, rig: &mut Rig, changes: &[ChangeHash], heads: Vec<ChangeHash>) {
+        let changes = changes
+            .iter()
+            .map(|h| self.order.doc().get_change_by_hash(h).unwrap().clone())
+            .collect();
+        rig.core.handle_push(
+            rig.now,
+            self.origin.clone(),
+            self.order.id(),
+            changes,
+            heads,
+        );
+        rig.step();
+    }
+
+    /// Applies the relay's sync and forwarded frames among `frames`; returns the other frames.
     fn take(&mut self, frames: Vec<RelayFrame>) -> Vec<RelayFrame> {
         let mut rest = Vec::new();
         for f in frames {
             match f {
+                RelayFrame::Changes { changes, .. } => {
+                    let changes: Vec<automerge::Change> = changes
+                        .iter()
+                        .map(|c| automerge::Change::from_bytes(c.to_vec()).unwrap())
+                        .collect();
+                    self.order.doc_mut().apply_changes(changes).unwrap();
+                    self.order.refresh().unwrap();
+                }
                 RelayFrame::Sync { data, .. } => {
                     let m = sync::Message::decode(&data).unwrap();
                     self.order
@@ -399,4 +429,132 @@ fn eviction_keeps_followers_subscribed() {
     b.take(to_b);
     b.settle(&mut rig);
     assert!(b.order.doc().get_change_by_hash(&c).is_some(), "and got it");
+}
+
+fn forwarded(frames: &[RelayFrame]) -> Vec<ChangeHash> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            RelayFrame::Changes { changes, .. } => Some(changes),
+            _ => None,
+        })
+        .flatten()
+        .map(|c| automerge::Change::from_bytes(c.to_vec()).unwrap().hash())
+        .collect()
+}
+
+/// Protocol 2: a pushed change is committed, receipted with the pusher's heads, and forwarded
+/// to the followers in step as it was stored, in one frame encoded once for all of them; the
+/// pusher does not get its own change back.
+#[test]
+fn a_pushed_change_is_receipted_and_forwarded_once_to_followers_in_step() {
+    let mut rig = Rig::new(100);
+    let (mut a, _) = Till::new(&rig, 1, 1);
+    let created = a.order.heads();
+    a.push_changes(&mut rig, &created, created.clone());
+    let frames = rig.frames(ConnId(1));
+    assert_eq!(receipts(&frames), vec![created.clone()]);
+    // The relay's number change reaches the pusher as a forwarded change.
+    let number = forwarded(&frames);
+    assert_eq!(number.len(), 1, "{frames:?}");
+    a.take(frames);
+    assert!(a.order.number().unwrap().is_some());
+    // Two followers fetch the order with a sync round and are then in step.
+    let mut b = a.follower(2, 2);
+    let mut c = a.follower(3, 3);
+    b.settle(&mut rig);
+    c.settle(&mut rig);
+    rig.broadcasts.clear();
+
+    let line = a.add_line(450);
+    a.push_changes(&mut rig, &[line], vec![line]);
+    let to_a = rig.frames(ConnId(1));
+    assert_eq!(receipts(&to_a), vec![vec![line]]);
+    assert!(forwarded(&to_a).is_empty(), "not echoed: {to_a:?}");
+    assert_eq!(rig.broadcasts, vec![vec![ConnId(2), ConnId(3)]]);
+    for t in [&mut b, &mut c] {
+        let frames = rig.frames(t.origin.conn);
+        assert_eq!(forwarded(&frames), vec![line]);
+        assert!(
+            frames.iter().all(|f| !matches!(f, RelayFrame::Sync { .. })),
+            "no sync message for a follower in step: {frames:?}"
+        );
+        t.take(frames);
+        assert_eq!(t.order.heads(), a.order.heads());
+    }
+    assert!(stored_has(&rig, a.order.id(), &line));
+}
+
+/// Protocol 2: a change pushed before its dependency waits (nothing is stored or receipted),
+/// the relay asks with a sync message; once the dependency comes, both are stored, and pushing
+/// the same changes again stores nothing more and refuses nothing.
+#[test]
+fn pushed_changes_out_of_order_and_twice_are_stored_once() {
+    let mut rig = Rig::new(100);
+    let (mut a, _) = Till::new(&rig, 1, 1);
+    let created = a.order.heads();
+    a.push_changes(&mut rig, &created, created.clone());
+    let frames = rig.frames(ConnId(1));
+    a.take(frames);
+    let c2 = a.add_line(100);
+    let c3 = a.add_line(200);
+    let heads = a.order.heads();
+    assert_eq!(heads, vec![c3]);
+    // c3 first: its dependency c2 is missing.
+    a.push_changes(&mut rig, &[c3], heads.clone());
+    let frames = rig.frames(ConnId(1));
+    assert!(receipts(&frames).is_empty(), "{frames:?}");
+    assert!(
+        frames.iter().any(|f| matches!(f, RelayFrame::Sync { .. })),
+        "the relay asks for what is missing: {frames:?}"
+    );
+    assert!(!stored_has(&rig, a.order.id(), &c3));
+    // Then c2, and both again.
+    a.push_changes(&mut rig, &[c2], heads.clone());
+    a.push_changes(&mut rig, &[c2, c3], heads.clone());
+    let frames = rig.frames(ConnId(1));
+    assert!(
+        frames
+            .iter()
+            .all(|f| !matches!(f, RelayFrame::Rejected { .. } | RelayFrame::Error { .. })),
+        "{frames:?}"
+    );
+    assert_eq!(receipts(&frames), vec![heads.clone()]);
+    assert!(stored_has(&rig, a.order.id(), &c2));
+    assert!(stored_has(&rig, a.order.id(), &c3));
+    let accepted = rig
+        .metrics
+        .changes_accepted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    // The order's creation, its number, c2 and c3: each once.
+    assert_eq!(accepted, 4);
+}
+
+/// Protocol 2: a device that pushes from heads lacking a committed change (it missed the
+/// relay's number change while its connection was down) is answered with a sync round, which
+/// brings it the change; it is not left waiting for a forward that will never come.
+#[test]
+fn a_pusher_that_lacks_a_committed_change_gets_a_sync_round() {
+    let mut rig = Rig::new(100);
+    let (mut a, _) = Till::new(&rig, 1, 1);
+    let created = a.order.heads();
+    a.push_changes(&mut rig, &created, created.clone());
+    // The connection drops before the number change is delivered.
+    let _lost = rig.frames(ConnId(1));
+    rig.core.handle_disconnect(ConnId(1));
+    assert!(a.order.number().unwrap().is_none());
+    // A new connection; the till edits and pushes from what it has.
+    a.origin.conn = ConnId(7);
+    a.state = sync::State::new();
+    let line = a.add_line(300);
+    a.push_changes(&mut rig, &[line], vec![line]);
+    let frames = rig.frames(ConnId(7));
+    assert!(
+        frames.iter().any(|f| matches!(f, RelayFrame::Sync { .. })),
+        "{frames:?}"
+    );
+    a.take(frames);
+    a.settle(&mut rig);
+    assert!(a.order.number().unwrap().is_some(), "the number arrived");
+    assert!(stored_has(&rig, a.order.id(), &line));
 }

@@ -217,12 +217,25 @@ pub(super) fn new_changes_in(
     before: &Automerge,
     after: &Automerge,
 ) -> Option<Vec<Change>> {
+    let mut changes = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        changes.push(Change::from_bytes(chunk.clone()).ok()?);
+    }
+    fresh_changes(changes, before, after)
+}
+
+/// The changes among `changes` that `before` lacks and `after` holds, dependencies first;
+/// `None` if a document has pending (unapplied) changes.
+pub(super) fn fresh_changes(
+    changes: Vec<Change>,
+    before: &Automerge,
+    after: &Automerge,
+) -> Option<Vec<Change>> {
     if !before.get_missing_deps(&[]).is_empty() || !after.get_missing_deps(&[]).is_empty() {
         return None;
     }
-    let mut fresh: Vec<Change> = Vec::with_capacity(chunks.len());
-    for chunk in chunks {
-        let change = Change::from_bytes(chunk.clone()).ok()?;
+    let mut fresh: Vec<Change> = Vec::with_capacity(changes.len());
+    for change in changes {
         let hash = change.hash();
         if !holds(before, &hash) && holds(after, &hash) && !fresh.iter().any(|c| c.hash() == hash) {
             fresh.push(change);

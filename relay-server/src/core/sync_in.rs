@@ -10,7 +10,9 @@ use automerge::{Automerge, Change, ChangeHash, ReadDoc};
 use crdt_model::wire::{RelayFrame, codes, heads_to_wire};
 use crdt_model::{Author, OrderId, PolicyViolation, Role, validate_changes};
 
-use super::doc::{PeerDoc, holds, last_accepted, new_changes_in, within_queue_limits};
+use super::doc::{
+    PeerDoc, fresh_changes, holds, last_accepted, new_changes_in, within_queue_limits,
+};
 use super::{Origin, Output, RelayCore};
 
 /// What a device sent for an order.
@@ -168,13 +170,19 @@ impl RelayCore {
             None => &mut d.working,
         };
         let chunks = msg.chunks();
+        // A push's changes are decoded already: kept, so they need not be decoded again.
+        let mut pushed = None;
         let received = match msg {
             Incoming::Sync(m) => target
                 .receive_sync_message(&mut pd.state, m)
                 .map_err(|e| (codes::BAD_SYNC_MESSAGE, e.to_string())),
-            Incoming::Push { changes, .. } => target
-                .apply_changes(changes)
-                .map_err(|e| (codes::BAD_CHANGE, e.to_string())),
+            Incoming::Push { changes, .. } => {
+                let applied = target
+                    .apply_changes(changes.iter().cloned())
+                    .map_err(|e| (codes::BAD_CHANGE, e.to_string()));
+                pushed = Some(changes);
+                applied
+            }
         };
         if let Err((code, e)) = received {
             let freed = pd.reset();
@@ -250,7 +258,10 @@ impl RelayCore {
         // What the message added. Automerge rebuilds changes from its op set in `get_changes`
         // (~20 µs here), so in the common case the chunks the peer sent are decoded instead.
         let from_chunks = if direct && queue_empty {
-            new_changes_in(&chunks, base, after)
+            match pushed {
+                Some(changes) => fresh_changes(changes, base, after),
+                None => new_changes_in(&chunks, base, after),
+            }
         } else {
             None
         };
@@ -358,8 +369,14 @@ impl RelayCore {
             None
         } else {
             let m = pd.generate(&d.committed);
-            if m.is_none() && pd.queued.is_empty() {
-                // In step: from now on this connection gets committed changes as they are.
+            let sends_changes = m.as_ref().is_some_and(|m| !m.changes.is_empty());
+            if !sends_changes
+                && pd.queued.is_empty()
+                && !pd.lacks_committed(&d.committed, &d.working)
+            {
+                // In step (it announced heads that hold everything committed, and the relay
+                // has nothing to send): from now on this connection gets committed changes
+                // as they are.
                 pd.push_mode = true;
                 pd.in_step_at = d.committed.get_heads();
             }
