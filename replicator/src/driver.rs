@@ -748,40 +748,27 @@ async fn flush(shared: &Shared, st: &mut State) -> Result<(), ReplicatorError> {
             st.pending.push_back(e);
         }
     }
-    while let Some(effect) = st.pending.front().cloned() {
-        if effect == Effect::Connect {
-            st.connect_requested = true;
-            st.pending.pop_front();
-            continue;
-        }
+    // Every queued write goes to the store in one batch (one transaction, one fsync, for a
+    // store that can): receipts and changes for many orders arriving together cost one commit.
+    if st.pending.iter().any(|e| *e == Effect::Connect) {
+        st.connect_requested = true;
+        st.pending.retain(|e| *e != Effect::Connect);
+    }
+    if !st.pending.is_empty() {
         let store = Arc::clone(&shared.store);
-        let result = tokio::task::spawn_blocking(move || match effect {
-            Effect::Append {
-                order,
-                changes,
-                record,
-            } => store.append(order, &changes, &record),
-            Effect::Record { order, record } => store.put_record(order, &record),
-            Effect::Compact {
-                order,
-                snapshot,
-                record,
-            } => store.compact(order, &snapshot, &record),
-            Effect::Remove { order } => store.remove(order),
-            Effect::FeedSeq(seq) => store.set_feed_seq(seq),
-            Effect::Connect => Ok(()),
+        let batch: Vec<Effect> = st.pending.iter().cloned().collect();
+        let (done, result) = tokio::task::spawn_blocking(move || {
+            let mut done = 0;
+            let result = store.write_batch(&batch, &mut done);
+            (done, result)
         })
         .await
         .map_err(|e| ReplicatorError::Storage(e.to_string()))?;
         match result {
-            Ok(()) => {
-                st.pending.pop_front();
-            }
-            Err(ReplicatorError::UnknownOrder(_)) => {
-                // A record for an order removed meanwhile: nothing to keep.
-                st.pending.pop_front();
-            }
+            Ok(()) => st.pending.clear(),
             Err(e) => {
+                // What is durable goes; the rest stays for the next flush.
+                st.pending.drain(..done.min(st.pending.len()));
                 tracing::error!(error = %e, "local store write failed; will retry");
                 return Err(e);
             }

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use crdt_model::{DeviceId, OrderId, PaymentId, StoreId};
 use serde::{Deserialize, Serialize};
 
+use crate::core::Effect;
 use crate::error::ReplicatorError;
 use crate::status::LocalSyncStatus;
 
@@ -118,6 +119,41 @@ pub trait Store: Send + Sync + 'static {
     fn feed_seq(&self) -> Result<u64, ReplicatorError>;
     /// Records the last store-feed sequence processed.
     fn set_feed_seq(&self, seq: u64) -> Result<(), ReplicatorError>;
+
+    /// Performs the engine's storage effects in order; a record for an order that is gone is
+    /// skipped (it was removed meanwhile). `durable` counts the effects from the start that are
+    /// durable; on failure, those after it were not performed. The default performs each in
+    /// its own transaction; a store that can should make the whole batch one atomic, durable
+    /// transaction (and leave `durable` at 0 on failure).
+    fn write_batch(&self, effects: &[Effect], durable: &mut usize) -> Result<(), ReplicatorError> {
+        for effect in effects {
+            match perform(self, effect) {
+                Ok(()) | Err(ReplicatorError::UnknownOrder(_)) => *durable += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One storage effect through the store's single-effect calls.
+fn perform<S: Store + ?Sized>(store: &S, effect: &Effect) -> Result<(), ReplicatorError> {
+    match effect {
+        Effect::Append {
+            order,
+            changes,
+            record,
+        } => store.append(*order, changes, record),
+        Effect::Record { order, record } => store.put_record(*order, record),
+        Effect::Compact {
+            order,
+            snapshot,
+            record,
+        } => store.compact(*order, snapshot, record),
+        Effect::Remove { order } => store.remove(*order),
+        Effect::FeedSeq(seq) => store.set_feed_seq(*seq),
+        Effect::Connect => Ok(()),
+    }
 }
 
 #[derive(Default)]

@@ -887,3 +887,60 @@ proptest! {
         }
     }
 }
+
+/// A batch of effects (what one flush of the engine's queue writes) lands whole in one
+/// transaction: every order and record in it, the feed position, and a record for an order
+/// that is gone is skipped, not an error. The memory store's one-by-one default agrees.
+#[test]
+fn a_batch_of_effects_is_written_whole() {
+    use replicator::Effect;
+    let (_dir, path) = temp_file();
+    let store = RedbStore::open(&path).unwrap();
+    let memory = MemoryStore::new();
+    let a = history(1, 3);
+    let b = history(2, 2);
+    let gone = history(3, 0);
+    let batch = vec![
+        Effect::Append {
+            order: a.id,
+            changes: a.changes[..2].to_vec(),
+            record: record(LocalSyncStatus::Syncing, 1),
+        },
+        Effect::Append {
+            order: b.id,
+            changes: b.changes.clone(),
+            record: record(LocalSyncStatus::Syncing, 2),
+        },
+        Effect::Append {
+            order: a.id,
+            changes: a.changes[2..].to_vec(),
+            record: record(LocalSyncStatus::Syncing, 3),
+        },
+        Effect::Record {
+            order: gone.id,
+            record: record(LocalSyncStatus::Synced, 4),
+        },
+        Effect::Record {
+            order: b.id,
+            record: record(LocalSyncStatus::Synced, 5),
+        },
+        Effect::FeedSeq(42),
+    ];
+    for s in [&store as &dyn Store, &memory as &dyn Store] {
+        let mut durable = 0;
+        s.write_batch(&batch, &mut durable).unwrap();
+        assert_eq!(durable, batch.len());
+        let mut orders = s.load_orders().unwrap();
+        orders.sort_by_key(|o| o.order);
+        assert_eq!(orders.len(), 2, "the gone order's record is skipped");
+        let on = |id| orders.iter().find(|o| o.order == id).unwrap();
+        assert_eq!(sorted(heads(on(a.id))), sorted(a.heads.clone()));
+        assert_eq!(sorted(heads(on(b.id))), sorted(b.heads.clone()));
+        assert_eq!(on(a.id).record, record(LocalSyncStatus::Syncing, 3));
+        assert_eq!(on(b.id).record, record(LocalSyncStatus::Synced, 5));
+        assert_eq!(s.feed_seq().unwrap(), 42);
+    }
+    drop(store);
+    let reopened = RedbStore::open(&path).unwrap();
+    assert_eq!(reopened.load_orders().unwrap().len(), 2);
+}

@@ -43,6 +43,7 @@ use redb::{
     ReadableTable, StorageError, TableDefinition, TableHandle, WriteTransaction,
 };
 
+use crate::core::Effect;
 use crate::error::ReplicatorError;
 use crate::store::{Identity, OrderRecord, Store, StoredOrder};
 
@@ -489,44 +490,11 @@ impl Store for RedbStore {
         changes: &[Vec<u8>],
         record: &OrderRecord,
     ) -> Result<(), ReplicatorError> {
-        let bytes = encode_json("record", record)?;
-        let key = *order.as_bytes();
-        self.write(|txn| {
-            let mut tail = txn.open_table(TAIL).map_err(db_err)?;
-            let last = match tail.range(tail_range(key)).map_err(db_err)?.next_back() {
-                Some(row) => Some(row.map_err(db_err)?.0.value().1),
-                None => None,
-            };
-            // `None` once the index space is used up.
-            let mut next = match last {
-                Some(i) => i.checked_add(1),
-                None => Some(0),
-            };
-            for change in changes {
-                let i = next.ok_or_else(|| {
-                    ReplicatorError::Invalid(format!("order {order}: the tail is full, compact it"))
-                })?;
-                tail.insert((key, i), change.as_slice()).map_err(db_err)?;
-                next = i.checked_add(1);
-            }
-            let mut records = txn.open_table(RECORDS).map_err(db_err)?;
-            records.insert(key, bytes.as_slice()).map_err(db_err)?;
-            Ok(())
-        })
+        self.write(|txn| append_in(txn, order, changes, record))
     }
 
     fn put_record(&self, order: OrderId, record: &OrderRecord) -> Result<(), ReplicatorError> {
-        let bytes = encode_json("record", record)?;
-        let key = *order.as_bytes();
-        self.write(|txn| {
-            let mut records = txn.open_table(RECORDS).map_err(db_err)?;
-            let known = records.get(key).map_err(db_err)?.is_some();
-            if !known {
-                return Err(ReplicatorError::UnknownOrder(order));
-            }
-            records.insert(key, bytes.as_slice()).map_err(db_err)?;
-            Ok(())
-        })
+        self.write(|txn| put_record_in(txn, order, record))
     }
 
     fn compact(
@@ -535,41 +503,11 @@ impl Store for RedbStore {
         snapshot: &[u8],
         record: &OrderRecord,
     ) -> Result<(), ReplicatorError> {
-        let bytes = encode_json("record", record)?;
-        let key = *order.as_bytes();
-        self.write(|txn| {
-            let mut snapshots = txn.open_table(SNAPSHOTS).map_err(db_err)?;
-            if snapshot.is_empty() {
-                snapshots.remove(key).map_err(db_err)?;
-            } else {
-                snapshots.insert(key, snapshot).map_err(db_err)?;
-            }
-            let mut tail = txn.open_table(TAIL).map_err(db_err)?;
-            tail.retain_in(tail_range(key), |_, _| false)
-                .map_err(db_err)?;
-            let mut records = txn.open_table(RECORDS).map_err(db_err)?;
-            records.insert(key, bytes.as_slice()).map_err(db_err)?;
-            Ok(())
-        })
+        self.write(|txn| compact_in(txn, order, snapshot, record))
     }
 
     fn remove(&self, order: OrderId) -> Result<(), ReplicatorError> {
-        let key = *order.as_bytes();
-        self.write(|txn| {
-            txn.open_table(RECORDS)
-                .map_err(db_err)?
-                .remove(key)
-                .map_err(db_err)?;
-            txn.open_table(SNAPSHOTS)
-                .map_err(db_err)?
-                .remove(key)
-                .map_err(db_err)?;
-            txn.open_table(TAIL)
-                .map_err(db_err)?
-                .retain_in(tail_range(key), |_, _| false)
-                .map_err(db_err)?;
-            Ok(())
-        })
+        self.write(|txn| remove_in(txn, order))
     }
 
     fn feed_seq(&self) -> Result<u64, ReplicatorError> {
@@ -580,13 +518,133 @@ impl Store for RedbStore {
     }
 
     fn set_feed_seq(&self, seq: u64) -> Result<(), ReplicatorError> {
-        self.write(|txn| {
-            let mut meta = txn.open_table(META).map_err(db_err)?;
-            meta.insert(META_FEED_SEQ, &seq.to_be_bytes()[..])
-                .map_err(db_err)?;
-            Ok(())
-        })
+        self.write(|txn| set_feed_seq_in(txn, seq))
     }
+
+    /// The whole batch in one write transaction: one fsync for every effect queued, all or
+    /// nothing.
+    fn write_batch(&self, effects: &[Effect], durable: &mut usize) -> Result<(), ReplicatorError> {
+        self.write(|txn| {
+            for effect in effects {
+                let done = match effect {
+                    Effect::Append {
+                        order,
+                        changes,
+                        record,
+                    } => append_in(txn, *order, changes, record),
+                    Effect::Record { order, record } => put_record_in(txn, *order, record),
+                    Effect::Compact {
+                        order,
+                        snapshot,
+                        record,
+                    } => compact_in(txn, *order, snapshot, record),
+                    Effect::Remove { order } => remove_in(txn, *order),
+                    Effect::FeedSeq(seq) => set_feed_seq_in(txn, *seq),
+                    Effect::Connect => Ok(()),
+                };
+                match done {
+                    // A record for an order removed meanwhile: nothing to keep.
+                    Ok(()) | Err(ReplicatorError::UnknownOrder(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })?;
+        *durable = effects.len();
+        Ok(())
+    }
+}
+
+fn append_in(
+    txn: &WriteTransaction,
+    order: OrderId,
+    changes: &[Vec<u8>],
+    record: &OrderRecord,
+) -> Result<(), ReplicatorError> {
+    let bytes = encode_json("record", record)?;
+    let key = *order.as_bytes();
+    let mut tail = txn.open_table(TAIL).map_err(db_err)?;
+    let last = match tail.range(tail_range(key)).map_err(db_err)?.next_back() {
+        Some(row) => Some(row.map_err(db_err)?.0.value().1),
+        None => None,
+    };
+    // `None` once the index space is used up.
+    let mut next = match last {
+        Some(i) => i.checked_add(1),
+        None => Some(0),
+    };
+    for change in changes {
+        let i = next.ok_or_else(|| {
+            ReplicatorError::Invalid(format!("order {order}: the tail is full, compact it"))
+        })?;
+        tail.insert((key, i), change.as_slice()).map_err(db_err)?;
+        next = i.checked_add(1);
+    }
+    let mut records = txn.open_table(RECORDS).map_err(db_err)?;
+    records.insert(key, bytes.as_slice()).map_err(db_err)?;
+    Ok(())
+}
+
+fn put_record_in(
+    txn: &WriteTransaction,
+    order: OrderId,
+    record: &OrderRecord,
+) -> Result<(), ReplicatorError> {
+    let bytes = encode_json("record", record)?;
+    let key = *order.as_bytes();
+    let mut records = txn.open_table(RECORDS).map_err(db_err)?;
+    let known = records.get(key).map_err(db_err)?.is_some();
+    if !known {
+        return Err(ReplicatorError::UnknownOrder(order));
+    }
+    records.insert(key, bytes.as_slice()).map_err(db_err)?;
+    Ok(())
+}
+
+fn compact_in(
+    txn: &WriteTransaction,
+    order: OrderId,
+    snapshot: &[u8],
+    record: &OrderRecord,
+) -> Result<(), ReplicatorError> {
+    let bytes = encode_json("record", record)?;
+    let key = *order.as_bytes();
+    let mut snapshots = txn.open_table(SNAPSHOTS).map_err(db_err)?;
+    if snapshot.is_empty() {
+        snapshots.remove(key).map_err(db_err)?;
+    } else {
+        snapshots.insert(key, snapshot).map_err(db_err)?;
+    }
+    let mut tail = txn.open_table(TAIL).map_err(db_err)?;
+    tail.retain_in(tail_range(key), |_, _| false)
+        .map_err(db_err)?;
+    let mut records = txn.open_table(RECORDS).map_err(db_err)?;
+    records.insert(key, bytes.as_slice()).map_err(db_err)?;
+    Ok(())
+}
+
+fn remove_in(txn: &WriteTransaction, order: OrderId) -> Result<(), ReplicatorError> {
+    let key = *order.as_bytes();
+    txn.open_table(RECORDS)
+        .map_err(db_err)?
+        .remove(key)
+        .map_err(db_err)?;
+    txn.open_table(SNAPSHOTS)
+        .map_err(db_err)?
+        .remove(key)
+        .map_err(db_err)?;
+    txn.open_table(TAIL)
+        .map_err(db_err)?
+        .retain_in(tail_range(key), |_, _| false)
+        .map_err(db_err)?;
+    Ok(())
+}
+
+fn set_feed_seq_in(txn: &WriteTransaction, seq: u64) -> Result<(), ReplicatorError> {
+    let mut meta = txn.open_table(META).map_err(db_err)?;
+    meta.insert(META_FEED_SEQ, &seq.to_be_bytes()[..])
+        .map_err(db_err)?;
+    Ok(())
 }
 
 #[cfg(test)]
