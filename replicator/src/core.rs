@@ -268,6 +268,12 @@ fn from_hashes(h: &[ChangeHash]) -> Vec<[u8; 32]> {
     h.iter().map(|c| c.0).collect()
 }
 
+/// The changes a local edit just made, and the heads it made them on.
+struct Fresh {
+    after: Vec<ChangeHash>,
+    changes: Vec<Vec<u8>>,
+}
+
 /// `set` (heads) after `new` changes joined it: their hashes are added, and whatever they
 /// depend on is no longer a head. Not always minimal (an older head may stay), which is
 /// harmless: the set is only used as `have_deps`.
@@ -945,6 +951,17 @@ impl Engine {
     /// connection, with the device's heads, if connected. With `announce`, sends the heads
     /// even when there is nothing to push, so the relay answers with a receipt.
     fn push(&mut self, id: OrderId, announce: bool) {
+        self.push_inner(id, announce, None);
+    }
+
+    /// [`Self::push`] after a local edit that made `fresh`: when the relay was sent everything
+    /// before it, the edit's change bytes are pushed as they are, instead of being rebuilt
+    /// from the document (which costs ~20 µs a change in automerge 0.12).
+    fn push_fresh(&mut self, id: OrderId, fresh: Option<Fresh>) {
+        self.push_inner(id, false, fresh);
+    }
+
+    fn push_inner(&mut self, id: OrderId, announce: bool, fresh: Option<Fresh>) {
         if self.link != Link::Online {
             return;
         }
@@ -957,8 +974,15 @@ impl Engine {
         let heads = slot.held.doc().get_heads();
         let mut sent = slot.pushed.clone();
         sent.sort_unstable();
+        let follows = fresh.as_ref().is_some_and(|f| {
+            let mut after = f.after.clone();
+            after.sort_unstable();
+            after == sent
+        });
         let changes: Vec<ByteBuf> = if sent == heads {
             Vec::new()
+        } else if let (true, Some(f)) = (follows, fresh) {
+            f.changes.into_iter().map(ByteBuf::from).collect()
         } else {
             slot.held
                 .doc()
@@ -1203,13 +1227,17 @@ impl Engine {
                 number: None,
             },
         );
+        let fresh = Fresh {
+            after: Vec::new(),
+            changes: changes.clone(),
+        };
         self.persist(id, changes);
         self.events.push_back(Event::SyncStatusChanged {
             order: id,
             status: LocalSyncStatus::Syncing,
         });
         self.events.push_back(Event::OrderChanged(id));
-        self.push(id, false);
+        self.push_fresh(id, Some(fresh));
         Ok(id)
     }
 
@@ -1248,9 +1276,13 @@ impl Engine {
                 // Saved on the device; the relay is out of reach for now.
                 self.transition(id, Trigger::Offline, now);
             }
+            let fresh = Fresh {
+                after: before,
+                changes: changes.clone(),
+            };
             self.persist(id, changes);
             self.events.push_back(Event::OrderChanged(id));
-            self.push(id, false);
+            self.push_fresh(id, Some(fresh));
         }
         Ok(value)
     }
