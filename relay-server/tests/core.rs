@@ -33,6 +33,8 @@ struct Rig {
     now: i64,
     /// The connections of every broadcast (one frame, encoded once, for all of them).
     broadcasts: Vec<Vec<ConnId>>,
+    /// Loads fail (the disk refuses reads).
+    fail_loads: bool,
 }
 
 impl Rig {
@@ -62,7 +64,23 @@ impl Rig {
             hold: false,
             now: T0,
             broadcasts: Vec::new(),
+            fail_loads: false,
         }
+    }
+
+    /// A new core on the same store, as after a relay restart (outputs of the old one lost).
+    fn restart(&mut self) {
+        let id = self.store.identity().unwrap();
+        self.core = RelayCore::new(
+            id.device,
+            id.epoch,
+            Box::new(SplitMix64::new(6)),
+            Arc::clone(&self.metrics),
+            CoreConfig::default(),
+        )
+        .unwrap();
+        self.commits.clear();
+        self.sent.clear();
     }
 
     /// Carries out everything the core asked for, until it asks for nothing more.
@@ -87,7 +105,11 @@ impl Rig {
                         .or_default()
                         .push(RelayFrame::error(code, message, true)),
                     Output::Load { order } => {
-                        let loaded = self.store.load_order(order);
+                        let loaded = if self.fail_loads {
+                            Err(RelayError::Internal("the disk refuses reads".into()))
+                        } else {
+                            self.store.load_order(order)
+                        };
                         self.core.handle_loaded(self.now, order, loaded);
                     }
                     Output::Commit { write } => self.commits.push_back(*write),
@@ -557,4 +579,56 @@ fn a_pusher_that_lacks_a_committed_change_gets_a_sync_round() {
     a.settle(&mut rig);
     assert!(a.order.number().unwrap().is_some(), "the number arrived");
     assert!(stored_has(&rig, a.order.id(), &line));
+}
+
+/// An order stored and numbered whose number change did not reach the disk before a crash is
+/// touched at start; when that load fails, the core loads it again later by itself (a device
+/// may never come back to the order), and the number is written.
+#[test]
+fn a_touched_order_whose_load_failed_is_loaded_again_later() {
+    let mut rig = Rig::new(100);
+    let (a, _) = Till::new(&rig, 1, 1);
+    let created = a.order.heads();
+    rig.hold = true;
+    let changes = created
+        .iter()
+        .map(|h| a.order.doc().get_change_by_hash(h).unwrap().clone())
+        .collect();
+    rig.core.handle_push(
+        rig.now,
+        a.origin.clone(),
+        a.order.id(),
+        changes,
+        created.clone(),
+    );
+    rig.step();
+    let first = rig.commits.pop_front().unwrap();
+    rig.resolve(first, true);
+    rig.step();
+    // The number change's write is in flight when the relay dies.
+    assert_eq!(rig.commits.len(), 1);
+    let id = a.order.id();
+    assert_eq!(rig.store.unnumbered(10).unwrap(), vec![id]);
+    rig.restart();
+    rig.hold = false;
+    rig.fail_loads = true;
+    rig.core.handle_touch(rig.now, id);
+    rig.step();
+    let at = rig.core.poll_timeout().expect("a retry is scheduled");
+    assert!(at > rig.now);
+    // Not due yet: nothing happens.
+    rig.core.handle_timeout(at - 1);
+    rig.step();
+    assert_eq!(rig.store.unnumbered(10).unwrap(), vec![id]);
+    rig.fail_loads = false;
+    rig.now = at;
+    rig.core.handle_timeout(at);
+    rig.step();
+    assert_eq!(rig.core.poll_timeout(), None);
+    assert!(rig.store.unnumbered(10).unwrap().is_empty());
+    let stored = rig.store.load_order(id).unwrap().unwrap().to_doc().unwrap();
+    assert_eq!(
+        number_of(&stored).unwrap(),
+        Some(OrderNumber(1))
+    );
 }

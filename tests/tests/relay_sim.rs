@@ -1480,6 +1480,19 @@ impl World {
     }
 
     fn timeouts(&mut self) {
+        let now = self.now;
+        for s in 0..SHARDS {
+            let due = self
+                .relay
+                .as_ref()
+                .is_some_and(|r| r.cores[s].poll_timeout().is_some_and(|at| at <= now));
+            if due {
+                if let Some(r) = self.relay.as_mut() {
+                    r.cores[s].handle_timeout(now);
+                }
+                self.drain(s);
+            }
+        }
         for t in 0..self.terms.len() {
             if self.terms[t]
                 .engine
@@ -1598,6 +1611,10 @@ impl World {
             self.advance(10);
             let moving = !self.commits.is_empty()
                 || !self.loads.is_empty()
+                || self
+                    .relay
+                    .as_ref()
+                    .is_some_and(|r| r.cores.iter().any(|c| c.poll_timeout().is_some()))
                 || self.conns.values().any(|c| {
                     !c.to_relay.is_empty() || !c.to_device.is_empty() || c.catching_up.is_some()
                 });

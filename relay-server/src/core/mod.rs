@@ -51,6 +51,10 @@ pub use sync_in::Incoming;
 /// How many tail changes an order may accumulate before it is compacted into a snapshot.
 pub const COMPACT_EVERY: u32 = 64;
 
+/// How long after a failed load a touched order (one whose number may be missing from its
+/// document) is loaded again, ms.
+pub const TOUCH_RETRY_MS: i64 = 1_000;
+
 /// One device connection, as numbered by the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
@@ -177,6 +181,10 @@ pub struct RelayCore {
     followers: HashMap<OrderId, HashSet<ConnId>>,
     /// Inputs waiting for their order's load, by order.
     loading: HashMap<OrderId, Vec<Parked>>,
+    /// Orders touched so a missing number gets written, whose load is under way.
+    touching: HashSet<OrderId>,
+    /// Touched orders whose load failed, and when to load them again.
+    touch_retry: std::collections::BTreeMap<OrderId, i64>,
     outputs: VecDeque<Output>,
     writer: Writer,
     relay_author: Author,
@@ -212,6 +220,8 @@ impl RelayCore {
             conns: HashMap::new(),
             followers: HashMap::new(),
             loading: HashMap::new(),
+            touching: HashSet::new(),
+            touch_retry: std::collections::BTreeMap::new(),
             outputs: VecDeque::new(),
             writer: Writer::new(relay, epoch),
             relay_author: Author {
@@ -301,12 +311,36 @@ impl RelayCore {
     /// Makes sure `order` is in memory, so its stored number is written into its document if
     /// it is not there yet (the driver touches the store's unnumbered orders at start).
     pub fn handle_touch(&mut self, now: i64, order: OrderId) {
+        self.touch_retry.remove(&order);
         if self.loaded(order) {
             self.ensure_number(now, order);
-        } else if let std::collections::hash_map::Entry::Vacant(e) = self.loading.entry(order) {
-            // Loading it writes the number (see `handle_loaded`); nothing waits for it.
+            return;
+        }
+        // Loading it writes the number (see `handle_loaded`); if the load fails, it is tried
+        // again after [`TOUCH_RETRY_MS`] (see [`Self::poll_timeout`]).
+        self.touching.insert(order);
+        if let std::collections::hash_map::Entry::Vacant(e) = self.loading.entry(order) {
             e.insert(Vec::new());
             self.outputs.push_back(Output::Load { order });
+        }
+    }
+
+    /// When [`Self::handle_timeout`] should run next (ms), if ever: a touched order whose load
+    /// failed is due to be loaded again.
+    pub fn poll_timeout(&self) -> Option<i64> {
+        self.touch_retry.values().min().copied()
+    }
+
+    /// Time passed: touched orders whose retry is due are loaded again.
+    pub fn handle_timeout(&mut self, now: i64) {
+        let due: Vec<OrderId> = self
+            .touch_retry
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(o, _)| *o)
+            .collect();
+        for order in due {
+            self.handle_touch(now, order);
         }
     }
 
@@ -337,6 +371,7 @@ impl RelayCore {
         loaded: Result<Option<StoredOrder>, RelayError>,
     ) {
         let parked = self.loading.remove(&order).unwrap_or_default();
+        let touched = self.touching.remove(&order);
         let state = loaded.and_then(|stored| match stored {
             None => Ok(DocState::empty()),
             Some(stored) => {
@@ -358,6 +393,11 @@ impl RelayCore {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(%order, error = %e, "cannot load order");
+                if touched {
+                    // Its number may still be missing from its document: try again later,
+                    // whether or not a device comes back to it.
+                    self.touch_retry.insert(order, now + TOUCH_RETRY_MS);
+                }
                 let e = Arc::new(e);
                 for p in parked {
                     match p {

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crdt_model::{OrderId, OrderStatus, OrderView, StoreId};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
@@ -80,6 +81,10 @@ impl Worker {
     ) {
         let mut stopping = false;
         while !stopping {
+            let timer = self.core.poll_timeout();
+            let wait = timer.map_or(Duration::ZERO, |at| {
+                Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0))
+            });
             tokio::select! {
                 biased;
                 Some(e) = events.recv() => self.on_event(e),
@@ -87,6 +92,9 @@ impl Worker {
                     Some(WorkerMsg::Stop) | None => stopping = true,
                     Some(m) => self.on_msg(m),
                 },
+                () = tokio::time::sleep(wait), if timer.is_some() => {
+                    self.core.handle_timeout(now_ms());
+                }
             }
             self.drive();
         }
