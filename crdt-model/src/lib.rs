@@ -64,7 +64,7 @@ pub use order::{
     id_of, number_of, status_of, store_of, view_of,
 };
 pub use payment::{PaymentKind, PaymentState};
-pub use policy::{Author, Role, validate, validate_changes};
+pub use policy::{Author, OrderFacts, Role, validate, validate_changes, validate_changes_with};
 pub use status::{ActiveStatus, OrderStatus, StatusEntry, StatusLattice};
 pub use text::{TextField, check_free_text, check_text_at, holds_card_number};
 pub use view::{Conflict, LateEdit, LateEditKind, LineView, OrderView, PaymentView, Totals};

@@ -82,6 +82,36 @@ pub fn validate_changes(
     new_changes: &[Change],
     author: &Author,
 ) -> Result<usize, PolicyViolation> {
+    validate_changes_with(
+        before,
+        after,
+        new_changes,
+        author,
+        &mut OrderFacts::default(),
+    )
+}
+
+/// What [`validate_changes_with`] learnt about an order and may reuse for its next batch:
+/// facts that cannot change once accepted, so a caller that keeps one per order (the relay)
+/// spares the policy re-reading them. Today that is the header, which is immutable. (Whether
+/// the order is closed is not kept: reading the status log is also where a damaged status
+/// container is found, and the refusal's code must not depend on what a relay remembers.)
+/// Keep one only for a document that grows by accepted changes; if the accepted state is ever
+/// rolled back (a failed write), start afresh with `OrderFacts::default()`.
+#[derive(Clone, Debug, Default)]
+pub struct OrderFacts {
+    header: Option<Header>,
+}
+
+/// [`validate_changes`] reusing and updating `facts` about the order (see [`OrderFacts`]).
+/// The verdict is the same as without them; `facts` changes only when the changes pass.
+pub fn validate_changes_with(
+    before: &Automerge,
+    after: &Automerge,
+    new_changes: &[Change],
+    author: &Author,
+    facts: &mut OrderFacts,
+) -> Result<usize, PolicyViolation> {
     if new_changes.is_empty() {
         return Ok(0);
     }
@@ -100,7 +130,10 @@ pub fn validate_changes(
     // below refuse them otherwise), so without such a change the header is the stored one.
     let creates = new_changes.iter().any(|c| c.deps().is_empty());
     let header = if existing && !creates {
-        Header::read(&Reader::new(before, None)).map_err(not_an_order)?
+        match &facts.header {
+            Some(h) => h.clone(),
+            None => Header::read(&Reader::new(before, None)).map_err(not_an_order)?,
+        }
     } else {
         let header = Header::read(&Reader::new(after, None)).map_err(not_an_order)?;
         if existing {
@@ -146,6 +179,7 @@ pub fn validate_changes(
     } else {
         Snapshot::read(&r).map_err(not_an_order)?;
     }
+    facts.header = Some(header);
     Ok(new_changes.len())
 }
 

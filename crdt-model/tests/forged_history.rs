@@ -143,6 +143,9 @@ struct World {
     /// Past heads that the relay holds every change of, in the order they occurred.
     history: Vec<Vec<ChangeHash>>,
     next_number: u64,
+    /// What the relay's policy learnt of the order, carried from batch to batch as the relay
+    /// does ([`OrderFacts`]); every verdict is checked against the one without it.
+    facts: OrderFacts,
 }
 
 impl World {
@@ -163,6 +166,7 @@ impl World {
             relay,
             history: Vec::new(),
             next_number: 1,
+            facts: OrderFacts::default(),
         };
         w.history.push(w.relay.get_heads());
         for s in steps {
@@ -210,6 +214,7 @@ impl World {
                 let after = o.doc().clone();
                 let verdict = validate(&self.relay, &after, &self.relay_author());
                 assert!(verdict.is_ok(), "the relay's number refused: {verdict:?}");
+                self.judge_with_facts(&after, &self.relay_author(), &verdict);
                 self.relay = after;
             }
             return None;
@@ -230,7 +235,20 @@ impl World {
             verdict.is_ok(),
             "an honest push by terminal {who} was refused: {verdict:?}"
         );
+        self.judge_with_facts(&after, &self.author(who), &verdict);
         self.relay = after;
+    }
+
+    /// The verdict with the relay's carried facts must be `verdict`; they learn from it.
+    fn judge_with_facts(
+        &mut self,
+        after: &Automerge,
+        author: &Author,
+        verdict: &Result<usize, PolicyViolation>,
+    ) {
+        let new = after.get_changes(&self.relay.get_heads());
+        let with = validate_changes_with(&self.relay, after, &new, author, &mut self.facts);
+        assert_eq!(&with, verdict, "the carried facts changed the verdict");
     }
 
     fn pull(&mut self, who: usize) {
@@ -1083,6 +1101,10 @@ fn run(steps: &[HonestStep], attack: &Attack) -> Result<(), TestCaseError> {
     let mut after = w.relay.clone();
     after.apply_changes(changes.clone()).unwrap();
     let verdict = validate(&w.relay, &after, &author);
+    // The relay judges with the facts it carried from the honest history: same verdict.
+    let new = after.get_changes(&w.relay.get_heads());
+    let with = validate_changes_with(&w.relay, &after, &new, &author, &mut w.facts.clone());
+    prop_assert_eq!(&with, &verdict, "the carried facts changed the verdict");
     if std::env::var_os("FORGED_TRACE").is_some() {
         eprintln!(
             "verdict: {}",

@@ -627,8 +627,5 @@ fn a_touched_order_whose_load_failed_is_loaded_again_later() {
     assert_eq!(rig.core.poll_timeout(), None);
     assert!(rig.store.unnumbered(10).unwrap().is_empty());
     let stored = rig.store.load_order(id).unwrap().unwrap().to_doc().unwrap();
-    assert_eq!(
-        number_of(&stored).unwrap(),
-        Some(OrderNumber(1))
-    );
+    assert_eq!(number_of(&stored).unwrap(), Some(OrderNumber(1)));
 }

@@ -69,6 +69,7 @@ impl RelayCore {
                 // The policy accepted the document, so it parses; if not, refuse loudly.
                 tracing::error!(%order, error = %e, "accepted document does not parse");
                 d.working = d.committed.clone();
+                d.facts = crdt_model::OrderFacts::default();
                 let why = std::sync::Arc::new(RelayError::Internal(format!(
                     "order {order}: the accepted document does not parse: {e}"
                 )));
@@ -141,6 +142,7 @@ impl RelayCore {
                 // Sync states are reset, since they count those changes as received.
                 let later = std::mem::take(&mut d.pending);
                 d.working = d.committed.clone();
+                d.facts = crdt_model::OrderFacts::default();
                 // A fresh round with every connection of the order: its devices learn what the
                 // relay holds, and send what it lacks again (the retry needs no timer).
                 let mut rounds = Vec::new();

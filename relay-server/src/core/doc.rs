@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, Change, ChangeHash, ReadDoc};
-use crdt_model::StoreId;
+use crdt_model::{OrderFacts, StoreId};
 
 use super::{ConnId, RequestId};
 use crate::records::OrderMeta;
@@ -152,6 +152,9 @@ pub(super) struct DocState {
     pub tail_len: u32,
     /// Recency, for the cache.
     pub last_used: u64,
+    /// What the policy learnt of the order (its header), valid for the accepted state;
+    /// reset whenever the accepted state is rolled back.
+    pub facts: OrderFacts,
 }
 
 impl DocState {
@@ -166,6 +169,7 @@ impl DocState {
             pending: Batch::default(),
             tail_len: 0,
             last_used: 0,
+            facts: OrderFacts::default(),
         }
     }
 

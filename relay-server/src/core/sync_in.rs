@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, Change, ChangeHash, ReadDoc};
 use crdt_model::wire::{RelayFrame, codes, heads_to_wire};
-use crdt_model::{Author, OrderId, PolicyViolation, Role, validate_changes};
+use crdt_model::{Author, OrderId, PolicyViolation, Role, validate_changes, validate_changes_with};
 
 use super::doc::{
     PeerDoc, fresh_changes, holds, last_accepted, new_changes_in, within_queue_limits,
@@ -66,6 +66,7 @@ impl RelayCore {
                 "handling a sync frame panicked; its effects are undone and the connection closed");
             if let Some(d) = self.docs.get_mut(&order) {
                 d.working = d.last_accepted().clone();
+                d.facts = crdt_model::OrderFacts::default();
             }
             self.unfollow(origin.conn, order);
             self.outputs.push_back(Output::Close {
@@ -302,7 +303,9 @@ impl RelayCore {
             store: origin.store.clone(),
             role: Role::Device,
         };
-        if let Err(violation) = validate_changes(base, after, &new_changes, &author) {
+        if let Err(violation) =
+            validate_changes_with(base, after, &new_changes, &author, &mut d.facts)
+        {
             pd.state = sync::State::new();
             if direct {
                 d.working = base.clone();

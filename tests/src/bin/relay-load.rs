@@ -8,6 +8,9 @@
 //! order, which gives the terminal-to-terminal propagation time.
 //!
 //! Devices speak the protocol over tokio-tungstenite, like the replicator does.
+//!
+//! The process uses mimalloc, the allocator of the `relay-server` binary, so the relay's share
+//! is measured as it runs in production (the load generator gets it too).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -31,6 +34,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// The relay binary's allocator (see the module docs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Load generator for the relay (embedded relay, real WebSockets)")]
