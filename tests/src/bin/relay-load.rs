@@ -145,8 +145,9 @@ struct Stats {
     receipted_in_window: u64,
     receipt_lat: Latency,
     prop_lat: Latency,
-    /// Propagation samples by the second of the measured run their change was sent in.
-    prop_by_sec: std::collections::BTreeMap<u64, Latency>,
+    /// Propagation samples by the second of the measured run their change was sent in (raw:
+    /// one histogram per device and second would cost more than the samples).
+    prop_by_sec: Vec<(u64, Duration)>,
     rejected: u64,
     unavailable: u64,
     errors: HashMap<String, u64>,
@@ -172,9 +173,7 @@ impl Stats {
         self.receipted_in_window += o.receipted_in_window;
         self.receipt_lat.merge(&o.receipt_lat);
         self.prop_lat.merge(&o.prop_lat);
-        for (sec, h) in o.prop_by_sec {
-            self.prop_by_sec.entry(sec).or_default().merge(&h);
-        }
+        self.prop_by_sec.extend(o.prop_by_sec);
         self.rejected += o.rejected;
         self.unavailable += o.unavailable;
         for (k, v) in o.errors {
@@ -314,7 +313,7 @@ impl Device {
                     .and_then(|d| d.checked_sub(Duration::from_secs(shared.seconds)))
                 {
                     let sec = t.saturating_duration_since(start).as_secs();
-                    self.stats.prop_by_sec.entry(sec).or_default().record(lat);
+                    self.stats.prop_by_sec.push((sec, lat));
                 }
                 q.pop_front();
             }
@@ -1029,8 +1028,11 @@ fn main() -> Result<()> {
         stats.prop_lat.fmt(1.0)
     );
     if !stats.prop_by_sec.is_empty() {
-        let cells: Vec<String> = stats
-            .prop_by_sec
+        let mut by_sec: std::collections::BTreeMap<u64, Latency> = Default::default();
+        for (sec, lat) in &stats.prop_by_sec {
+            by_sec.entry(*sec).or_default().record(*lat);
+        }
+        let cells: Vec<String> = by_sec
             .values()
             .map(|h| h.fmt(0.99).replace(" ms", ""))
             .collect();
