@@ -199,7 +199,7 @@ struct Slot {
     /// Heads the relay holds or was sent on this connection: the next push starts after them.
     pushed: Vec<ChangeHash>,
     sync: sync::State,
-    /// Subscribed on the current connection (a sync message was sent since it opened).
+    /// Subscribed on the current connection (a push or a sync message was sent since it opened).
     subscribed: bool,
     fetching: bool,
     tail_len: usize,
