@@ -294,6 +294,89 @@ async fn random_sync_messages_never_hurt_the_relay() {
     relay.stop().await;
 }
 
+/// Protocol 2's push path under the same attack: random, mutated, duplicated and misordered
+/// change chunks and lying heads never take the relay down, never damage the attacker's own
+/// stored order, and leave its store working; the connection answers or is closed for cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_pushes_never_hurt_the_relay() {
+    let cases: usize = std::env::var("HOSTILE_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let relay = TestRelay::start().await;
+    let witness = Witness::start(&relay).await;
+    let (mut c, mut o) = attacker(&relay).await;
+    let before = o.heads();
+    // Real changes the relay has not seen, to mutate and replay out of order.
+    for price in [100, 200, 300] {
+        let at = c.tick();
+        let draft = LineDraft {
+            name: format!("item {price}"),
+            unit_price: price,
+            quantity: 1,
+            ..Default::default()
+        };
+        o.add_line(at, &mut c.rng, draft).unwrap();
+    }
+    let real: Vec<Vec<u8>> = o
+        .doc()
+        .get_changes(&before)
+        .iter()
+        .map(|ch| ch.raw_bytes().to_vec())
+        .collect();
+    let mut g = Gen(0x0905_4a11);
+    let (device, token) = relay.device("attack", "fuzz-push");
+    let mut refused = std::collections::BTreeMap::new();
+    let mut reconnects = 0;
+    for case in 0..cases {
+        let (changes, heads) = g.push(&real, &o.heads());
+        let frame = ClientFrame::Changes {
+            order: o.id().to_string(),
+            changes,
+            heads,
+        };
+        c.send_may_be_cut(&frame).await;
+        if case % 20 == 19 {
+            c.send_may_be_cut(&ClientFrame::Ping { nonce: case as u64 })
+                .await;
+            let mut answered = false;
+            while let Some(f) = c.recv().await {
+                if let RelayFrame::Error { code, .. } = &f {
+                    *refused.entry(code.clone()).or_insert(0usize) += 1;
+                }
+                if matches!(f, RelayFrame::Pong { nonce } if nonce == case as u64) {
+                    answered = true;
+                    break;
+                }
+            }
+            if !answered {
+                reconnects += 1;
+                c = Client::connect(relay.addr, device, &token).await;
+            }
+        }
+    }
+    eprintln!("refused: {refused:?}, reconnects: {reconnects}");
+    // Most frames are refused one by one, on a connection that stays up.
+    assert!(refused.values().sum::<usize>() > cases / 4, "{refused:?}");
+    assert!(reconnects < cases / 20 / 2, "{reconnects} reconnects");
+    // What the relay stored of the attacker's order is its own history, whole.
+    let stored = relay.store.load_order(o.id()).unwrap().unwrap();
+    let doc = stored.to_doc().unwrap();
+    assert!(before.iter().all(|h| doc.get_change_by_hash(h).is_some()));
+    let relay_device = relay.store.identity().unwrap().device;
+    for ch in doc.get_changes(&[]) {
+        let by_relay = device_of_actor(ch.actor_id()) == Some(relay_device);
+        assert!(
+            by_relay || o.doc().get_change_by_hash(&ch.hash()).is_some(),
+            "the relay stored a change the attacker never made: {}",
+            ch.hash()
+        );
+    }
+    attacker_store_still_works(&relay).await;
+    witness.finish().await;
+    relay.stop().await;
+}
+
 /// Drives the hub directly (no socket, no screening) until `order` is receipted.
 async fn hub_sync_until_receipt(
     hub: &relay_server::hub::Hub,

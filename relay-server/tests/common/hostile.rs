@@ -132,4 +132,63 @@ impl Gen {
             }
         }
     }
+
+    /// A pushed `changes` frame's contents (protocol 2): mutations of real change chunks,
+    /// random chunk headers (documents, unknown types, lying lengths), real changes out of
+    /// order or twice, and heads of the wrong size or naming changes nobody has.
+    pub fn push(
+        &mut self,
+        real: &[Vec<u8>],
+        heads: &[automerge::ChangeHash],
+    ) -> (Vec<ByteBuf>, Vec<ByteBuf>) {
+        let mut changes: Vec<Vec<u8>> = Vec::new();
+        for _ in 0..=self.below(4) {
+            let pick = real
+                .get(self.below(real.len() as u64) as usize)
+                .cloned()
+                .unwrap_or_default();
+            let entry = match self.below(5) {
+                0 => pick,
+                1 => {
+                    let mut m = pick;
+                    for _ in 0..=self.below(4) {
+                        if !m.is_empty() {
+                            let at = self.below(m.len() as u64) as usize;
+                            m[at] = self.next() as u8;
+                        }
+                    }
+                    m
+                }
+                2 => {
+                    let mut chunk = vec![0x85, 0x6f, 0x4a, 0x83];
+                    let rest = self.below(300) as usize;
+                    chunk.extend(self.bytes(4));
+                    chunk.push(self.below(5) as u8);
+                    leb(&mut chunk, (rest + self.below(3) as usize) as u64);
+                    chunk.extend(self.bytes(rest));
+                    chunk
+                }
+                3 => {
+                    let mut m = pick.clone();
+                    m.extend(pick);
+                    m
+                }
+                _ => {
+                    let n = self.below(100) as usize;
+                    self.bytes(n)
+                }
+            };
+            changes.push(entry);
+        }
+        let heads = match self.below(4) {
+            0 => heads.iter().map(|h| ByteBuf::from(h.0.to_vec())).collect(),
+            1 => vec![ByteBuf::from(self.bytes(32))],
+            2 => {
+                let n = self.below(40) as usize;
+                vec![ByteBuf::from(self.bytes(n))]
+            }
+            _ => Vec::new(),
+        };
+        (changes.into_iter().map(ByteBuf::from).collect(), heads)
+    }
 }
