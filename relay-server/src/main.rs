@@ -160,7 +160,17 @@ const fn crdt_model_max_frame() -> usize {
 }
 
 fn open(data: &Path) -> Result<RelayStore> {
-    match RelayStore::open(data) {
+    locked_hint(RelayStore::open(data))
+}
+
+/// Opens relay data that must exist already (`check`, `backup`): a mistyped path is an
+/// error, never a new empty database.
+fn open_existing(data: &Path) -> Result<RelayStore> {
+    locked_hint(RelayStore::open_existing(data))
+}
+
+fn locked_hint(opened: Result<RelayStore, RelayError>) -> Result<RelayStore> {
+    match opened {
         Ok(s) => Ok(s),
         Err(RelayError::Locked(p)) => bail!(
             "{} is in use by a running relay. Stop it, or use its HTTP admin API \
@@ -303,13 +313,13 @@ fn main() -> Result<()> {
                 Ok(())
             }
             None => {
-                let n = open(&data)?.backup_to(&to)?;
+                let n = open_existing(&data)?.backup_to(&to)?;
                 println!("backed up {n} orders to {}", to.display());
                 Ok(())
             }
         },
         Command::Check { data } => {
-            let report = open(&data)?.check()?;
+            let report = open_existing(&data)?.check()?;
             for w in &report.warnings {
                 println!("warning: {w}");
             }

@@ -202,6 +202,21 @@ impl RelayStore {
         Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
     }
 
+    /// Opens relay data that must already exist (for `check` and `backup`): a missing
+    /// directory or database file is [`RelayError::NotFound`], and nothing is created.
+    pub fn open_existing(dir: &Path) -> Result<Self, RelayError> {
+        let path = dir.join(DB_FILE);
+        match std::fs::metadata(&path) {
+            Ok(_) => Self::open(dir),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(RelayError::NotFound(format!(
+                "no relay data at {} ({} does not exist)",
+                dir.display(),
+                path.display()
+            ))),
+            Err(e) => Err(RelayError::open(path, e)),
+        }
+    }
+
     /// [`RelayStore::open`] with redb's page cache limited to `cache_bytes`. The hub keeps the
     /// hot orders' documents in memory itself, so redb's cache mostly serves metadata, the
     /// feed and cache misses; a large one only adds resident memory (redb's default is 1 GiB,
@@ -210,7 +225,16 @@ impl RelayStore {
         std::fs::create_dir_all(dir).map_err(|e| RelayError::open(dir, e))?;
         let path = dir.join(DB_FILE);
         let existing = match std::fs::metadata(&path) {
-            Ok(m) if m.is_file() => m.len() > 0,
+            // A file of zero bytes is not a fresh start: something (a failed copy, a full disk,
+            // a mistake) left it there, and initialising over it would hide that.
+            Ok(m) if m.is_file() && m.len() == 0 => {
+                return Err(RelayError::Corrupt(format!(
+                    "{}: the file is empty (0 bytes), not a relay database; move it away to \
+                     start with no data, or restore a backup",
+                    path.display()
+                )));
+            }
+            Ok(m) if m.is_file() => true,
             Ok(_) => return Err(RelayError::open_reason(path, "not a regular file")),
             Err(e) if e.kind() == ErrorKind::NotFound => false,
             Err(e) => return Err(RelayError::open(path, e)),

@@ -156,3 +156,71 @@ fn a_running_relay_backs_up_online_and_locks_its_data() {
     std::fs::copy(&backup, restored.join("relay.redb")).unwrap();
     assert!(ok(&["check", "--data", restored.to_str().unwrap()]).contains("0 errors"));
 }
+
+/// `check` and `backup` cannot report success on nothing: a mistyped data path is an error
+/// (non-zero exit) and creates nothing; a zero-byte `relay.redb` is not a relay database for
+/// `check`, `backup` or `serve`, and none of them initialises over it.
+#[test]
+fn check_backup_and_serve_refuse_missing_or_empty_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    let missing_s = missing.to_str().unwrap().to_owned();
+    let backup = dir.path().join("b.redb");
+    let backup_s = backup.to_str().unwrap().to_owned();
+    for args in [
+        vec!["check", "--data", &missing_s],
+        vec!["backup", "--data", &missing_s, "--to", &backup_s],
+    ] {
+        let out = run(&args);
+        assert!(
+            !out.status.success(),
+            "{args:?} succeeded on a missing path"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no relay data"), "{args:?}: {err}");
+        assert!(!missing.exists(), "{args:?} created {}", missing.display());
+        assert!(!backup.exists());
+    }
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let file = empty.join("relay.redb");
+    std::fs::write(&file, b"").unwrap();
+    let empty_s = empty.to_str().unwrap().to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    for args in [
+        vec!["check", "--data", &empty_s],
+        vec!["backup", "--data", &empty_s, "--to", &backup_s],
+        vec!["serve", "--listen", &listen, "--data", &empty_s],
+    ] {
+        let out = run(&args);
+        assert!(
+            !out.status.success(),
+            "{args:?} succeeded on a zero-byte file"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("empty (0 bytes)"), "{args:?}: {err}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !stdout.contains("token"),
+            "{args:?} printed a token: {stdout}"
+        );
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().len(),
+            0,
+            "{args:?} wrote the file"
+        );
+    }
+
+    // A valid relay with no orders is told apart from a missing one.
+    let fresh = dir.path().join("fresh");
+    let fresh_s = fresh.to_str().unwrap().to_owned();
+    ok(&["token", "--name", "ops", "--data", &fresh_s]);
+    let report = ok(&["check", "--data", &fresh_s]);
+    assert!(report.contains("0 orders checked, 0 errors"), "{report}");
+}
