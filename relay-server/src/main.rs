@@ -347,17 +347,24 @@ async fn serve(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let store = Arc::new(open(&config.data)?);
-    if store.list_devices(None)?.is_empty() && !store.has_admin_token()? {
+    // Everything that can refuse the start comes before the admin token is made: a start that
+    // fails (port in use, a bad TLS key) must not print a "shown once" token nobody keeps.
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    if let Some(files) = &config.tls {
+        relay_server::tls::acceptor(files).context("cannot use the TLS certificate or key")?;
+    }
+    // Whenever the relay has no admin token (also when devices were provisioned before the
+    // first start), it makes one.
+    if !store.has_admin_token()? {
         let token = store.add_admin_token(None, "initial", now_ms())?;
-        eprintln!("First start: created an admin token (shown once): {token}");
+        eprintln!("No admin token yet: created one (shown once): {token}");
         eprintln!(
             "Provision a terminal with: relay-server device add --store STORE --name NAME (relay stopped),"
         );
         eprintln!("or POST /v1/admin/devices with the admin token while it runs.");
     }
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
     relay_server::server::serve_store(config, store, listener, stop).await?;
     Ok(())
 }

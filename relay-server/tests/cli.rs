@@ -224,3 +224,76 @@ fn check_backup_and_serve_refuse_missing_or_empty_data() {
     let report = ok(&["check", "--data", &fresh_s]);
     assert!(report.contains("0 orders checked, 0 errors"), "{report}");
 }
+
+/// The admin token is made by a start that goes through, not by one that fails, and also
+/// when devices were provisioned before the first start.
+#[test]
+fn the_first_admin_token_comes_from_a_start_that_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap().to_owned();
+    // Devices first: no admin token yet.
+    ok(&[
+        "device", "add", "--store", "s1", "--name", "till", "--data", &data_s,
+    ]);
+    // A start that fails: the port is taken. No token printed, none stored.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().to_string();
+    let out = run(&["serve", "--listen", &busy, "--data", &data_s]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot listen"), "{err}");
+    assert!(
+        !err.contains("shown once"),
+        "a failed start printed a token: {err}"
+    );
+    // A bad TLS key: the same.
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, "not a certificate").unwrap();
+    std::fs::write(&key, "not a key").unwrap();
+    let out = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        &data_s,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TLS"), "{err}");
+    assert!(
+        !err.contains("shown once"),
+        "a failed start printed a token: {err}"
+    );
+    // A start that succeeds prints one, once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &listen, "--data", &data_s])
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&listen).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(up, "the relay did not come up");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("shown once").count(), 1, "{err}");
+}
