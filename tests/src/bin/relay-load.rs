@@ -1109,6 +1109,10 @@ fn main() -> Result<()> {
                 per("relay_frames_in_total"),
                 per("relay_frames_out_total")
             );
+            println!(
+                "| relay_receipts_pending after the drain (a gauge: 0 once every write is answered) | {:.0} |",
+                c.get("relay_receipts_pending").copied().unwrap_or(f64::NAN)
+            );
         }
         Err(e) => println!("| relay counters | unavailable: {e} |"),
     }
