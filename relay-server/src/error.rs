@@ -31,6 +31,16 @@ pub enum RelayError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
     },
+    /// A TLS certificate or key file could not be read or used.
+    #[error("cannot use the TLS {what} file {path}: {reason}")]
+    Tls {
+        /// `certificate` or `private key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why, for an operator.
+        reason: String,
+    },
     /// The database is held by another process (a running relay).
     #[error("relay data at {0} is in use by another process (is the relay running?)")]
     Locked(PathBuf),

@@ -28,32 +28,48 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// [`RelayError::Open`] for a TLS file, keeping the error that refused it.
-fn bad(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> RelayError {
-    RelayError::open(path, e)
+const CERT: &str = "certificate";
+const KEY: &str = "private key";
+
+/// [`RelayError::Tls`] for a TLS file, in words an operator can act on.
+fn bad(what: &'static str, path: &Path, e: impl std::fmt::Display) -> RelayError {
+    let raw = e.to_string();
+    let reason = if raw.contains("no items found") {
+        format!("no PEM-encoded {what} in the file")
+    } else {
+        raw
+    };
+    RelayError::Tls {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    }
 }
 
 /// Builds the rustls acceptor (TLS 1.2 and 1.3, ring crypto).
 pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, RelayError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| bad(&files.cert, e))?
+        .map_err(|e| bad(CERT, &files.cert, e))?
         .collect::<Result<_, _>>()
-        .map_err(|e| bad(&files.cert, e))?;
+        .map_err(|e| bad(CERT, &files.cert, e))?;
     if certs.is_empty() {
-        return Err(RelayError::open_reason(
-            &files.cert,
-            "no certificate in file",
-        ));
+        return Err(bad(CERT, &files.cert, "no items found"));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad(&files.key, e))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad(KEY, &files.key, e))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| bad(&files.cert, e))?
+    .map_err(|e| bad(CERT, &files.cert, e))?
     .with_no_client_auth()
     .with_single_cert(certs, key)
-    .map_err(|e| bad(&files.key, e))?;
+    .map_err(|e| {
+        bad(
+            KEY,
+            &files.key,
+            format!("does not match the certificate ({e})"),
+        )
+    })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -265,7 +265,12 @@ fn the_first_admin_token_comes_from_a_start_that_succeeds() {
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("TLS"), "{err}");
+    // Said in words about the TLS file, not as "cannot open relay data".
+    assert!(
+        err.contains("TLS certificate file") && err.contains("no PEM-encoded certificate"),
+        "{err}"
+    );
+    assert!(!err.contains("relay data"), "{err}");
     assert!(
         !err.contains("shown once"),
         "a failed start printed a token: {err}"
