@@ -541,6 +541,24 @@ async fn http_deadline(
     response
 }
 
+/// Any path the API does not have: the documented JSON error shape, not an empty 404.
+async fn unknown_path(uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no such endpoint: {}", uri.path()),
+    )
+}
+
+/// A known path with a method it does not take.
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not accepted on {}", uri.path()),
+    )
+}
+
 fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/sync", get(ws_upgrade))
@@ -553,6 +571,8 @@ fn router(state: AppState) -> Router {
         .route("/v1/admin/devices", post(add_device))
         .route("/v1/admin/backup", post(backup))
         .route("/v1/admin/devices/{id}/revoke", post(revoke_device))
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             http_deadline,

@@ -799,3 +799,32 @@ async fn a_number_that_missed_its_document_is_written_at_start() {
     assert!(relay.store.unnumbered(10).unwrap().is_empty());
     relay.stop().await;
 }
+
+/// Every HTTP answer has the documented JSON error shape: an unknown path, a method a path
+/// does not take, and a body that is not JSON.
+#[tokio::test]
+async fn http_errors_are_json() {
+    let relay = TestRelay::start().await;
+    let admin = relay.admin();
+    let cases = [
+        ("GET", "/v1/nope", None, None, 404, "not_found"),
+        ("POST", "/healthz", None, None, 405, "method_not_allowed"),
+        (
+            "POST",
+            "/v1/admin/devices",
+            Some(admin.as_str()),
+            Some("{not json"),
+            400,
+            "invalid",
+        ),
+    ];
+    for (method, path, token, body, status, code) in cases {
+        let (got, text) = relay.http(method, path, token, body).await;
+        assert_eq!(got, status, "{method} {path}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text:?}"));
+        assert_eq!(v["error"]["code"], code, "{method} {path}: {text}");
+        assert!(v["error"]["message"].is_string(), "{text}");
+    }
+    relay.stop().await;
+}
