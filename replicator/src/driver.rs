@@ -165,19 +165,20 @@ impl Replicator {
         let id = identity.clone();
         let (identity, orders, feed) =
             tokio::task::spawn_blocking(move || -> Result<_, ReplicatorError> {
+                // The same device and store may come with a new relay address or token (the
+                // relay moved, the token was rotated); its actor epoch is the stored one.
+                // Another device or store is refused by `set_identity`.
                 let identity = match st.identity()? {
-                    Some(existing) if existing.device != id.device => {
-                        return Err(ReplicatorError::Invalid(format!(
-                            "this store belongs to device {}",
-                            existing.device
-                        )));
+                    Some(existing)
+                        if existing.device == id.device && existing.store == id.store =>
+                    {
+                        Identity {
+                            relay_url: id.relay_url,
+                            token: id.token,
+                            ..existing
+                        }
                     }
-                    Some(existing) => Identity {
-                        relay_url: id.relay_url,
-                        token: id.token,
-                        ..existing
-                    },
-                    None => id,
+                    _ => id,
                 };
                 st.set_identity(&identity)?;
                 Ok((identity, st.load_orders()?, st.feed_seq()?))

@@ -32,6 +32,24 @@ pub struct Identity {
     pub token: String,
 }
 
+impl Identity {
+    /// Whether `other` is the same device identity: same device, store and actor epoch. The
+    /// relay's address and the token may differ (the relay moved, the token was rotated).
+    pub fn same_device(&self, other: &Identity) -> bool {
+        self.device == other.device && self.store == other.store && self.epoch == other.epoch
+    }
+}
+
+/// Why a store's identity cannot become `new`: it was set up for another device, store or
+/// epoch.
+fn identity_refused(existing: &Identity, new: &Identity) -> ReplicatorError {
+    ReplicatorError::Invalid(format!(
+        "this local store belongs to device {} of store {} (epoch {}), not device {} of store {} \
+         (epoch {}); a new relay address or token is accepted, another device or store is not",
+        existing.device, existing.store, existing.epoch, new.device, new.store, new.epoch
+    ))
+}
+
 /// Why the relay refused an order's changes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Blocked {
@@ -92,7 +110,8 @@ pub struct StoredOrder {
 pub trait Store: Send + Sync + 'static {
     /// The device identity, if the store was set up.
     fn identity(&self) -> Result<Option<Identity>, ReplicatorError>;
-    /// Sets the identity; refuses to replace a different one (`Invalid`).
+    /// Sets the identity. An identity of the same device ([`Identity::same_device`]) replaces
+    /// the stored one (a new relay address or token); another device's is refused (`Invalid`).
     fn set_identity(&self, identity: &Identity) -> Result<(), ReplicatorError>;
     /// Every order on the device.
     fn load_orders(&self) -> Result<Vec<StoredOrder>, ReplicatorError>;
@@ -213,9 +232,9 @@ impl Store for MemoryStore {
     fn set_identity(&self, identity: &Identity) -> Result<(), ReplicatorError> {
         let mut g = self.inner.lock().map_err(|_| poisoned())?;
         match &g.identity {
-            Some(existing) if existing != identity => Err(ReplicatorError::Invalid(
-                "this store belongs to another device identity".into(),
-            )),
+            Some(existing) if !existing.same_device(identity) => {
+                Err(identity_refused(existing, identity))
+            }
             _ => {
                 g.identity = Some(identity.clone());
                 Ok(())

@@ -163,24 +163,37 @@ fn open_creates_the_file_and_its_directory() {
 fn identity_is_set_once_and_refuses_another() {
     let (_dir, path) = temp_file();
     let store = RedbStore::open(&path).unwrap();
+    let memory = MemoryStore::new();
     let me = identity(1);
-    store.set_identity(&me).unwrap();
-    assert_eq!(store.identity().unwrap(), Some(me.clone()));
-    // The same one again is fine.
-    store.set_identity(&me).unwrap();
-    // Another one is refused, and the first stays.
-    let err = store.set_identity(&identity(2)).unwrap_err();
-    assert!(matches!(err, ReplicatorError::Invalid(_)), "{err:?}");
-    let mut changed = me.clone();
-    changed.token = "dev_other".into();
-    assert!(matches!(
-        store.set_identity(&changed),
-        Err(ReplicatorError::Invalid(_))
-    ));
-    assert_eq!(store.identity().unwrap(), Some(me.clone()));
+    for s in [&store as &dyn Store, &memory as &dyn Store] {
+        s.set_identity(&me).unwrap();
+        assert_eq!(s.identity().unwrap(), Some(me.clone()));
+        // The same one again is fine.
+        s.set_identity(&me).unwrap();
+        // Another device, another store or another epoch is refused, saying what it belongs
+        // to; the first identity stays.
+        let mut other_store = me.clone();
+        other_store.store = StoreId::new("s2").unwrap();
+        let mut other_epoch = me.clone();
+        other_epoch.epoch += 1;
+        for other in [identity(2), other_store, other_epoch] {
+            let err = s.set_identity(&other).unwrap_err();
+            assert!(
+                matches!(&err, ReplicatorError::Invalid(m) if m.contains("belongs to device")),
+                "{err:?}"
+            );
+            assert_eq!(s.identity().unwrap(), Some(me.clone()));
+        }
+    }
+    // The relay moved and the token was rotated: the same device's store takes both.
+    let mut moved = me.clone();
+    moved.token = "dev_rotated".into();
+    moved.relay_url = "wss://relay.example:7443/v1/sync".into();
+    store.set_identity(&moved).unwrap();
+    assert_eq!(store.identity().unwrap(), Some(moved.clone()));
     drop(store);
     let store = RedbStore::open(&path).unwrap();
-    assert_eq!(store.identity().unwrap(), Some(me));
+    assert_eq!(store.identity().unwrap(), Some(moved));
 }
 
 #[test]

@@ -772,3 +772,65 @@ async fn a_cash_payment_retried_after_a_local_store_failure_is_recorded_once_eve
     }
     relay.halt().await;
 }
+
+/// The relay moved to a new address while a till held unsynced sales: the till's local store
+/// opens with the new address (and would with a rotated token), keeps its sales and syncs
+/// them; opening it as another store is refused with a clear error and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_till_keeps_its_unsynced_sales_when_the_relay_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let old_port = free_port();
+    let store = RelayStore::open(dir.path()).unwrap();
+    let (rec, token) = store
+        .add_device(&StoreId::new("s1").unwrap(), "a", 0)
+        .unwrap();
+    drop(store);
+    let identity = Identity {
+        device: rec.device,
+        store: rec.store,
+        epoch: 1,
+        relay_url: format!("ws://127.0.0.1:{old_port}/v1/sync"),
+        token: token.clone(),
+    };
+    let devs = tempfile::tempdir().unwrap();
+    let path = devs.path().join("a.redb");
+    let terminal = Arc::new(SimTerminal::new(SimMode::Approve));
+    let a = Replicator::open(&path, identity.clone(), fast(), terminal.clone())
+        .await
+        .unwrap();
+    let order = a.create_order(eur()).await.unwrap();
+    a.add_line(order, line("Soup", 700, 1)).await.unwrap();
+    a.close().await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Another store: refused, clearly.
+    let mut elsewhere = identity.clone();
+    elsewhere.store = StoreId::new("s2").unwrap();
+    let err = Replicator::open(&path, elsewhere, fast(), terminal.clone())
+        .await
+        .err()
+        .expect("another store is refused");
+    assert!(err.to_string().contains("belongs to device"), "{err}");
+
+    // The relay comes up at a new address; the till is reopened with it.
+    let relay = start_relay(dir, free_port()).await;
+    let mut moved = identity.clone();
+    moved.relay_url = format!("ws://{}/v1/sync", relay.addr);
+    let a = Replicator::open(&path, moved, fast(), terminal)
+        .await
+        .unwrap();
+    a.wait_for_status(order, LocalSyncStatus::Synced, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(at_relay(&relay, order).lines.len(), 1);
+    a.close().await;
+    relay.halt().await;
+}

@@ -441,10 +441,11 @@ impl Store for RedbStore {
                 .map(|g| decode_identity(g.value()));
             match existing.transpose()? {
                 Some(existing) if existing == *identity => Ok(()),
-                Some(_) => Err(ReplicatorError::Invalid(
-                    "this store belongs to another device identity".into(),
-                )),
-                None => {
+                Some(existing) if !existing.same_device(identity) => {
+                    Err(super::identity_refused(&existing, identity))
+                }
+                // First use, or the same device with a new relay address or token.
+                _ => {
                     meta.insert(META_IDENTITY, bytes.as_slice())
                         .map_err(db_err)?;
                     Ok(())
