@@ -11,20 +11,39 @@
 //! Depends on [`crdt_model`] only; it speaks the relay's protocol (`crdt_model::wire`).
 //!
 //! ```no_run
-//! # #[cfg(feature = "runtime-tokio")]
-//! # async fn till(identity: replicator::Identity) -> Result<(), Box<dyn std::error::Error>> {
-//! use replicator::{Config, Replicator, SimMode, SimTerminal};
-//! use crdt_model::{Currency, FinalPayment, LineDraft, PaymentDraft, PaymentKind};
+//! use std::time::Duration;
+//! use replicator::{Config, Identity, LocalSyncStatus, Replicator, SimMode, SimTerminal};
+//! use crdt_model::{Currency, FinalPayment, LineDraft, PaymentDraft, PaymentKind, StoreId};
 //!
-//! let terminal = std::sync::Arc::new(SimTerminal::new(SimMode::Approve));
-//! let till = Replicator::open("till.redb".as_ref(), identity, Config::default(), terminal).await?;
-//! let order = till.create_order(Currency::new("EUR")?).await?;
-//! till.add_line(order, LineDraft { name: "Espresso".into(), unit_price: 250, quantity: 2, ..Default::default() }).await?;
-//! till.charge_card(order, 300).await?;
-//! let cash = PaymentDraft { kind: PaymentKind::Cash, amount: 200, reference: String::new() };
-//! till.complete_sale(order, Some(FinalPayment::New(cash))).await?;
-//! println!("{:?} {:?}", till.view(order).await?.totals, till.sync_status(order).await);
-//! # Ok(()) }
+//! async fn till() -> Result<(), Box<dyn std::error::Error>> {
+//!     // From `relay-server device add --store store-12 --name "till 1"`, which prints
+//!     // "device 018b... (till 1) in store store-12" and "token (shown once): dev_...".
+//!     let identity = Identity {
+//!         device: "018bcfe5-73b8-76c9-9a3b-782b29572a06".parse()?,
+//!         store: StoreId::new("store-12")?,
+//!         // The actor epoch: pick a new one whenever this till starts over with an empty local
+//!         // file (a reinstall), so its changes never reuse an earlier install's actor id. A local
+//!         // file keeps the epoch it was created with.
+//!         epoch: 1,
+//!         relay_url: "ws://127.0.0.1:7400/v1/sync".into(),
+//!         token: "dev_...".into(),
+//!     };
+//!     // One redb file per till. A real app passes its card terminal instead of SimTerminal.
+//!     let terminal = std::sync::Arc::new(SimTerminal::new(SimMode::Approve));
+//!     let till = Replicator::open("till.redb".as_ref(), identity, Config::default(), terminal).await?;
+//!
+//!     let order = till.create_order(Currency::new("EUR")?).await?; // usable at once, offline too
+//!     let espresso = LineDraft { name: "Espresso".into(), unit_price: 250, quantity: 2, ..Default::default() };
+//!     till.add_line(order, espresso).await?;
+//!     till.charge_card(order, 300).await?; // pending saved before the terminal is asked
+//!     let cash = PaymentDraft { kind: PaymentKind::Cash, amount: 200, reference: String::new() };
+//!     till.complete_sale(order, Some(FinalPayment::New(cash))).await?; // last payment + Done, one change
+//!     // Durable on the till already; Synced once the relay has it on disk (if it is reachable).
+//!     till.wait_for_status(order, LocalSyncStatus::Synced, Duration::from_secs(10)).await?;
+//!     println!("{:?}", till.view(order).await?.totals);
+//!     till.close().await;
+//!     Ok(())
+//! }
 //! ```
 
 pub mod core;
