@@ -94,6 +94,11 @@ pub struct Report {
     pub checks: Vec<Check>,
     /// Wall time.
     pub elapsed: Duration,
+    /// The stores the run created, and where their relay was (its address; the data
+    /// directory of an embedded one is temporary and removed at the end).
+    pub stores: Vec<String>,
+    /// The relay the run used.
+    pub relay: String,
 }
 
 impl Report {
@@ -105,6 +110,11 @@ impl Report {
     /// A short readable report.
     pub fn render(&self) -> String {
         let mut s = String::new();
+        s.push_str(&format!(
+            "pos-sim: stores {} on the relay at {}\n",
+            self.stores.join(", "),
+            self.relay
+        ));
         s.push_str(&format!(
             "pos-sim: {} orders, {} lines, {} captured payments, {} late edits flagged, {} refused local ops\n",
             self.orders, self.lines, self.captured_payments, self.late_edits, self.refused_ops
@@ -426,8 +436,10 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
         None => String::new(),
     };
     let mut tills = Vec::new();
+    let mut stores = Vec::new();
     for s in 0..opts.stores {
         let store = StoreId::new(format!("{prefix}store-{}", s + 1))?;
+        stores.push(store.to_string());
         for t in 0..opts.terminals {
             let name = format!("till-{}", t + 1);
             let (device, token) = match &relay {
@@ -520,6 +532,11 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
     let mut report = Report {
         faults: fault_counts.lock().await.clone(),
         refused_ops: ledger.lock().await.refused,
+        stores,
+        relay: match &relay {
+            Some(_) => format!("{addr} (embedded, temporary data)"),
+            None => addr.to_string(),
+        },
         ..Report::default()
     };
     let settle = settle(&tills, Duration::from_secs(60)).await;

@@ -18,7 +18,9 @@ struct Args {
     /// Orders each terminal opens.
     #[arg(long, default_value_t = 25)]
     orders: usize,
-    /// Seed: the same seed gives the same cashier actions and fault schedule.
+    /// Seed of the cashiers' choices and of the fault schedule. A run is real concurrency on
+    /// real sockets and clocks, so the same seed makes the same choices but not the same
+    /// interleaving: counts in the report may differ from run to run; the checks may not.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Probability of a fault every 100 ms (cut, lost answer, offline period, relay restart);
