@@ -25,6 +25,39 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Runs a command that must fail; returns its stderr.
+fn refused(args: &[&str], why: &str) -> String {
+    let out = run(args);
+    assert!(!out.status.success(), "{args:?} succeeded {why}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("token"),
+        "{args:?} printed a token: {stdout}"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Whether something listens on `listen` within 5 s.
+fn comes_up(listen: &str) -> bool {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(listen).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A local address no one listens on (yet).
+fn free_listen() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 fn token_of(stdout: &str) -> String {
     stdout
         .lines()
@@ -90,25 +123,13 @@ fn a_running_relay_backs_up_online_and_locks_its_data() {
     let data = dir.path().join("data");
     let data_s = data.to_str().unwrap().to_owned();
     let admin = token_of(&ok(&["token", "--name", "ops", "--data", &data_s]));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = free_listen();
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", &listen, "--data", &data_s])
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
-    let mut up = false;
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&listen).is_ok() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let up = comes_up(&listen);
     assert!(up, "relay did not start");
     // The data file is held by the relay: the CLI says so instead of corrupting anything.
     let out = run(&[
@@ -171,12 +192,7 @@ fn check_backup_and_serve_refuse_missing_or_empty_data() {
         vec!["check", "--data", &missing_s],
         vec!["backup", "--data", &missing_s, "--to", &backup_s],
     ] {
-        let out = run(&args);
-        assert!(
-            !out.status.success(),
-            "{args:?} succeeded on a missing path"
-        );
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = refused(&args, "on a missing path");
         assert!(err.contains("no relay data"), "{args:?}: {err}");
         assert!(!missing.exists(), "{args:?} created {}", missing.display());
         assert!(!backup.exists());
@@ -187,29 +203,14 @@ fn check_backup_and_serve_refuse_missing_or_empty_data() {
     let file = empty.join("relay.redb");
     std::fs::write(&file, b"").unwrap();
     let empty_s = empty.to_str().unwrap().to_owned();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = free_listen();
     for args in [
         vec!["check", "--data", &empty_s],
         vec!["backup", "--data", &empty_s, "--to", &backup_s],
         vec!["serve", "--listen", &listen, "--data", &empty_s],
     ] {
-        let out = run(&args);
-        assert!(
-            !out.status.success(),
-            "{args:?} succeeded on a zero-byte file"
-        );
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = refused(&args, "on a zero-byte file");
         assert!(err.contains("empty (0 bytes)"), "{args:?}: {err}");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            !stdout.contains("token"),
-            "{args:?} printed a token: {stdout}"
-        );
         assert_eq!(
             std::fs::metadata(&file).unwrap().len(),
             0,
@@ -239,9 +240,10 @@ fn the_first_admin_token_comes_from_a_start_that_succeeds() {
     // A start that fails: the port is taken. No token printed, none stored.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap().to_string();
-    let out = run(&["serve", "--listen", &busy, "--data", &data_s]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(
+        &["serve", "--listen", &busy, "--data", &data_s],
+        "on a busy port",
+    );
     assert!(err.contains("cannot listen"), "{err}");
     assert!(
         !err.contains("shown once"),
@@ -252,7 +254,7 @@ fn the_first_admin_token_comes_from_a_start_that_succeeds() {
     let key = dir.path().join("key.pem");
     std::fs::write(&cert, "not a certificate").unwrap();
     std::fs::write(&key, "not a key").unwrap();
-    let out = run(&[
+    let args = [
         "serve",
         "--listen",
         "127.0.0.1:0",
@@ -262,9 +264,8 @@ fn the_first_admin_token_comes_from_a_start_that_succeeds() {
         cert.to_str().unwrap(),
         "--tls-key",
         key.to_str().unwrap(),
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    ];
+    let err = refused(&args, "with a bad certificate");
     // Said in words about the TLS file, not as "cannot open relay data".
     assert!(
         err.contains("TLS certificate file") && err.contains("no PEM-encoded certificate"),
@@ -276,26 +277,14 @@ fn the_first_admin_token_comes_from_a_start_that_succeeds() {
         "a failed start printed a token: {err}"
     );
     // A start that succeeds prints one, once.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = free_listen();
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", &listen, "--data", &data_s])
         .env("RUST_LOG", "warn")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut up = false;
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&listen).is_ok() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let up = comes_up(&listen);
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(up, "the relay did not come up");

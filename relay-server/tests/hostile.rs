@@ -134,6 +134,19 @@ async fn next_error(c: &mut Client) -> Option<(String, bool)> {
     None
 }
 
+/// Whether the connection still answers a ping (false: it was closed for cause); `seen` gets
+/// every frame that came before the pong.
+async fn answers(c: &mut Client, nonce: u64, seen: &mut dyn FnMut(&RelayFrame)) -> bool {
+    c.send_may_be_cut(&ClientFrame::Ping { nonce }).await;
+    while let Some(f) = c.recv().await {
+        seen(&f);
+        if matches!(f, RelayFrame::Pong { nonce: n } if n == nonce) {
+            return true;
+        }
+    }
+    false
+}
+
 /// The attacker's store still works after the attack: a fresh connection stores a new order.
 async fn attacker_store_still_works(relay: &TestRelay) {
     let (device, token) = relay.device("attack", "honest");
@@ -265,20 +278,9 @@ async fn random_sync_messages_never_hurt_the_relay() {
     for case in 0..cases {
         let data = g.sync_message(&real, &o.heads());
         c.send_may_be_cut(&sync_frame(o.id(), data)).await;
-        if case % 20 == 19 {
-            // The connection still answers (or was closed for cause: open a new one).
-            c.send_may_be_cut(&ClientFrame::Ping { nonce: case as u64 })
-                .await;
-            let mut answered = false;
-            while let Some(f) = c.recv().await {
-                if matches!(f, RelayFrame::Pong { nonce } if nonce == case as u64) {
-                    answered = true;
-                    break;
-                }
-            }
-            if !answered {
-                c = Client::connect(relay.addr, device, &token).await;
-            }
+        if case % 20 == 19 && !answers(&mut c, case as u64, &mut |_| {}).await {
+            // Closed for cause: open a new connection.
+            c = Client::connect(relay.addr, device, &token).await;
         }
     }
     // The attacker's order is intact and the relay still stores orders.
@@ -336,23 +338,14 @@ async fn random_pushes_never_hurt_the_relay() {
             heads,
         };
         c.send_may_be_cut(&frame).await;
-        if case % 20 == 19 {
-            c.send_may_be_cut(&ClientFrame::Ping { nonce: case as u64 })
-                .await;
-            let mut answered = false;
-            while let Some(f) = c.recv().await {
-                if let RelayFrame::Error { code, .. } = &f {
-                    *refused.entry(code.clone()).or_insert(0usize) += 1;
-                }
-                if matches!(f, RelayFrame::Pong { nonce } if nonce == case as u64) {
-                    answered = true;
-                    break;
-                }
+        let mut count = |f: &RelayFrame| {
+            if let RelayFrame::Error { code, .. } = f {
+                *refused.entry(code.clone()).or_insert(0usize) += 1;
             }
-            if !answered {
-                reconnects += 1;
-                c = Client::connect(relay.addr, device, &token).await;
-            }
+        };
+        if case % 20 == 19 && !answers(&mut c, case as u64, &mut count).await {
+            reconnects += 1;
+            c = Client::connect(relay.addr, device, &token).await;
         }
     }
     eprintln!("refused: {refused:?}, reconnects: {reconnects}");

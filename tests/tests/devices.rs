@@ -65,6 +65,22 @@ impl Relay {
     }
 }
 
+/// Provisions till "a" of store s1 in the relay data at `data` (no relay running) and its
+/// identity for a relay that will listen on `port`.
+fn provisioned(data: &std::path::Path, port: u16) -> Identity {
+    let store = RelayStore::open(data).unwrap();
+    let (rec, token) = store
+        .add_device(&StoreId::new("s1").unwrap(), "a", 0)
+        .unwrap();
+    Identity {
+        device: rec.device,
+        store: rec.store,
+        epoch: 1,
+        relay_url: format!("ws://127.0.0.1:{port}/v1/sync"),
+        token,
+    }
+}
+
 fn fast() -> Config {
     Config {
         engine: EngineConfig {
@@ -165,18 +181,7 @@ async fn offline_edits_sync_after_reconnect() {
         .local_addr()
         .unwrap()
         .port();
-    let store = RelayStore::open(dir.path()).unwrap();
-    let (rec, token) = store
-        .add_device(&StoreId::new("s1").unwrap(), "a", 0)
-        .unwrap();
-    drop(store);
-    let identity = Identity {
-        device: rec.device,
-        store: rec.store,
-        epoch: 1,
-        relay_url: format!("ws://127.0.0.1:{port}/v1/sync"),
-        token,
-    };
+    let identity = provisioned(dir.path(), port);
     let devs = tempfile::tempdir().unwrap();
     let a = device(
         &devs,
@@ -787,18 +792,7 @@ async fn a_till_keeps_its_unsynced_sales_when_the_relay_moves() {
             .port()
     };
     let old_port = free_port();
-    let store = RelayStore::open(dir.path()).unwrap();
-    let (rec, token) = store
-        .add_device(&StoreId::new("s1").unwrap(), "a", 0)
-        .unwrap();
-    drop(store);
-    let identity = Identity {
-        device: rec.device,
-        store: rec.store,
-        epoch: 1,
-        relay_url: format!("ws://127.0.0.1:{old_port}/v1/sync"),
-        token: token.clone(),
-    };
+    let identity = provisioned(dir.path(), old_port);
     let devs = tempfile::tempdir().unwrap();
     let path = devs.path().join("a.redb");
     let terminal = Arc::new(SimTerminal::new(SimMode::Approve));

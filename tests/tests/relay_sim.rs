@@ -1034,13 +1034,7 @@ impl World {
                 c.page_at = at;
             }
             ClientFrame::Sync { order, data } => {
-                let Ok(id) = order.parse::<OrderId>() else {
-                    let e = RelayFrame::error(
-                        codes::BAD_ORDER_ID,
-                        format!("bad order id {order:?}"),
-                        false,
-                    );
-                    self.send_to_device(cid, e);
+                let Some(id) = self.order_id(cid, &order) else {
                     return;
                 };
                 if let Err(refusal) = relay_server::screen::screen(&data, &Limits::default()) {
@@ -1066,13 +1060,7 @@ impl World {
                 changes,
                 heads,
             } => {
-                let Ok(id) = order.parse::<OrderId>() else {
-                    let e = RelayFrame::error(
-                        codes::BAD_ORDER_ID,
-                        format!("bad order id {order:?}"),
-                        false,
-                    );
-                    self.send_to_device(cid, e);
+                let Some(id) = self.order_id(cid, &order) else {
                     return;
                 };
                 match relay_server::screen::decode_push(&changes, &heads, &Limits::default()) {
@@ -1314,6 +1302,20 @@ impl World {
     // ----- checks ---------------------------------------------------------------------------
 
     /// Safety checks on a frame the core emits, at the moment it emits it.
+    /// The frame's order id, or `None` after answering `bad_order_id` as the relay does.
+    fn order_id(&mut self, cid: ConnId, order: &str) -> Option<OrderId> {
+        let parsed = order.parse::<OrderId>().ok();
+        if parsed.is_none() {
+            let e = RelayFrame::error(
+                codes::BAD_ORDER_ID,
+                format!("bad order id {order:?}"),
+                false,
+            );
+            self.send_to_device(cid, e);
+        }
+        parsed
+    }
+
     /// A change the relay sends to a device (forwarded or in a sync message) must be durable
     /// and must not be one the policy should have refused.
     fn check_sent_change(&mut self, id: OrderId, h: &ChangeHash) {
