@@ -169,7 +169,7 @@ fn open_existing(data: &Path) -> Result<RelayStore> {
     locked_hint(RelayStore::open_existing(data))
 }
 
-fn locked_hint(opened: Result<RelayStore, RelayError>) -> Result<RelayStore> {
+fn locked_hint<T>(opened: Result<T, RelayError>) -> Result<T> {
     match opened {
         Ok(s) => Ok(s),
         Err(RelayError::Locked(p)) => bail!(
@@ -319,7 +319,8 @@ fn main() -> Result<()> {
             }
         },
         Command::Check { data } => {
-            let report = open_existing(&data)?.check()?;
+            // Read-only: checking never writes to the data it checks.
+            let report = locked_hint(RelayStore::check_read_only(&data))?;
             for w in &report.warnings {
                 println!("warning: {w}");
             }

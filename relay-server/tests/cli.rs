@@ -222,8 +222,12 @@ fn check_backup_and_serve_refuse_missing_or_empty_data() {
     let fresh = dir.path().join("fresh");
     let fresh_s = fresh.to_str().unwrap().to_owned();
     ok(&["token", "--name", "ops", "--data", &fresh_s]);
+    let before = std::fs::read(fresh.join("relay.redb")).unwrap();
     let report = ok(&["check", "--data", &fresh_s]);
     assert!(report.contains("0 orders checked, 0 errors"), "{report}");
+    // `check` opens the data read-only: not one byte of it changes.
+    let after = std::fs::read(fresh.join("relay.redb")).unwrap();
+    assert!(before == after, "check wrote to the data it checked");
 }
 
 /// The admin token is made by a start that goes through, not by one that fails, and also

@@ -513,7 +513,15 @@ async fn sigkill_at_random_instants_loses_no_receipted_change() {
     let d = dir.clone();
     let (cli_ok, cli_out) = blocking(move || check_cli(&d)).await;
     assert!(cli_ok, "relay-server check failed:\n{cli_out}");
-    assert!(cli_out.contains(" 0 errors, 0 warnings"), "{cli_out}");
+    assert!(cli_out.contains(" 0 errors, "), "{cli_out}");
+    // The one warning allowed: the file was killed open, and the check recovered it first.
+    assert!(
+        cli_out
+            .lines()
+            .filter(|l| l.starts_with("warning:"))
+            .all(|l| l.contains("was not closed cleanly")),
+        "{cli_out}"
+    );
     let total_orders: usize = finished.iter().map(|(t, _, _)| t.orders.len()).sum();
     let d = dir.clone();
     let n = blocking(move || verify_stored(&d, &receipts, "at the end")).await;
