@@ -96,6 +96,9 @@ enum Command {
         /// A name to recognise the token by.
         #[arg(long)]
         name: String,
+        /// Replace every operator admin token with this new one (the old ones stop working).
+        #[arg(long, conflicts_with = "store")]
+        replace: bool,
         /// Data directory.
         #[arg(long, env = "RELAY_DATA", default_value = "relay-data")]
         data: PathBuf,
@@ -286,9 +289,16 @@ fn main() -> Result<()> {
         Command::Token {
             store: s,
             name,
+            replace,
             data,
         } => {
             let store = open(&data)?;
+            if replace {
+                let (token, n) = store.rotate_admin_token(&name, now_ms())?;
+                println!("replaced {n} admin token(s); they no longer work");
+                println!("token (shown once): {token}");
+                return Ok(());
+            }
             let sid = s.map(crdt_model::StoreId::new).transpose()?;
             let token = store.add_admin_token(sid.as_ref(), &name, now_ms())?;
             println!("token (shown once): {token}");

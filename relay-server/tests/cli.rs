@@ -295,3 +295,30 @@ fn the_first_admin_token_comes_from_a_start_that_succeeds() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("shown once").count(), 1, "{err}");
 }
+
+/// `token --replace` replaces the operator's admin tokens with a new one, shown once; it does
+/// not combine with `--store`.
+#[test]
+fn the_admin_token_can_be_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap().to_owned();
+    let first = token_of(&ok(&["token", "--name", "ops", "--data", &data_s]));
+    let out = ok(&["token", "--name", "ops", "--replace", "--data", &data_s]);
+    assert!(out.contains("replaced 1 admin token(s)"), "{out}");
+    let second = token_of(&out);
+    assert_ne!(first, second);
+    refused(
+        &[
+            "token",
+            "--name",
+            "x",
+            "--replace",
+            "--store",
+            "s1",
+            "--data",
+            &data_s,
+        ],
+        "with --store",
+    );
+}

@@ -1129,3 +1129,37 @@ fn orders_waiting_for_their_number_change_are_listed() {
     commit_one(&store, write(&a, &before, T0 + 10));
     assert!(store.unnumbered(10).unwrap().is_empty());
 }
+
+/// Replacing the operator's admin token: the old ones stop working at once, the new one
+/// works, and the store back-office and device tokens are untouched.
+#[test]
+fn rotating_the_admin_token_retires_the_old_ones_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RelayStore::open(dir.path()).unwrap();
+    let (_, device) = store.add_device(&sid("s1"), "till 1", T0).unwrap();
+    let first = store.add_admin_token(None, "ops", T0).unwrap();
+    let second = store.add_admin_token(None, "ops 2", T0).unwrap();
+    let office = store
+        .add_admin_token(Some(&sid("s1")), "office", T0)
+        .unwrap();
+    let (new, replaced) = store.rotate_admin_token("ops", T0 + 1).unwrap();
+    assert_eq!(replaced, 2);
+    for old in [&first, &second] {
+        assert!(matches!(
+            store.authenticate(old),
+            Err(RelayError::Unauthorized)
+        ));
+    }
+    assert_eq!(store.authenticate(&new).unwrap(), Principal::Admin);
+    assert_eq!(
+        store.authenticate(&office).unwrap(),
+        Principal::StoreAdmin { store: sid("s1") }
+    );
+    assert!(matches!(
+        store.authenticate(&device).unwrap(),
+        Principal::Device { .. }
+    ));
+    // A bad name changes nothing.
+    assert!(store.rotate_admin_token("", T0 + 2).is_err());
+    assert_eq!(store.authenticate(&new).unwrap(), Principal::Admin);
+}

@@ -115,6 +115,43 @@ impl RelayStore {
         Ok(token)
     }
 
+    /// Replaces every operator admin token (not the store back-office ones) with a new one,
+    /// in one transaction: the old tokens stop working at once. Returns the new token and how
+    /// many were replaced.
+    pub fn rotate_admin_token(
+        &self,
+        name: &str,
+        now_ms: i64,
+    ) -> Result<(String, usize), RelayError> {
+        check_name(name)?;
+        let token = new_token(ADMIN_TOKEN_PREFIX)?;
+        let grant = TokenRecord {
+            grant: Grant::Admin,
+            name: name.to_owned(),
+            created_at: now_ms,
+        };
+        let mut txn = self.db.begin_write()?;
+        set_immediate(&mut txn)?;
+        let replaced = {
+            let mut tokens = txn.open_table(TOKENS)?;
+            let mut old = Vec::new();
+            for entry in tokens.iter()? {
+                let (k, v) = entry?;
+                let record: TokenRecord = codec::from_json("token record", v.value())?;
+                if matches!(record.grant, Grant::Admin) {
+                    old.push(k.value());
+                }
+            }
+            for k in &old {
+                tokens.remove(k)?;
+            }
+            tokens.insert(token_hash(&token), codec::to_json(&grant)?.as_slice())?;
+            old.len()
+        };
+        txn.commit()?;
+        Ok((token, replaced))
+    }
+
     /// `true` if any admin token (global or for a store) exists.
     pub fn has_admin_token(&self) -> Result<bool, RelayError> {
         let txn = self.read()?;
