@@ -703,14 +703,18 @@ mod tests {
         m
     }
 
+    /// Every change of `d`, as raw chunks.
+    fn raw_changes(d: &Automerge) -> Vec<Vec<u8>> {
+        d.get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect()
+    }
+
     #[test]
     fn corrupt_changes_are_refused() {
         let d = doc_with(3);
-        let good: Vec<Vec<u8>> = d
-            .get_changes(&[])
-            .iter()
-            .map(|c| c.raw_bytes().to_vec())
-            .collect();
+        let good = raw_changes(&d);
         let l = Limits::default();
         assert!(screen(&message_with(&good), &l).is_ok());
         let compressed: Vec<Vec<u8>> = doc_with(40)
@@ -732,11 +736,7 @@ mod tests {
     #[test]
     fn pushed_changes_are_screened() {
         let d = doc_with(3);
-        let good: Vec<Vec<u8>> = d
-            .get_changes(&[])
-            .iter()
-            .map(|c| c.raw_bytes().to_vec())
-            .collect();
+        let good = raw_changes(&d);
         let l = Limits::default();
         assert_eq!(screen_changes(&good, &l).unwrap().len(), 3);
         // Two changes in one entry, a whole document, a flipped byte, too many entries.
@@ -774,6 +774,49 @@ mod tests {
             screen_changes(&good, &few),
             Err(Refusal::TooMuch(_))
         ));
+    }
+
+    /// Mutated and spliced change chunks against the push screen: it never panics, and what
+    /// it accepts is exactly one chunk whose checksum holds by SHA-256 computed here (over the
+    /// chunk after magic and checksum), handed back byte for byte.
+    #[test]
+    fn mutated_pushed_changes_are_refused_or_sound() {
+        use sha2::{Digest, Sha256};
+        let real = raw_changes(&doc_with(6));
+        let l = Limits::default();
+        let mut x = 0x0bad_c0de_u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..3000 {
+            let mut entry = real[(next() % real.len() as u64) as usize].clone();
+            match next() % 4 {
+                0 => {}
+                1 => {
+                    for _ in 0..=next() % 3 {
+                        let at = (next() % entry.len() as u64) as usize;
+                        entry[at] = next() as u8;
+                    }
+                }
+                2 => entry.truncate((next() % entry.len() as u64) as usize),
+                _ => entry.extend(real[(next() % real.len() as u64) as usize].clone()),
+            }
+            match screen_changes(std::slice::from_ref(&entry), &l) {
+                Ok(changes) => {
+                    accepted += 1;
+                    assert_eq!(changes.len(), 1);
+                    assert_eq!(changes[0].raw_bytes(), &entry[..]);
+                    let digest = Sha256::digest(&entry[8..]);
+                    assert_eq!(&digest[..4], &entry[4..8], "checksum accepted wrongly");
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        assert!(accepted > 0 && refused > 0, "{accepted} / {refused}");
     }
 
     #[test]

@@ -134,6 +134,14 @@ async fn next_error(c: &mut Client) -> Option<(String, bool)> {
     None
 }
 
+/// Random frames per fuzzing test: `HOSTILE_CASES`, 200 by default.
+fn hostile_cases() -> usize {
+    std::env::var("HOSTILE_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+
 /// Whether the connection still answers a ping (false: it was closed for cause); `seen` gets
 /// every frame that came before the pong.
 async fn answers(c: &mut Client, nonce: u64, seen: &mut dyn FnMut(&RelayFrame)) -> bool {
@@ -261,10 +269,7 @@ async fn finding_9_a_corrupt_change_gets_an_error_frame() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_sync_messages_never_hurt_the_relay() {
-    let cases: usize = std::env::var("HOSTILE_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let cases = hostile_cases();
     let relay = TestRelay::start().await;
     let witness = Witness::start(&relay).await;
     let (mut c, o) = attacker(&relay).await;
@@ -301,10 +306,7 @@ async fn random_sync_messages_never_hurt_the_relay() {
 /// stored order, and leave its store working; the connection answers or is closed for cause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_pushes_never_hurt_the_relay() {
-    let cases: usize = std::env::var("HOSTILE_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let cases = hostile_cases();
     let relay = TestRelay::start().await;
     let witness = Witness::start(&relay).await;
     let (mut c, mut o) = attacker(&relay).await;

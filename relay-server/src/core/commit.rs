@@ -219,10 +219,7 @@ impl RelayCore {
                 match crdt_model::guard::contain(|| pd.generate(&d.committed)) {
                     Ok(Some(m)) => Out::Sync(m),
                     Ok(None) => {
-                        if pd.queued.is_empty() && !pd.lacks_committed(&d.committed, &d.working) {
-                            pd.push_mode = true;
-                            pd.in_step_at.clone_from(&after);
-                        }
+                        pd.step_in_if_level(&d.committed, &d.working);
                         Out::Nothing
                     }
                     Err(why) => {

@@ -73,6 +73,16 @@ impl PeerDoc {
         }
     }
 
+    /// A connection with nothing to receive is in step when it waits for no dependency and
+    /// holds everything committed: from then on it gets committed changes as they are stored,
+    /// without a sync message.
+    pub fn step_in_if_level(&mut self, committed: &Automerge, working: &Automerge) {
+        if self.queued.is_empty() && !self.lacks_committed(committed, working) {
+            self.push_mode = true;
+            self.in_step_at = committed.get_heads();
+        }
+    }
+
     /// Whether the connection, which announced `heads` (its document's heads), lacks a change
     /// of `committed`. `working` holds every change the heads name, if the relay has them.
     pub fn lacks_committed(&self, committed: &Automerge, working: &Automerge) -> bool {

@@ -44,16 +44,6 @@ impl Incoming {
             Incoming::Push { heads, .. } => heads,
         }
     }
-
-    /// The encoded change chunks it carries.
-    fn chunks(&self) -> Vec<Vec<u8>> {
-        match self {
-            Incoming::Sync(m) => m.changes.iter().map(<[u8]>::to_vec).collect(),
-            Incoming::Push { changes, .. } => {
-                changes.iter().map(|c| c.raw_bytes().to_vec()).collect()
-            }
-        }
-    }
 }
 
 impl RelayCore {
@@ -170,7 +160,12 @@ impl RelayCore {
             Some(f) => f,
             None => &mut d.working,
         };
-        let chunks = msg.chunks();
+        // A sync message's change chunks (a push's are only copied if they must wait for a
+        // dependency, below).
+        let chunks: Vec<Vec<u8>> = match &msg {
+            Incoming::Sync(m) => m.changes.iter().map(<[u8]>::to_vec).collect(),
+            Incoming::Push { .. } => Vec::new(),
+        };
         // A push's changes are decoded already: kept, so they need not be decoded again.
         let mut pushed = None;
         let received = match msg {
@@ -230,8 +225,12 @@ impl RelayCore {
                 }
                 d.working = clean;
             }
-            let bytes: usize = chunks.iter().map(Vec::len).sum();
-            pd.queued.extend(chunks.iter().cloned());
+            let waiting: Vec<Vec<u8>> = match &pushed {
+                Some(changes) => changes.iter().map(|c| c.raw_bytes().to_vec()).collect(),
+                None => chunks.clone(),
+            };
+            let bytes: usize = waiting.iter().map(Vec::len).sum();
+            pd.queued.extend(waiting);
             pd.queued_bytes += bytes;
             conn_delta += bytes as isize;
         }
@@ -373,15 +372,10 @@ impl RelayCore {
         } else {
             let m = pd.generate(&d.committed);
             let sends_changes = m.as_ref().is_some_and(|m| !m.changes.is_empty());
-            if !sends_changes
-                && pd.queued.is_empty()
-                && !pd.lacks_committed(&d.committed, &d.working)
-            {
-                // In step (it announced heads that hold everything committed, and the relay
-                // has nothing to send): from now on this connection gets committed changes
-                // as they are.
-                pd.push_mode = true;
-                pd.in_step_at = d.committed.get_heads();
+            if !sends_changes {
+                // In step if it announced heads that hold everything committed, and the
+                // relay has nothing to send.
+                pd.step_in_if_level(&d.committed, &d.working);
             }
             m
         };
