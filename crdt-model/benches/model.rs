@@ -400,6 +400,8 @@ fn main() {
         device: fx6.writer.device,
         store: StoreId::new("s1").unwrap(),
         role: Role::Device,
+        seal: None,
+        vouched: Default::default(),
     };
     let mut edited = stored.clone();
     let at = fx6.at();

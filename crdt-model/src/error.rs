@@ -121,6 +121,9 @@ pub enum ModelError {
     /// Encoding or decoding JSON failed.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    /// The relay could not seal a change it made ([`crate::seal`]).
+    #[error("cannot seal a change: {0}")]
+    Seal(String),
 }
 
 /// Why the policy refused a change. Each variant has a stable [`code`](Self::code) for the

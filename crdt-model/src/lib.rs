@@ -47,6 +47,7 @@ pub mod order;
 pub mod payment;
 pub mod policy;
 pub mod schema;
+pub mod seal;
 pub mod status;
 pub mod text;
 pub mod view;
@@ -65,6 +66,7 @@ pub use order::{
 };
 pub use payment::{PaymentKind, PaymentState};
 pub use policy::{Author, OrderFacts, Role, validate, validate_changes, validate_changes_with};
+pub use seal::{RelaySeal, SealKey};
 pub use status::{ActiveStatus, OrderStatus, StatusEntry, StatusLattice};
 pub use text::{TextField, check_free_text, check_text_at, holds_card_number};
 pub use view::{Conflict, LateEdit, LateEditKind, LineView, OrderView, PaymentView, Totals};

@@ -19,6 +19,7 @@ use crate::ids::{
 use crate::money::{Currency, Money};
 use crate::payment::{PaymentKind, PaymentState};
 use crate::schema::{self, Header, Reader, Roots, SCHEMA_VERSION, Snapshot, keys};
+use crate::seal::SealKey;
 use crate::status::{ActiveStatus, OrderStatus, StatusLattice, next_clock};
 use crate::text::{TextField, check_free_text};
 use crate::view::{self, OrderView};
@@ -52,6 +53,9 @@ pub struct Writer {
     pub device: DeviceId,
     /// The Automerge actor its changes carry.
     pub actor: ActorId,
+    /// The relay's sealing key: every change this writer commits is sealed with it
+    /// ([`crate::seal`]). Devices have none.
+    pub seal: Option<SealKey>,
 }
 
 impl Writer {
@@ -62,7 +66,15 @@ impl Writer {
         Self {
             device,
             actor: ActorId::from(bytes),
+            seal: None,
         }
+    }
+
+    /// The same writer sealing every change it commits with `key` (the relay's writer).
+    #[must_use]
+    pub fn with_seal(mut self, key: SealKey) -> Self {
+        self.seal = Some(key);
+        self
     }
 }
 
@@ -440,11 +452,30 @@ impl Order {
         update: impl FnOnce(&mut Cache, &O),
     ) -> Result<O, ModelError> {
         let cache_valid = self.cache.heads == self.doc.get_heads();
-        let result = self
-            .doc
-            .transact_with(|_| CommitOptions::default().with_time(at.as_secs()), f)
-            .map(|s| s.result)
-            .map_err(|f| f.error)?;
+        let result = match &self.writer.seal {
+            None => self
+                .doc
+                .transact_with(|_| CommitOptions::default().with_time(at.as_secs()), f)
+                .map(|s| s.result)
+                .map_err(|f| f.error)?,
+            Some(key) => {
+                // The change is made on a copy, sealed, and the sealed change applied here:
+                // its seal covers the change as made, so it cannot be written directly.
+                let mut scratch = self.doc.fork().with_actor(self.writer.actor.clone());
+                let result = scratch
+                    .transact_with(|_| CommitOptions::default().with_time(at.as_secs()), f)
+                    .map(|s| s.result)
+                    .map_err(|f| f.error)?;
+                let made = scratch.get_changes(&self.doc.get_heads());
+                let sealed = made
+                    .iter()
+                    .map(|c| key.seal(self.header.id, c))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(ModelError::Seal)?;
+                self.doc.apply_changes(sealed)?;
+                result
+            }
+        };
         if cache_valid {
             self.cache.heads = self.doc.get_heads();
             // The parse of the whole document is not carried over.

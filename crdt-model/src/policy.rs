@@ -29,14 +29,15 @@
 mod decode;
 mod rules;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
-use automerge::{Automerge, Change};
+use automerge::{Automerge, Change, ChangeHash};
 
 use crate::error::{ModelError, PolicyViolation};
 use crate::ids::{DeviceId, StoreId};
 use crate::order::device_of_actor;
 use crate::schema::{self, Header, Reader, Snapshot, keys};
+use crate::seal::RelaySeal;
 
 use decode::Paths;
 use rules::check_change;
@@ -59,6 +60,14 @@ pub struct Author {
     pub store: StoreId,
     /// Device or relay.
     pub role: Role,
+    /// The relay whose sealed changes a device may deliver ([`crate::seal`]): a change by
+    /// that relay's device id with a valid seal for the order is judged as the relay's. `None`
+    /// refuses every change not by `device`.
+    pub seal: Option<RelaySeal>,
+    /// Changes by other writers that the relay vouched for ([`crate::seal`]: it committed
+    /// them before a restore, and the device delivers them again with the relay's voucher).
+    /// Each is judged as written by its own writer (a device of the same store, or the relay).
+    pub vouched: BTreeSet<ChangeHash>,
 }
 
 /// Judges the changes `after` has and `before` lacks, as written by `author`.
@@ -115,9 +124,15 @@ pub fn validate_changes_with(
     if new_changes.is_empty() {
         return Ok(0);
     }
-    for change in new_changes {
+    // Which changes are the author's own and which claim to be the relay's (their seals are
+    // checked once the order's id is known, below).
+    let mut relays = Vec::new();
+    let mut others: Vec<(usize, DeviceId)> = Vec::new();
+    for (i, change) in new_changes.iter().enumerate() {
         match device_of_actor(change.actor_id()) {
             Some(d) if d == author.device => {}
+            Some(d) if author.vouched.contains(&change.hash()) => others.push((i, d)),
+            Some(d) if author.seal.as_ref().is_some_and(|s| s.relay == d) => relays.push(i),
             _ => {
                 return Err(PolicyViolation::ForeignActor(
                     change.actor_id().to_hex_string(),
@@ -147,6 +162,27 @@ pub fn validate_changes_with(
     if author.role == Role::Device && header.store != author.store {
         return Err(PolicyViolation::ForeignStore);
     }
+    let relay_author = match &author.seal {
+        Some(seal) if !relays.is_empty() => {
+            for &i in &relays {
+                let change = &new_changes[i];
+                if !seal.key.verifies(header.id, change) {
+                    return Err(PolicyViolation::ForeignActor(format!(
+                        "{} (the relay's actor, without a valid seal)",
+                        change.actor_id().to_hex_string()
+                    )));
+                }
+            }
+            Some(Author {
+                device: seal.relay,
+                store: author.store.clone(),
+                role: Role::Relay,
+                seal: None,
+                vouched: BTreeSet::new(),
+            })
+        }
+        _ => None,
+    };
     let r = Reader::new(after, None);
     let terminal_now = if existing {
         let roots = schema::Roots::read(&r).map_err(not_an_order)?;
@@ -160,11 +196,39 @@ pub fn validate_changes_with(
         doc: after,
         known: HashMap::new(),
     };
-    for change in new_changes {
+    // A vouched change by another writer is judged as that writer's: the relay's if it is
+    // the relay's actor, else a device of the author's store.
+    let relay_device = author.seal.as_ref().map(|s| s.relay);
+    let writers: Vec<(usize, Author)> = others
+        .iter()
+        .map(|&(i, d)| {
+            let role = if Some(d) == relay_device {
+                Role::Relay
+            } else {
+                Role::Device
+            };
+            (
+                i,
+                Author {
+                    device: d,
+                    store: author.store.clone(),
+                    role,
+                    seal: None,
+                    vouched: BTreeSet::new(),
+                },
+            )
+        })
+        .collect();
+    for (i, change) in new_changes.iter().enumerate() {
+        let judged_as = match (&relay_author, writers.iter().find(|(j, _)| *j == i)) {
+            (_, Some((_, writer))) => writer,
+            (Some(relay), None) if relays.contains(&i) => relay,
+            _ => author,
+        };
         check_change(
             after,
             change,
-            author,
+            judged_as,
             &header,
             terminal_now,
             &mut paths,
@@ -186,7 +250,7 @@ pub fn validate_changes_with(
 /// The entries (by root container and key) that new changes wrote to.
 #[derive(Default)]
 struct Touched {
-    entries: std::collections::BTreeSet<(String, String)>,
+    entries: BTreeSet<(String, String)>,
 }
 
 impl Touched {

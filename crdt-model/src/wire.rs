@@ -14,7 +14,7 @@ use crate::error::ModelError;
 /// The protocol's major version: peers with a different major cannot talk.
 pub const PROTOCOL_MAJOR: u16 = 2;
 /// The protocol's minor version: additions a peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 0;
+pub const PROTOCOL_MINOR: u16 = 1;
 /// Largest frame a peer must accept, in bytes (the relay may be configured lower or higher).
 pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 /// Deepest CBOR nesting accepted when decoding (frames are shallow; this bounds stack use).
@@ -51,6 +51,10 @@ pub enum ClientFrame {
         agent: String,
         /// Resume the store feed after this sequence number (0 = from the start).
         feed_since: u64,
+        /// The highest order number of its store the device holds (protocol 2.1): after a
+        /// restore the relay gives new numbers only above every device's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        highest_number: Option<u64>,
     },
     /// One Automerge sync message for one order.
     Sync {
@@ -69,6 +73,10 @@ pub enum ClientFrame {
         changes: Vec<ByteBuf>,
         /// The device's heads for the order after these changes.
         heads: Vec<ByteBuf>,
+        /// After a restore (protocol 2.1): the relay's latest voucher for the order that the
+        /// device holds, so the other writers' changes it delivers are accepted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        voucher: Option<Voucher>,
     },
     /// Keep-alive request; the relay answers with `pong` and the same nonce.
     Ping {
@@ -97,6 +105,19 @@ pub struct FeedEntry {
     pub status: String,
     /// The order's heads as stored, so a device can tell whether it is up to date.
     pub heads: Vec<ByteBuf>,
+    /// The relay's voucher for those heads (protocol 2.1; `crdt_model::seal`): a device that
+    /// holds them keeps it, to deliver the order again after a restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voucher: Option<ByteBuf>,
+}
+
+/// The relay's voucher for an order's heads (see [`FeedEntry::voucher`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Voucher {
+    /// The heads vouched for.
+    pub heads: Vec<ByteBuf>,
+    /// The relay's tag (32 bytes).
+    pub tag: ByteBuf,
 }
 
 /// What the relay sends to a device.
@@ -113,6 +134,11 @@ pub enum RelayFrame {
         store: String,
         /// The store feed's latest sequence number.
         feed_seq: u64,
+        /// The relay data's id (protocol 2.1): it changes when the data is restored from a
+        /// backup, and a device that saw another id before sends everything it holds again and
+        /// reads the feed from the start.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
     },
     /// One Automerge sync message for one order.
     Sync {
@@ -311,6 +337,7 @@ mod tests {
                 device: "018bcfe5-73b8-76c9-9a3b-782b29572a06".into(),
                 agent: "till/1.0".into(),
                 feed_since: 42,
+                highest_number: None,
             },
             ClientFrame::Sync {
                 order: "o".into(),
@@ -320,6 +347,7 @@ mod tests {
                 order: "o".into(),
                 changes: vec![ByteBuf::from(vec![0x85, 0x6f])],
                 heads: vec![ByteBuf::from(vec![9u8; 32])],
+                voucher: None,
             },
             ClientFrame::Ping { nonce: u64::MAX },
             ClientFrame::Pong { nonce: 0 },
@@ -343,6 +371,7 @@ mod tests {
                 relay: "r".into(),
                 store: "s".into(),
                 feed_seq: 9,
+                data: None,
             },
             RelayFrame::Sync {
                 order: "o".into(),
@@ -369,6 +398,7 @@ mod tests {
                     number: Some(3),
                     status: "done".into(),
                     heads: h,
+                    voucher: None,
                 }],
             },
             RelayFrame::Unavailable { order: "o".into() },

@@ -199,6 +199,8 @@ impl World {
             device: self.relay_term.device,
             store: store(),
             role: Role::Relay,
+            seal: None,
+            vouched: Default::default(),
         }
     }
 

@@ -129,6 +129,8 @@ fn the_relay_writes_the_number_once() {
         device: relay_term.device,
         store: store(),
         role: Role::Relay,
+        seal: None,
+        vouched: Default::default(),
     };
     let mut relay_order = Order::from_doc(s.relay.clone(), relay_term.writer.clone()).unwrap();
     let at = relay_term.tick();

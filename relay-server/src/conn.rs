@@ -111,11 +111,12 @@ pub(crate) async fn serve(
         _ => return fail(ws, &state, codes::PROTOCOL_VIOLATION, "no hello".into()).await,
     };
     state.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
-    let (claimed, since) = match first {
+    let (claimed, since, highest) = match first {
         Ok(ClientFrame::Hello {
             protocol,
             device: claimed,
             feed_since,
+            highest_number,
             ..
         }) => {
             if protocol.major != PROTOCOL_MAJOR {
@@ -125,7 +126,7 @@ pub(crate) async fn serve(
                 );
                 return fail(ws, &state, codes::UNSUPPORTED_VERSION, msg).await;
             }
-            (claimed, feed_since)
+            (claimed, feed_since, highest_number)
         }
         Ok(_) => {
             return fail(
@@ -147,6 +148,28 @@ pub(crate) async fn serve(
         )
         .await;
     }
+    if state.hub.is_recovering(&store) {
+        // After a restore: the store gives new numbers only above every till's highest.
+        let st = Arc::clone(&state.store);
+        let s = store.clone();
+        let heard = tokio::task::spawn_blocking(move || {
+            st.recovery_hello(&s, device, highest.unwrap_or(0))
+        })
+        .await;
+        match heard {
+            Ok(Ok(true)) => {
+                tracing::info!(%store, "every till of the store was heard from: numbering resumes");
+                state.hub.recovered(&store).await;
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                return fail(ws, &state, codes::STORAGE, format!("recovery: {e}")).await;
+            }
+            Err(e) => {
+                return fail(ws, &state, codes::STORAGE, format!("recovery: {e}")).await;
+            }
+        }
+    }
     let feed_seq = {
         let st = Arc::clone(&state.store);
         let s = store.clone();
@@ -161,6 +184,7 @@ pub(crate) async fn serve(
         relay: state.hub.relay_id().to_string(),
         store: store.to_string(),
         feed_seq,
+        data: Some(state.hub.data_id().to_owned()),
     };
     if !send(&mut ws, &state, &welcome).await {
         return;
@@ -189,6 +213,7 @@ pub(crate) async fn serve(
 /// never sees a later feed position before an earlier one. Runs inside the connection's loop,
 /// so nothing outlives the connection.
 async fn catch_up(peer: &Peer, state: &AppState, mut since: u64) {
+    let seal = state.store.seal_key();
     loop {
         loop {
             let st = Arc::clone(&state.store);
@@ -208,7 +233,7 @@ async fn catch_up(peer: &Peer, state: &AppState, mut since: u64) {
             if let Some(last) = records.last() {
                 since = last.seq;
                 peer.send(RelayFrame::Feed {
-                    entries: records.iter().map(|r| feed_entry(&r.meta)).collect(),
+                    entries: records.iter().map(|r| feed_entry(&r.meta, &seal)).collect(),
                 });
             }
             if peer.is_closed() {
@@ -317,7 +342,7 @@ async fn run(
                             Err(e) => peer.send(RelayFrame::error(codes::BAD_SYNC_MESSAGE, format!("order {order}: {e}"), false)),
                         }
                     }
-                    Ok(ClientFrame::Changes { order, changes, heads }) => {
+                    Ok(ClientFrame::Changes { order, changes, heads, voucher }) => {
                         let Ok(order_id) = order.parse::<OrderId>() else {
                             peer.send(RelayFrame::error(codes::BAD_ORDER_ID, format!("bad order id {order:?}"), false));
                             continue;
@@ -325,7 +350,13 @@ async fn run(
                         match crate::screen::decode_push(&changes, &heads, state.hub.limits()) {
                             Ok(_) if ticket.is_revoked() => continue,
                             Ok(p) => {
-                                let push = Incoming::Push { changes: p.changes, heads: p.heads };
+                                let voucher = voucher.and_then(|v| {
+                                    let heads = (v.heads.len() <= state.hub.limits().max_hashes)
+                                        .then(|| crdt_model::wire::heads_from_wire(&v.heads).ok())
+                                        .flatten()?;
+                                    Some((heads, v.tag.into_vec()))
+                                });
+                                let push = Incoming::Push { changes: p.changes, heads: p.heads, voucher };
                                 if state.hub.sync(peer, order_id, push).await.is_err() {
                                     return;
                                 }

@@ -119,6 +119,28 @@ enum Command {
         #[arg(long, env = "RELAY_ADMIN_TOKEN")]
         token: Option<String>,
     },
+    /// Restore a backup as a stopped relay's data. Nothing any till still holds is lost:
+    /// the tills send everything again, and new order numbers wait until every till of a store
+    /// has connected (see docs/operations.md, "Back up and restore").
+    Restore {
+        /// The backup file (from `relay-server backup`).
+        #[arg(long)]
+        from: PathBuf,
+        /// Data directory to restore into (must hold no relay data).
+        #[arg(long, env = "RELAY_DATA", default_value = "relay-data")]
+        data: PathBuf,
+    },
+    /// End a store's recovery after a restore without waiting for the tills not heard from
+    /// (ones that will never come back); on a running relay use
+    /// POST /v1/admin/stores/STORE/recovery/release.
+    Release {
+        /// The store.
+        #[arg(long)]
+        store: String,
+        /// Data directory (stopped relay).
+        #[arg(long, env = "RELAY_DATA", default_value = "relay-data")]
+        data: PathBuf,
+    },
     /// Verify a data directory: every order loads and passes the model's checks.
     Check {
         /// Data directory.
@@ -328,6 +350,45 @@ fn main() -> Result<()> {
                 Ok(())
             }
         },
+        Command::Restore { from, data } => {
+            let (_, report) = locked_hint(RelayStore::restore(&from, &data, now_ms()))?;
+            println!(
+                "restored {} orders from {} into {}",
+                report.orders,
+                from.display(),
+                data.display()
+            );
+            println!(
+                "new data id {}: every till sends what it holds again",
+                report.data_id
+            );
+            for (store, devices) in &report.stores {
+                if *devices > 0 {
+                    println!(
+                        "store {store}: new order numbers wait until its {devices} till(s) have \
+                         connected (or: relay-server release --store {store})"
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Release { store, data } => {
+            let sid = crdt_model::StoreId::new(store)?;
+            match open_existing(&data)?.release_recovery(&sid)? {
+                Some(pending) if pending.is_empty() => println!("store {sid}: released"),
+                Some(pending) => {
+                    println!(
+                        "store {sid}: released; {} till(s) never heard from:",
+                        pending.len()
+                    );
+                    for d in pending {
+                        println!("  {d}");
+                    }
+                }
+                None => println!("store {sid} is not recovering"),
+            }
+            Ok(())
+        }
         Command::Check { data } => {
             // Read-only: checking never writes to the data it checks.
             let report = locked_hint(RelayStore::check_read_only(&data))?;
@@ -358,6 +419,14 @@ async fn serve(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let store = Arc::new(open(&config.data)?);
+    if let Some(taken) = store.backup_taken_at()? {
+        bail!(
+            "{} is a backup (taken at {taken} ms since the epoch), not relay data: restore it \
+             with `relay-server restore --from FILE --data DIR`, which makes sure nothing the \
+             tills hold is lost",
+            store.path().display()
+        );
+    }
     // Everything that can refuse the start comes before the admin token is made: a start that
     // fails (port in use, a bad TLS key) must not print a "shown once" token nobody keeps.
     let listener = tokio::net::TcpListener::bind(listen)

@@ -82,10 +82,12 @@ pub struct OrderWrite {
     /// Several writes of one order in one batch chain: each builds on the heads of the one
     /// before.
     pub base: Vec<[u8; 32]>,
-    /// Whether the document after this write carries the order's number (the relay's number
-    /// change). An order first stored without it is listed ([`crate::store`]'s `unnumbered`)
-    /// until a write with it lands, so a relay that stopped in between writes it at start.
-    pub numbered: bool,
+    /// The number the document after this write carries (the relay's number change), if
+    /// any. An order first stored without it is listed ([`crate::store`]'s `unnumbered`)
+    /// until a write with it lands, so a relay that stopped in between writes it at start. An
+    /// order first stored with one (it came back through a till after a restore, carrying the
+    /// relay's sealed number change) keeps that number instead of getting the next.
+    pub number: Option<OrderNumber>,
     /// Heads after this write.
     pub heads: Vec<[u8; 32]>,
     /// When, ms since the epoch (relay clock).

@@ -524,6 +524,73 @@ async fn revoke_device(
     ))
 }
 
+/// A store's recovery after a restore: whether it still waits for devices before giving new
+/// numbers, and which. A store admin sees its own store; the admin any.
+async fn get_recovery(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(store): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = scoped_store(&state, &headers, &query, &store).await?;
+    let st = Arc::clone(&state.store);
+    let s = store.clone();
+    let record = blocking(move || st.recovery(&s)).await?;
+    Ok(Json(match record {
+        Some(r) => json!({
+            "store": store,
+            "recovering": r.recovering(),
+            "pending_devices": r.pending,
+            "restored_at": r.restored_at,
+            "backup_taken_at": r.backup_taken_at,
+            "numbers_from_backup": r.numbers_from_backup,
+            "released_early": r.released_early,
+        }),
+        None => json!({ "store": store, "recovering": false }),
+    }))
+}
+
+/// Ends a store's recovery before every device was heard from (a till that will never come
+/// back): its waiting new orders get their numbers now. Numbers that only the missing tills
+/// hold may be given again; `docs/operations.md` says when this is safe.
+async fn release_recovery(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(store): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = scoped_store(&state, &headers, &query, &store).await?;
+    let st = Arc::clone(&state.store);
+    let s = store.clone();
+    let released = blocking(move || st.release_recovery(&s)).await?;
+    let Some(pending) = released else {
+        return Ok(Json(
+            json!({ "store": store, "released": false, "recovering": false }),
+        ));
+    };
+    state.hub.recovered(&store).await;
+    tracing::warn!(%store, never_heard_from = pending.len(), "recovery released by an operator");
+    Ok(Json(
+        json!({ "store": store, "released": true, "never_heard_from": pending }),
+    ))
+}
+
+/// The store named in a back-office path, if the principal may act on it.
+async fn scoped_store(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &BTreeMap<String, String>,
+    store: &str,
+) -> Result<StoreId, ApiError> {
+    let scope = back_office(&authenticate(state, headers, query).await?)?;
+    let not_found = || ApiError(StatusCode::NOT_FOUND, "not_found", format!("store {store}"));
+    let store = StoreId::new(store).map_err(|_| not_found())?;
+    if scope.as_ref().is_some_and(|s| *s != store) {
+        return Err(not_found());
+    }
+    Ok(store)
+}
+
 /// Idle HTTP connections get the handshake time again for their next request; a request in
 /// progress has no deadline. The sync upgrade keeps its deadline until `hello`.
 async fn http_deadline(
@@ -571,6 +638,11 @@ fn router(state: AppState) -> Router {
         .route("/v1/admin/devices", post(add_device))
         .route("/v1/admin/backup", post(backup))
         .route("/v1/admin/devices/{id}/revoke", post(revoke_device))
+        .route("/v1/admin/stores/{store}/recovery", get(get_recovery))
+        .route(
+            "/v1/admin/stores/{store}/recovery/release",
+            post(release_recovery),
+        )
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(

@@ -30,12 +30,13 @@ mod codec;
 mod devices;
 mod feed;
 mod orders;
+mod recovery;
 pub mod tables;
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
-use crdt_model::{DeviceId, OrderStatus, StoreId, Writer};
+use crdt_model::{DeviceId, OrderStatus, SealKey, StoreId, Writer};
 use redb::{
     Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase, ReadableTable,
     ReadableTableMetadata, StorageError, TableError, TableHandle, WriteTransaction,
@@ -44,12 +45,13 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::records::{CommitOutcome, FeedRecord, OrderMeta, OrderWrite, StoredOrder};
 pub use check::CheckReport;
+pub use recovery::{RecoveryRecord, RestoreReport};
 
 use crate::error::RelayError;
 use codec::decode_identity;
 use tables::{
-    DB_FILE, DEVICES, FEED, FORMAT_VERSION, META, META_FORMAT, META_IDENTITY, NUMBERS, ORDERS,
-    SNAPSHOTS, STORES, TAIL, TOKENS,
+    DB_FILE, DEVICES, FEED, FORMAT_VERSION, META, META_BACKUP, META_DATA_ID, META_FORMAT,
+    META_IDENTITY, META_SEAL_KEY, NUMBERS, ORDERS, RECOVERY, SNAPSHOTS, STORES, TAIL, TOKENS,
 };
 
 /// Prefix of device tokens.
@@ -73,6 +75,19 @@ impl RelayIdentity {
     /// The model writer the relay commits its own changes as.
     pub fn writer(&self) -> Writer {
         Writer::new(self.device, self.epoch)
+    }
+
+    /// The same device with a new random actor epoch (for a backup or a restore: the relay
+    /// they become never reuses a sequence number written under the old one).
+    pub(crate) fn with_fresh_epoch(&self) -> Result<Self, RelayError> {
+        let mut epoch = self.epoch;
+        while epoch == self.epoch {
+            epoch = u32::from_be_bytes(codec::random_bytes::<4>()?);
+        }
+        Ok(Self {
+            device: self.device,
+            epoch,
+        })
     }
 }
 
@@ -140,6 +155,8 @@ pub struct RelayStore {
     db: Database,
     path: PathBuf,
     identity: RelayIdentity,
+    seal: SealKey,
+    data_id: [u8; 16],
 }
 
 impl std::fmt::Debug for RelayStore {
@@ -248,12 +265,18 @@ impl RelayStore {
             builder.create(&path)
         }
         .map_err(|e| open_error(&path, e))?;
-        let identity = Self::init(&db, &path)?;
-        Ok(Self { db, path, identity })
+        let (identity, seal, data_id) = Self::init(&db, &path)?;
+        Ok(Self {
+            db,
+            path,
+            identity,
+            seal,
+            data_id,
+        })
     }
 
     /// Checks or writes the format version and identity, and makes sure every table exists.
-    fn init(db: &Database, path: &Path) -> Result<RelayIdentity, RelayError> {
+    fn init(db: &Database, path: &Path) -> Result<(RelayIdentity, SealKey, [u8; 16]), RelayError> {
         let mut txn = db.begin_write()?;
         set_immediate(&mut txn)?;
         let present: Vec<String> = txn.list_tables()?.map(|t| t.name().to_owned()).collect();
@@ -301,6 +324,35 @@ impl RelayStore {
                 }
             }
         };
+        let seal = {
+            let mut meta = txn.open_table(META).map_err(|e| table_error(path, e))?;
+            let stored = meta.get(META_SEAL_KEY)?.map(|v| v.value().to_vec());
+            match stored {
+                Some(b) => SealKey::from_bytes(b.as_slice().try_into().map_err(|_| {
+                    RelayError::Corrupt(format!("{}: the seal key is not 32 bytes", path.display()))
+                })?),
+                // Made once; files from before seals get one on their next open.
+                None => {
+                    let key = codec::random_bytes::<32>()?;
+                    meta.insert(META_SEAL_KEY, &key[..])?;
+                    SealKey::from_bytes(key)
+                }
+            }
+        };
+        let data_id = {
+            let mut meta = txn.open_table(META).map_err(|e| table_error(path, e))?;
+            let stored = meta.get(META_DATA_ID)?.map(|v| v.value().to_vec());
+            match stored {
+                Some(b) => <[u8; 16]>::try_from(b.as_slice()).map_err(|_| {
+                    RelayError::Corrupt(format!("{}: the data id is not 16 bytes", path.display()))
+                })?,
+                None => {
+                    let id = codec::random_bytes::<16>()?;
+                    meta.insert(META_DATA_ID, &id[..])?;
+                    id
+                }
+            }
+        };
         // Create the other tables (or check their types).
         txn.open_table(ORDERS).map_err(|e| table_error(path, e))?;
         txn.open_table(SNAPSHOTS)
@@ -311,8 +363,9 @@ impl RelayStore {
         txn.open_table(STORES).map_err(|e| table_error(path, e))?;
         txn.open_table(DEVICES).map_err(|e| table_error(path, e))?;
         txn.open_table(TOKENS).map_err(|e| table_error(path, e))?;
+        txn.open_table(RECOVERY).map_err(|e| table_error(path, e))?;
         txn.commit()?;
-        Ok(identity)
+        Ok((identity, seal, data_id))
     }
 
     /// The database file (`<dir>/relay.redb`).
@@ -323,6 +376,34 @@ impl RelayStore {
     /// The relay's identity, made on first open and stable across reopens.
     pub fn identity(&self) -> Result<RelayIdentity, RelayError> {
         Ok(self.identity)
+    }
+
+    /// The key the relay seals its own changes with (`crdt_model::seal`); backups carry it.
+    pub fn seal_key(&self) -> SealKey {
+        self.seal.clone()
+    }
+
+    /// The writer the relay commits its own changes as: its identity, sealing.
+    pub fn relay_writer(&self) -> Writer {
+        self.identity.writer().with_seal(self.seal.clone())
+    }
+
+    /// The data's id (32 hex digits): made on first open, new after every restore. Devices
+    /// compare it across connections to learn that the relay's data went back in time.
+    pub fn data_id(&self) -> String {
+        codec::hex(&self.data_id)
+    }
+
+    /// When the file was taken as a backup (ms since the epoch), if it is one that has not
+    /// been restored: `serve` refuses those (see `restore`).
+    pub fn backup_taken_at(&self) -> Result<Option<i64>, RelayError> {
+        let txn = self.read()?;
+        let meta = txn.open_table(META)?;
+        let at = meta.get(META_BACKUP)?.map(|v| {
+            let b = v.value();
+            <[u8; 8]>::try_from(b).map_or(0, i64::from_be_bytes)
+        });
+        Ok(at)
     }
 
     /// The underlying database, for tests and tools that need raw access.

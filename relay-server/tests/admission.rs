@@ -46,6 +46,7 @@ async fn try_connect(addr: SocketAddr, device: DeviceId, token: &str) -> Result<
         device: device.to_string(),
         agent: "test".into(),
         feed_since: 0,
+        highest_number: None,
     };
     ws.send(Message::Binary(hello.encode().into()))
         .await

@@ -46,6 +46,7 @@ impl Rig {
         let core = RelayCore::new(
             id.device,
             id.epoch,
+            store.seal_key(),
             Box::new(SplitMix64::new(5)),
             Arc::clone(&metrics),
             CoreConfig {
@@ -74,6 +75,7 @@ impl Rig {
         self.core = RelayCore::new(
             id.device,
             id.epoch,
+            self.store.seal_key(),
             Box::new(SplitMix64::new(6)),
             Arc::clone(&self.metrics),
             CoreConfig::default(),

@@ -338,6 +338,7 @@ async fn random_pushes_never_hurt_the_relay() {
             order: o.id().to_string(),
             changes,
             heads,
+            voucher: None,
         };
         c.send_may_be_cut(&frame).await;
         let mut count = |f: &RelayFrame| {

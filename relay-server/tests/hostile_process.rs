@@ -561,6 +561,7 @@ async fn reconnect(addr: SocketAddr, dev: &Dev, old: Client) -> Client {
             device: dev.id.to_string(),
             agent: "hostile".into(),
             feed_since: 0,
+            highest_number: None,
         };
         ws.send(Message::Binary(hello.encode().into()))
             .await
@@ -1241,6 +1242,7 @@ async fn random_cbor_frames() {
             device: dev.id.to_string(),
             agent: "x".into(),
             feed_since: 0,
+            highest_number: None,
         }
         .encode(),
     ];

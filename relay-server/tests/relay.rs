@@ -94,6 +94,7 @@ async fn send_hello(ws: &mut Ws, protocol: Version, device: DeviceId) {
         device: device.to_string(),
         agent: "x".into(),
         feed_since: 0,
+        highest_number: None,
     };
     futures_util::SinkExt::send(
         ws,
@@ -725,7 +726,7 @@ async fn a_stopped_relay_releases_its_data_at_once() {
                     order: o.id(),
                     store: o.store().clone(),
                     base: Vec::new(),
-                    numbered: false,
+                    number: None,
                     changes: Vec::new(),
                     compacted: Some(o.doc().save()),
                     status: OrderStatus::InProgress,
@@ -770,7 +771,7 @@ async fn a_number_that_missed_its_document_is_written_at_start() {
                 order: o.id(),
                 store: o.store().clone(),
                 base: Vec::new(),
-                numbered: false,
+                number: None,
                 changes: o
                     .doc()
                     .get_changes(&[])

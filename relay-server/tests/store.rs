@@ -111,7 +111,7 @@ fn write(o: &Order, since: &[ChangeHash], at: i64) -> OrderWrite {
         compacted: None,
         status: o.status().unwrap(),
         base: hashes(since),
-        numbered: o.number().unwrap().is_some(),
+        number: o.number().unwrap(),
         heads: heads(o),
         at,
     }

@@ -71,6 +71,7 @@ async fn devices_sync_over_tls_and_plain_tcp_is_refused() {
         device: device.device.to_string(),
         agent: "tls".into(),
         feed_since: 0,
+        highest_number: None,
     };
     ws.send(Message::Binary(hello.encode().into()))
         .await

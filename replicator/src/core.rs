@@ -26,7 +26,9 @@ use std::collections::{BTreeMap, VecDeque};
 use automerge::sync;
 use automerge::{Automerge, ChangeHash, ReadDoc};
 use crdt_model::guard;
-use crdt_model::wire::{ClientFrame, FeedEntry, RelayFrame, Version, codes, heads_from_wire};
+use crdt_model::wire::{
+    ClientFrame, FeedEntry, RelayFrame, Version, Voucher, codes, heads_from_wire,
+};
 use crdt_model::{
     Currency, Entropy, ModelError, NewOrder, Order, OrderId, OrderNumber, OrderStatus, OrderView,
     SplitMix64, Timestamp, Writer,
@@ -99,6 +101,8 @@ pub enum Effect {
     },
     /// Remember the store feed position.
     FeedSeq(u64),
+    /// Record the relay data id seen in `welcome` ([`crate::Store::set_relay_data`]).
+    RelayData(String),
     /// Open the connection to the relay now.
     Connect,
 }
@@ -191,6 +195,9 @@ impl Held {
     }
 }
 
+/// A feed entry whose order has not caught up: its position, heads and the relay's voucher.
+type FeedWait = (u64, Vec<ChangeHash>, Option<[u8; 32]>);
+
 struct Slot {
     held: Held,
     /// `record.receipted` holds the heads the relay is known to hold durably: receipts, and
@@ -224,8 +231,11 @@ pub struct Engine {
     /// Orders the feed said were behind whose catch-up has not finished: their entry's
     /// position and heads. The stored position stays below them, so a cut connection or a
     /// crash brings their entries again.
-    feed_waiting: BTreeMap<OrderId, (u64, Vec<ChangeHash>)>,
+    feed_waiting: BTreeMap<OrderId, FeedWait>,
     storage_errors: u32,
+    /// The relay data's id last seen in `welcome` (stored): another id means the relay was
+    /// restored from a backup.
+    relay_data: Option<String>,
     rng: SplitMix64,
     /// Set between [`Engine::begin`] and [`Engine::commit`] / [`Engine::rollback`].
     undo: Option<Undo>,
@@ -350,9 +360,32 @@ impl Engine {
             feed_seen: feed_seq,
             feed_waiting: BTreeMap::new(),
             storage_errors: 0,
+            relay_data: None,
             rng: SplitMix64::new(seed),
             undo: None,
         })
+    }
+
+    /// The engine knowing the relay data id it last synced with (from
+    /// [`crate::Store::relay_data`]), so a relay restored from a backup is noticed.
+    #[must_use]
+    pub fn with_relay_data(mut self, data: Option<String>) -> Self {
+        self.relay_data = data;
+        self
+    }
+
+    /// The relay data id last seen (see [`Engine::with_relay_data`]).
+    pub fn relay_data(&self) -> Option<&str> {
+        self.relay_data.as_deref()
+    }
+
+    /// The highest order number this device holds.
+    pub fn highest_number(&self) -> Option<u64> {
+        self.orders
+            .values()
+            .filter_map(|s| s.number)
+            .map(|n| n.0)
+            .max()
     }
 
     /// The device identity.
@@ -363,6 +396,12 @@ impl Engine {
     /// Whether the relay connection is up (welcome received).
     pub fn is_online(&self) -> bool {
         self.link == Link::Online
+    }
+
+    /// Whether the engine is offline (not connected, not connecting): a socket still open
+    /// should be closed.
+    pub fn is_offline(&self) -> bool {
+        matches!(self.link, Link::Offline { .. })
     }
 
     // ----- outputs -------------------------------------------------------------------------
@@ -446,6 +485,7 @@ impl Engine {
             device: self.identity.device.to_string(),
             agent: concat!("replicator/", env!("CARGO_PKG_VERSION")).to_owned(),
             feed_since: self.feed_seq,
+            highest_number: self.highest_number(),
         });
     }
 
@@ -523,7 +563,24 @@ impl Engine {
     /// One frame from the relay.
     pub fn handle_frame(&mut self, frame: RelayFrame, now: i64) {
         match frame {
-            RelayFrame::Welcome { .. } => self.on_welcome(now),
+            RelayFrame::Welcome { data, .. } => {
+                if let Some(data) = data
+                    && self.relay_data.as_deref() != Some(data.as_str())
+                {
+                    // The reset is queued before the new id, so a crash between the two
+                    // finds the old id and resets again.
+                    let restored = self.relay_data.is_some();
+                    if restored {
+                        self.relay_restored(now);
+                    }
+                    self.relay_data = Some(data.clone());
+                    self.effects.push_back(Effect::RelayData(data));
+                    if restored {
+                        return;
+                    }
+                }
+                self.on_welcome(now);
+            }
             RelayFrame::Sync { order, data } => {
                 if let Err(e) = self.handle_sync(&order, &data, now) {
                     tracing::warn!(%order, error = %e, "sync message refused");
@@ -568,6 +625,41 @@ impl Engine {
             RelayFrame::Ping { nonce } => self.outbox.push_back(ClientFrame::Pong { nonce }),
             RelayFrame::Pong { .. } => {}
             RelayFrame::Bye => self.handle_disconnected(now),
+        }
+    }
+
+    /// The relay's data is not what this device synced with: it was restored from a backup,
+    /// and receipts it gave may name changes it lost. Every order pushes everything again
+    /// (the relay takes what it lacks and ignores the rest; its own changes come back sealed),
+    /// the feed is read from the start, and the device reconnects at once so its hello says
+    /// so. All of it is written in the same flush as the new data id.
+    fn relay_restored(&mut self, now: i64) {
+        tracing::warn!("the relay's data was restored from a backup: sending every order again");
+        let ids: Vec<OrderId> = self.orders.keys().copied().collect();
+        for id in ids {
+            if let Some(slot) = self.orders.get_mut(&id) {
+                slot.record.receipted.clear();
+                slot.pushed.clear();
+                slot.sync = sync::State::new();
+                slot.subscribed = false;
+                self.effects.push_back(Effect::Record {
+                    order: id,
+                    record: slot.record.clone(),
+                });
+            }
+            self.transition(id, Trigger::RelayRestored, now);
+        }
+        self.feed_waiting.clear();
+        self.feed_seq = 0;
+        self.feed_seen = 0;
+        self.effects.push_back(Effect::FeedSeq(0));
+        // Reconnect without waiting: the relay is there.
+        self.handle_disconnected(now);
+        if let Link::Offline { attempt, .. } = self.link {
+            self.link = Link::Offline {
+                attempt,
+                retry_at: now,
+            };
         }
     }
 
@@ -821,6 +913,10 @@ impl Engine {
                 .parse::<OrderStatus>()
                 .map(OrderStatus::is_terminal)
                 .unwrap_or(false);
+            let tag: Option<[u8; 32]> = e
+                .voucher
+                .as_ref()
+                .and_then(|t| <[u8; 32]>::try_from(t.as_slice()).ok());
             match self.orders.get(&id) {
                 Some(slot) => {
                     let theirs = heads_from_wire(&e.heads).unwrap_or_default();
@@ -830,10 +926,12 @@ impl Engine {
                     if behind && slot.record.status != LocalSyncStatus::Blocked {
                         let subscribed = slot.subscribed;
                         let seq = self.feed_waiting.get(&id).map_or(e.seq, |w| w.0.min(e.seq));
-                        self.feed_waiting.insert(id, (seq, theirs));
+                        self.feed_waiting.insert(id, (seq, theirs, tag));
                         if !subscribed {
                             self.send_sync(id);
                         }
+                    } else if !behind && let Some(tag) = tag {
+                        self.keep_voucher(id, &theirs, tag);
                     }
                 }
                 None if !terminal && !self.removed.contains_key(&id) => {
@@ -866,8 +964,24 @@ impl Engine {
 
     /// `id` got changes from the relay: if it now holds what the feed announced, its entry is
     /// handled.
+    /// Keeps the relay's voucher for `heads` of `id` (the device holds them all).
+    fn keep_voucher(&mut self, id: OrderId, heads: &[ChangeHash], tag: [u8; 32]) {
+        let Some(slot) = self.orders.get_mut(&id) else {
+            return;
+        };
+        let v = (from_hashes(heads), tag);
+        if slot.record.voucher.as_ref() == Some(&v) {
+            return;
+        }
+        slot.record.voucher = Some(v);
+        self.effects.push_back(Effect::Record {
+            order: id,
+            record: slot.record.clone(),
+        });
+    }
+
     fn feed_caught_up(&mut self, id: OrderId) {
-        let Some((_, heads)) = self.feed_waiting.get(&id) else {
+        let Some((_, heads, _)) = self.feed_waiting.get(&id) else {
             return;
         };
         let held = self.orders.get(&id).is_some_and(|s| {
@@ -876,7 +990,9 @@ impl Engine {
                 .all(|h| s.held.doc().get_change_meta_by_hash(h).is_some())
         });
         if held {
-            self.feed_waiting.remove(&id);
+            if let Some((_, heads, Some(tag))) = self.feed_waiting.remove(&id) {
+                self.keep_voucher(id, &heads, tag);
+            }
             self.advance_feed();
         }
     }
@@ -996,10 +1112,20 @@ impl Engine {
         }
         slot.subscribed = true;
         slot.pushed.clone_from(&heads);
+        // Nothing of the order is acknowledged (after a restore, or never): the relay's
+        // voucher goes along, so the other writers' changes in the push are accepted.
+        let voucher = match &slot.record.voucher {
+            Some((vheads, tag)) if slot.record.receipted.is_empty() => Some(Voucher {
+                heads: vheads.iter().map(|h| ByteBuf::from(h.to_vec())).collect(),
+                tag: ByteBuf::from(tag.to_vec()),
+            }),
+            _ => None,
+        };
         self.outbox.push_back(ClientFrame::Changes {
             order: id.to_string(),
             changes,
             heads: crdt_model::wire::heads_to_wire(&heads),
+            voucher,
         });
     }
 

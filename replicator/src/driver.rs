@@ -163,7 +163,7 @@ impl Replicator {
     ) -> Result<Self, ReplicatorError> {
         let st = Arc::clone(&store);
         let id = identity.clone();
-        let (identity, orders, feed) =
+        let (identity, orders, feed, relay_data) =
             tokio::task::spawn_blocking(move || -> Result<_, ReplicatorError> {
                 // The same device and store may come with a new relay address or token (the
                 // relay moved, the token was rotated); its actor epoch is the stored one.
@@ -181,7 +181,12 @@ impl Replicator {
                     _ => id,
                 };
                 st.set_identity(&identity)?;
-                Ok((identity, st.load_orders()?, st.feed_seq()?))
+                Ok((
+                    identity,
+                    st.load_orders()?,
+                    st.feed_seq()?,
+                    st.relay_data()?,
+                ))
             })
             .await
             .map_err(|e| ReplicatorError::Storage(e.to_string()))??;
@@ -192,7 +197,8 @@ impl Replicator {
             feed,
             config.engine.clone(),
             rng.next_u64(),
-        )?;
+        )?
+        .with_relay_data(relay_data);
         let (events, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -932,7 +938,10 @@ async fn connection_task(shared: Arc<Shared>) {
             if alive {
                 alive = send_all(&mut ws, frames).await;
             }
-            if !shared.state.lock().await.engine.is_online() && !alive {
+            // The engine went offline (the relay said bye, refused the token, or its data
+            // was restored and the engine wants a fresh hello): this socket is done.
+            let st = shared.state.lock().await;
+            if (!st.engine.is_online() && !alive) || st.engine.is_offline() {
                 break;
             }
         }

@@ -100,6 +100,8 @@ impl LocalSyncStatus {
             (Syncing | Charged | Removing | Failed, Offline) => Delayed,
             (Delayed | Failed, Reconnected) => Syncing,
             (Syncing | Charged | Removing | Delayed, StorageErrors) => Failed,
+            // The relay's data went back to a backup: what it held may be gone.
+            (Synced, RelayRestored) => Syncing,
             (Synced, Evicted) => Removed,
             (Synced, RemoteChange | Fetched) => Synced,
             _ => return None,
@@ -149,11 +151,14 @@ pub enum Trigger {
     Evicted,
     /// The order was fetched from the relay (again).
     Fetched,
+    /// The relay's data was restored from a backup (its data id changed): receipts it gave
+    /// before may name changes it no longer holds.
+    RelayRestored,
 }
 
 impl Trigger {
     /// Every trigger.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::LocalEdit,
         Self::ChargeStarted,
         Self::PaymentCaptured,
@@ -169,5 +174,6 @@ impl Trigger {
         Self::RemoteChange,
         Self::Evicted,
         Self::Fetched,
+        Self::RelayRestored,
     ];
 }

@@ -76,6 +76,11 @@ pub struct OrderRecord {
     pub settled_at: Option<i64>,
     /// Last local change of this record (ms).
     pub updated_at: i64,
+    /// The relay's latest voucher for this order whose heads the device holds (heads, tag):
+    /// pushed after a restore so the other writers' changes the device delivers are accepted
+    /// (`crdt_model::seal`).
+    #[serde(default)]
+    pub voucher: Option<(Vec<[u8; 32]>, [u8; 32])>,
 }
 
 impl OrderRecord {
@@ -88,6 +93,7 @@ impl OrderRecord {
             charging: Vec::new(),
             settled_at: None,
             updated_at: now_ms,
+            voucher: None,
         }
     }
 }
@@ -138,6 +144,10 @@ pub trait Store: Send + Sync + 'static {
     fn feed_seq(&self) -> Result<u64, ReplicatorError>;
     /// Records the last store-feed sequence processed.
     fn set_feed_seq(&self, seq: u64) -> Result<(), ReplicatorError>;
+    /// The id of the relay data this device last synced with (`welcome`'s `data`), if any.
+    fn relay_data(&self) -> Result<Option<String>, ReplicatorError>;
+    /// Records the relay data id.
+    fn set_relay_data(&self, data: &str) -> Result<(), ReplicatorError>;
 
     /// Performs the engine's storage effects in order; a record for an order that is gone is
     /// skipped (it was removed meanwhile). `durable` counts the effects from the start that are
@@ -171,6 +181,7 @@ fn perform<S: Store + ?Sized>(store: &S, effect: &Effect) -> Result<(), Replicat
         } => store.compact(*order, snapshot, record),
         Effect::Remove { order } => store.remove(*order),
         Effect::FeedSeq(seq) => store.set_feed_seq(*seq),
+        Effect::RelayData(data) => store.set_relay_data(data),
         Effect::Connect => Ok(()),
     }
 }
@@ -180,6 +191,7 @@ struct MemoryInner {
     identity: Option<Identity>,
     orders: BTreeMap<OrderId, StoredOrder>,
     feed_seq: u64,
+    relay_data: Option<String>,
 }
 
 /// A store in memory, for simulations and tests. Cloning the data out (`snapshot`) and back
@@ -219,6 +231,7 @@ impl MemoryStore {
                 identity: g.identity.clone(),
                 orders: g.orders.clone(),
                 feed_seq: g.feed_seq,
+                relay_data: g.relay_data.clone(),
             }),
         })
     }
@@ -309,6 +322,20 @@ impl Store for MemoryStore {
 
     fn set_feed_seq(&self, seq: u64) -> Result<(), ReplicatorError> {
         self.inner.lock().map_err(|_| poisoned())?.feed_seq = seq;
+        Ok(())
+    }
+
+    fn relay_data(&self) -> Result<Option<String>, ReplicatorError> {
+        Ok(self
+            .inner
+            .lock()
+            .map_err(|_| poisoned())?
+            .relay_data
+            .clone())
+    }
+
+    fn set_relay_data(&self, data: &str) -> Result<(), ReplicatorError> {
+        self.inner.lock().map_err(|_| poisoned())?.relay_data = Some(data.to_owned());
         Ok(())
     }
 }

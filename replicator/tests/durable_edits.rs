@@ -127,6 +127,14 @@ impl Store for FaultyStore {
     fn set_feed_seq(&self, seq: u64) -> Result<(), ReplicatorError> {
         self.write(|s| s.set_feed_seq(seq))
     }
+
+    fn relay_data(&self) -> Result<Option<String>, ReplicatorError> {
+        self.inner.relay_data()
+    }
+
+    fn set_relay_data(&self, data: &str) -> Result<(), ReplicatorError> {
+        self.write(|s| s.set_relay_data(data))
+    }
 }
 
 fn identity(seed: u64) -> Identity {
@@ -312,6 +320,7 @@ fn perform(engine: &mut Engine, store: &MemoryStore) {
             } => store.compact(order, &snapshot, &record).unwrap(),
             Effect::Remove { order } => store.remove(order).unwrap(),
             Effect::FeedSeq(s) => store.set_feed_seq(s).unwrap(),
+            Effect::RelayData(d) => store.set_relay_data(&d).unwrap(),
             Effect::Connect => {}
         }
     }
@@ -351,6 +360,7 @@ fn exchange(
                 order,
                 changes,
                 heads,
+                ..
             } = frame
             {
                 // A push (protocol 2): applied, receipted with the device's heads; if the
@@ -390,6 +400,7 @@ fn online_engine(store: &MemoryStore, relay: &mut MiniRelay) -> Engine {
             relay: "relay".into(),
             store: "s1".into(),
             feed_seq: 0,
+            data: None,
         },
         T0,
     );

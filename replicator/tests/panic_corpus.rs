@@ -83,6 +83,7 @@ impl Exchange {
                 relay: "relay".into(),
                 store: "store-1".into(),
                 feed_seq: 0,
+                data: None,
             },
             0,
         );
@@ -98,6 +99,7 @@ impl Exchange {
                         number: None,
                         status: "in_progress".into(),
                         heads: wire::heads_to_wire(&self.relay_doc.get_heads()),
+                        voucher: None,
                     }],
                 },
                 0,

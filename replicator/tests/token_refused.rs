@@ -36,6 +36,7 @@ fn online(e: &mut Engine, now: i64) {
             relay: "018bcfe5-73b8-76c9-9a3b-782b29572a06".into(),
             store: "s1".into(),
             feed_seq: 0,
+            data: None,
         },
         now,
     );

@@ -688,6 +688,14 @@ impl Store for FlakyStore {
     fn set_feed_seq(&self, seq: u64) -> Result<(), ReplicatorError> {
         self.write(|s| s.set_feed_seq(seq))
     }
+
+    fn relay_data(&self) -> Result<Option<String>, ReplicatorError> {
+        self.inner.relay_data()
+    }
+
+    fn set_relay_data(&self, data: &str) -> Result<(), ReplicatorError> {
+        self.write(|s| s.set_relay_data(data))
+    }
 }
 
 /// The order as the relay has committed it.

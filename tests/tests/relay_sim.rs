@@ -196,13 +196,19 @@ impl SimStore {
                 p.meta.created_at,
                 Some(p.meta.feed_seq),
             ),
-            None => {
-                last += 1;
-                (OrderNumber(last), true, w.at, None)
-            }
+            None => match w.number {
+                Some(n) => {
+                    last = last.max(n.0);
+                    (n, false, w.at, None)
+                }
+                None => {
+                    last += 1;
+                    (OrderNumber(last), true, w.at, None)
+                }
+            },
         };
         self.stores.insert(key.clone(), (last, seq));
-        if w.numbered {
+        if w.number.is_some() {
             self.unnumbered.remove(&w.order);
         } else if newly {
             self.unnumbered.insert(w.order);
@@ -261,7 +267,12 @@ impl SimStore {
         self.feed
             .range((s.clone(), since + 1)..=(s, u64::MAX))
             .take(limit)
-            .map(|(_, id)| feed_entry(&self.orders[id].meta))
+            .map(|(_, id)| {
+                feed_entry(
+                    &self.orders[id].meta,
+                    &crdt_model::SealKey::from_bytes([7; 32]),
+                )
+            })
             .collect()
     }
 
@@ -440,6 +451,7 @@ fn describe_client(f: &ClientFrame) -> String {
             order,
             changes,
             heads,
+            ..
         } => format!(
             "push {} changes {} heads {}",
             short(order),
@@ -574,6 +586,7 @@ impl World {
                 RelayCore::new(
                     self.relay_device,
                     self.relay_epoch,
+                    crdt_model::SealKey::from_bytes([7; 32]),
                     Box::new(SplitMix64::new(self.rng.0.next_u64() ^ s as u64)),
                     Arc::new(relay_server::metrics::Metrics::default()),
                     CoreConfig {
@@ -771,6 +784,7 @@ impl World {
                     } => term.store.compact(order, &snapshot, &record).unwrap(),
                     Effect::Remove { order } => term.store.remove(order).unwrap(),
                     Effect::FeedSeq(s) => term.store.set_feed_seq(s).unwrap(),
+                    Effect::RelayData(d) => term.store.set_relay_data(&d).unwrap(),
                     Effect::Connect => connect = true,
                 }
             }
@@ -980,7 +994,8 @@ impl World {
             engine_config(),
             self.now as u64 ^ t as u64,
         )
-        .unwrap();
+        .unwrap()
+        .with_relay_data(store.relay_data().unwrap());
         term.store = store;
         term.link = None;
         term.engine.handle_timeout(self.now);
@@ -1025,6 +1040,7 @@ impl World {
                     relay: self.relay_device.to_string(),
                     store: origin.store.to_string(),
                     feed_seq,
+                    data: None,
                 };
                 self.send_to_device(cid, welcome);
                 let at = self.now + self.delay();
@@ -1059,6 +1075,7 @@ impl World {
                 order,
                 changes,
                 heads,
+                voucher,
             } => {
                 let Some(id) = self.order_id(cid, &order) else {
                     return;
@@ -1067,8 +1084,17 @@ impl World {
                     Ok(p) => {
                         let s = shard_of(&id);
                         let now = self.now;
+                        let voucher = voucher.and_then(|v| {
+                            let heads = heads_from_wire(&v.heads).ok()?;
+                            Some((heads, v.tag.into_vec()))
+                        });
+                        let push = relay_server::core::Incoming::Push {
+                            changes: p.changes,
+                            heads: p.heads,
+                            voucher,
+                        };
                         self.relay.as_mut().unwrap().cores[s]
-                            .handle_push(now, origin, id, p.changes, p.heads);
+                            .handle_incoming(now, origin, id, push);
                         self.drain(s);
                     }
                     Err((code, why)) => {

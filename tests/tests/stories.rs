@@ -49,6 +49,8 @@ impl Term {
             device: self.device,
             store: store(),
             role: self.role,
+            seal: None,
+            vouched: Default::default(),
         }
     }
 

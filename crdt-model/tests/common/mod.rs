@@ -39,6 +39,8 @@ impl Term {
             device: self.device,
             store: store(),
             role: Role::Device,
+            seal: None,
+            vouched: Default::default(),
         }
     }
 

@@ -56,14 +56,14 @@ impl RelayCore {
         };
         let built = (|| {
             let status = crdt_model::status_of(snapshot)?;
-            let numbered = crdt_model::number_of(snapshot)?.is_some();
+            let number = crdt_model::number_of(snapshot)?;
             let store = match &d.store {
                 Some(s) => s.clone(),
                 None => crdt_model::store_of(snapshot)?,
             };
-            Ok::<_, crdt_model::ModelError>((status, numbered, store))
+            Ok::<_, crdt_model::ModelError>((status, number, store))
         })();
-        let (status, numbered, store) = match built {
+        let (status, number, store) = match built {
             Ok(v) => v,
             Err(e) => {
                 // The policy accepted the document, so it parses; if not, refuse loudly.
@@ -78,6 +78,13 @@ impl RelayCore {
             }
         };
         d.store = Some(store.clone());
+        if d.meta.is_none() && number.is_none() && self.recovering.contains(&store) {
+            // A new order in a store recovering from a restore: its number waits until every
+            // till has told the relay the numbers it holds (see `set_recovering`).
+            d.pending = batch;
+            d.held = true;
+            return;
+        }
         let n = u32::try_from(batch.changes.len()).unwrap_or(u32::MAX);
         let compacted = (d.tail_len.saturating_add(n) > COMPACT_EVERY).then(|| snapshot.save());
         let write = OrderWrite {
@@ -85,7 +92,7 @@ impl RelayCore {
             store,
             // One write per order is in flight, so each builds on what is stored.
             base: d.committed.get_heads().iter().map(|h| h.0).collect(),
-            numbered,
+            number,
             changes: batch
                 .changes
                 .iter()
@@ -248,7 +255,7 @@ impl RelayCore {
             })
             .collect();
         let store = outcome.meta.store.clone();
-        let entry = super::feed_entry(&outcome.meta);
+        let entry = super::feed_entry(&outcome.meta, &self.seal.key);
         let newly = outcome.newly_numbered;
         d.meta = Some(outcome.meta);
         sends.sort_by_key(|(conn, _, _)| *conn);

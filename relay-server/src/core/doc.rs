@@ -165,6 +165,8 @@ pub(super) struct DocState {
     /// What the policy learnt of the order (its header), valid for the accepted state;
     /// reset whenever the accepted state is rolled back.
     pub facts: OrderFacts,
+    /// A new order of a store in recovery: `pending` waits for numbering to resume.
+    pub held: bool,
 }
 
 impl DocState {
@@ -180,6 +182,7 @@ impl DocState {
             tail_len: 0,
             last_used: 0,
             facts: OrderFacts::default(),
+            held: false,
         }
     }
 

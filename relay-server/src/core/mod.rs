@@ -37,7 +37,8 @@ use std::sync::Arc;
 use automerge::sync;
 use crdt_model::wire::{FeedEntry, RelayFrame};
 use crdt_model::{
-    Author, DeviceId, Entropy, OrderId, OrderStatus, OrderView, Role, StoreId, Writer,
+    Author, DeviceId, Entropy, OrderId, OrderStatus, OrderView, RelaySeal, Role, SealKey, StoreId,
+    Writer,
 };
 use serde_bytes::ByteBuf;
 
@@ -188,6 +189,11 @@ pub struct RelayCore {
     outputs: VecDeque<Output>,
     writer: Writer,
     relay_author: Author,
+    /// The relay's seal, for judging the relay's changes a device delivers (after a restore).
+    seal: RelaySeal,
+    /// Stores in recovery after a restore: their new orders wait, accepted but not
+    /// committed, until numbering resumes ([`RelayCore::set_recovering`]).
+    recovering: HashSet<StoreId>,
     rng: Box<dyn Entropy + Send>,
     metrics: Arc<Metrics>,
     config: CoreConfig,
@@ -206,11 +212,12 @@ impl fmt::Debug for RelayCore {
 }
 
 impl RelayCore {
-    /// A core writing as `relay` (the relay's device identity and epoch), drawing its random
-    /// ids from `rng`.
+    /// A core writing as `relay` (the relay's device identity and epoch), sealing its changes
+    /// with `seal` (`crdt_model::seal`), drawing its random ids from `rng`.
     pub fn new(
         relay: DeviceId,
         epoch: u32,
+        seal: SealKey,
         rng: Box<dyn Entropy + Send>,
         metrics: Arc<Metrics>,
         config: CoreConfig,
@@ -223,11 +230,15 @@ impl RelayCore {
             touching: HashSet::new(),
             touch_retry: std::collections::BTreeMap::new(),
             outputs: VecDeque::new(),
-            writer: Writer::new(relay, epoch),
+            writer: Writer::new(relay, epoch).with_seal(seal.clone()),
+            seal: RelaySeal { relay, key: seal },
+            recovering: HashSet::new(),
             relay_author: Author {
                 device: relay,
                 store: StoreId::new("relay")?,
                 role: Role::Relay,
+                seal: None,
+                vouched: Default::default(),
             },
             rng,
             metrics,
@@ -241,9 +252,55 @@ impl RelayCore {
         self.outputs.pop_front()
     }
 
-    /// Whether nothing is being committed, waiting to be, or waiting for a load.
+    /// Whether nothing is being committed, waiting to be, or waiting for a load. New orders
+    /// held for their number during a store's recovery do not count: they wait for devices,
+    /// not for the store.
     pub fn is_idle(&self) -> bool {
-        self.loading.is_empty() && self.docs.values().all(|d| !d.busy())
+        self.loading.is_empty() && self.docs.values().all(|d| !d.busy() || d.held)
+    }
+
+    /// Puts `store` in recovery after a restore (`true`): a new order of it (one not stored
+    /// yet, whose document carries no number) is accepted but not committed, so it gets no
+    /// number, until the store leaves recovery (`false`), when every such order is written.
+    /// Orders that come back carrying the relay's sealed number are written at once.
+    pub fn set_recovering(&mut self, now: i64, store: StoreId, on: bool) {
+        if on {
+            self.recovering.insert(store);
+            return;
+        }
+        if !self.recovering.remove(&store) {
+            return;
+        }
+        let held: Vec<OrderId> = self
+            .docs
+            .iter()
+            .filter(|(_, d)| d.held && d.store.as_ref() == Some(&store))
+            .map(|(id, _)| *id)
+            .collect();
+        tracing::info!(%store, orders = held.len(), "numbering resumes");
+        for order in held {
+            if let Some(d) = self.docs.get_mut(&order) {
+                d.held = false;
+            }
+            self.dispatch(now, order);
+        }
+    }
+
+    /// Whether `store` is in recovery ([`RelayCore::set_recovering`]).
+    pub fn is_recovering(&self, store: &StoreId) -> bool {
+        self.recovering.contains(store)
+    }
+
+    /// The author a device's changes are judged as: the device, able to deliver the relay's
+    /// sealed changes.
+    fn device_author(&self, origin: &Origin) -> Author {
+        Author {
+            device: origin.device,
+            store: origin.store.clone(),
+            role: Role::Device,
+            seal: Some(self.seal.clone()),
+            vouched: Default::default(),
+        }
     }
 
     /// Whether inputs for `order` wait for its load.
@@ -271,7 +328,12 @@ impl RelayCore {
         changes: Vec<automerge::Change>,
         heads: Vec<automerge::ChangeHash>,
     ) {
-        self.handle_incoming(now, origin, order, Incoming::Push { changes, heads });
+        let push = Incoming::Push {
+            changes,
+            heads,
+            voucher: None,
+        };
+        self.handle_incoming(now, origin, order, push);
     }
 
     /// A sync message or a push from a device.
@@ -586,14 +648,19 @@ impl RelayCore {
         self.docs.get(&order).and_then(|d| d.meta.as_ref())
     }
 
-    /// The entry a stored order has in its store's feed.
-    pub fn feed_entry(meta: &OrderMeta) -> FeedEntry {
-        feed_entry(meta)
+    /// The entry a stored order has in its store's feed, with the relay's voucher.
+    pub fn feed_entry(&self, meta: &OrderMeta) -> FeedEntry {
+        feed_entry(meta, &self.seal.key)
     }
 }
 
-/// Feed entry for stored order metadata.
-pub fn feed_entry(meta: &OrderMeta) -> FeedEntry {
+/// Feed entry for stored order metadata, vouched for with the relay's key `seal`.
+pub fn feed_entry(meta: &OrderMeta, seal: &SealKey) -> FeedEntry {
+    let heads: Vec<automerge::ChangeHash> = meta
+        .heads
+        .iter()
+        .map(|h| automerge::ChangeHash(*h))
+        .collect();
     FeedEntry {
         seq: meta.feed_seq,
         order: meta.order.to_string(),
@@ -604,5 +671,6 @@ pub fn feed_entry(meta: &OrderMeta) -> FeedEntry {
             .iter()
             .map(|h| ByteBuf::from(h.to_vec()))
             .collect(),
+        voucher: Some(ByteBuf::from(seal.vouch(meta.order, &heads).to_vec())),
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, Change, ChangeHash, ReadDoc};
 use crdt_model::wire::{RelayFrame, codes, heads_to_wire};
-use crdt_model::{Author, OrderId, PolicyViolation, Role, validate_changes, validate_changes_with};
+use crdt_model::{OrderId, PolicyViolation, validate_changes, validate_changes_with};
 
 use super::doc::{
     PeerDoc, fresh_changes, holds, last_accepted, new_changes_in, within_queue_limits,
@@ -27,6 +27,9 @@ pub enum Incoming {
         changes: Vec<Change>,
         /// The device's heads after them.
         heads: Vec<ChangeHash>,
+        /// The relay's voucher the device holds for the order (heads, tag), sent after a
+        /// restore: changes by other writers in those heads' history are accepted.
+        voucher: Option<(Vec<ChangeHash>, Vec<u8>)>,
     },
 }
 
@@ -80,7 +83,7 @@ impl RelayCore {
             // so no message tells a device which ids exist in other stores.
             match msg {
                 Incoming::Sync(m) => self.answer_as_absent(origin, order, m),
-                Incoming::Push { changes, heads } => {
+                Incoming::Push { changes, heads, .. } => {
                     let m = sync::Message {
                         heads,
                         need: Vec::new(),
@@ -113,6 +116,14 @@ impl RelayCore {
         let limits = self.config.limits.clone();
         let conn_queued = self.conns.get(&conn).map_or(0, |c| c.queued_bytes);
         let relay_actor = self.writer.actor.clone();
+        let mut author = self.device_author(origin);
+        let voucher = match &msg {
+            Incoming::Push {
+                voucher: Some((heads, tag)),
+                ..
+            } if self.seal.key.vouches(order, heads, tag) => Some(heads.clone()),
+            _ => None,
+        };
         let Some(d) = self.docs.get_mut(&order) else {
             return;
         };
@@ -297,11 +308,9 @@ impl RelayCore {
             self.refuse_wrong_order_id(origin, order, inside);
             return;
         }
-        let author = Author {
-            device: origin.device,
-            store: origin.store.clone(),
-            role: Role::Device,
-        };
+        if let Some(heads) = &voucher {
+            author.vouched = vouched_among(&new_changes, heads);
+        }
         if let Err(violation) =
             validate_changes_with(base, after, &new_changes, &author, &mut d.facts)
         {
@@ -460,11 +469,7 @@ impl RelayCore {
             self.refuse_wrong_order_id(origin, order, inside);
             return;
         }
-        let author = Author {
-            device: origin.device,
-            store: origin.store.clone(),
-            role: Role::Device,
-        };
+        let author = self.device_author(origin);
         let new_changes = empty.get_changes(&[]);
         match validate_changes(&Automerge::new(), &empty, &new_changes, &author) {
             Err(v) if v != PolicyViolation::ForeignStore => {
@@ -488,4 +493,22 @@ impl RelayCore {
             ),
         }
     }
+}
+
+/// The changes among `new` in the history of `heads` (the relay vouched for those heads):
+/// walked from the heads through dependencies, only through new changes (the older ones the
+/// relay holds already).
+fn vouched_among(new: &[Change], heads: &[ChangeHash]) -> std::collections::BTreeSet<ChangeHash> {
+    let by_hash: std::collections::HashMap<ChangeHash, &Change> =
+        new.iter().map(|c| (c.hash(), c)).collect();
+    let mut out = std::collections::BTreeSet::new();
+    let mut stack: Vec<ChangeHash> = heads.to_vec();
+    while let Some(h) = stack.pop() {
+        if let Some(c) = by_hash.get(&h)
+            && out.insert(h)
+        {
+            stack.extend(c.deps().iter().copied());
+        }
+    }
+    out
 }

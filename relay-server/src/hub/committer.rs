@@ -182,7 +182,7 @@ mod tests {
             order: order(),
             store: crdt_model::StoreId::new("s1").unwrap(),
             base: Vec::new(),
-            numbered: false,
+            number: None,
             changes: Vec::new(),
             compacted: None,
             status: crdt_model::OrderStatus::InProgress,

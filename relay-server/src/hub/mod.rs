@@ -75,6 +75,10 @@ struct HubInner {
     metrics: Arc<Metrics>,
     limits: Limits,
     relay: DeviceId,
+    /// The data's id, sent in `welcome`.
+    data_id: String,
+    /// Stores in recovery after a restore (mirrors the cores').
+    recovering: std::sync::Mutex<std::collections::HashSet<StoreId>>,
     handles: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     feed_task: tokio::task::JoinHandle<()>,
     committer: std::sync::Mutex<Option<Arc<Committer>>>,
@@ -95,18 +99,30 @@ impl Hub {
             capacity: (config.cache_orders / n).max(16),
             limits: Limits::default(),
         };
+        let recovering = store.recovering_stores()?;
+        if !recovering.is_empty() {
+            tracing::warn!(
+                stores = recovering.len(),
+                "restored data: new orders of these stores get their numbers once every till \
+                 of the store has connected (or an operator releases the store)"
+            );
+        }
         let mut workers = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
         for _ in 0..n {
             let (tx, rx) = mpsc::channel(4096);
             let (events, events_rx) = mpsc::unbounded_channel();
-            let core = RelayCore::new(
+            let mut core = RelayCore::new(
                 identity.device,
                 identity.epoch,
+                store.seal_key(),
                 Box::new(OsEntropy),
                 Arc::clone(&metrics),
                 core_config.clone(),
             )?;
+            for s in &recovering {
+                core.set_recovering(now_ms(), s.clone(), true);
+            }
             let w = Worker {
                 core,
                 store: Arc::clone(&store),
@@ -146,6 +162,8 @@ impl Hub {
                 metrics,
                 limits: core_config.limits,
                 relay: identity.device,
+                data_id: store.data_id(),
+                recovering: std::sync::Mutex::new(recovering.into_iter().collect()),
                 handles: std::sync::Mutex::new(handles),
                 feed_task,
                 committer: std::sync::Mutex::new(Some(committer)),
@@ -171,6 +189,36 @@ impl Hub {
     /// The relay's own device id.
     pub fn relay_id(&self) -> DeviceId {
         self.inner.relay
+    }
+
+    /// The relay data's id (new after every restore).
+    pub fn data_id(&self) -> &str {
+        &self.inner.data_id
+    }
+
+    /// Whether `store` is in recovery after a restore.
+    pub fn is_recovering(&self, store: &StoreId) -> bool {
+        self.inner
+            .recovering
+            .lock()
+            .map(|r| r.contains(store))
+            .unwrap_or(false)
+    }
+
+    /// `store` left recovery (its store record says so already): its held new orders are
+    /// written and numbered.
+    pub async fn recovered(&self, store: &StoreId) {
+        if let Ok(mut r) = self.inner.recovering.lock() {
+            r.remove(store);
+        }
+        for w in &self.inner.workers {
+            let _ = w
+                .send(WorkerMsg::Recovering {
+                    store: store.clone(),
+                    on: false,
+                })
+                .await;
+        }
     }
 
     fn worker(&self, order: &OrderId) -> &mpsc::Sender<WorkerMsg> {

@@ -160,6 +160,7 @@ mod tests {
             number: Some(seq),
             status: "in_progress".into(),
             heads: Vec::new(),
+            voucher: None,
         }
     }
 

@@ -44,6 +44,11 @@ pub(crate) enum WorkerMsg {
     Flush {
         reply: oneshot::Sender<()>,
     },
+    /// A store entered or left recovery after a restore.
+    Recovering {
+        store: StoreId,
+        on: bool,
+    },
     Stop,
 }
 
@@ -153,6 +158,7 @@ impl Worker {
             }
             WorkerMsg::Touch { order } => self.core.handle_touch(now, order),
             WorkerMsg::Flush { reply } => self.flush_waiters.push(reply),
+            WorkerMsg::Recovering { store, on } => self.core.set_recovering(now, store, on),
             WorkerMsg::Stop => {}
         }
     }

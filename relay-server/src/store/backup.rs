@@ -9,10 +9,10 @@ use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTrans
 
 use super::codec;
 use super::tables::{
-    DEVICES, FEED, META, META_IDENTITY, NUMBERS, ORDERS, SNAPSHOTS, STORES, TAIL, TOKENS,
-    UNNUMBERED,
+    DEVICES, FEED, META, META_BACKUP, META_IDENTITY, NUMBERS, ORDERS, RECOVERY, SNAPSHOTS, STORES,
+    TAIL, TOKENS, UNNUMBERED,
 };
-use super::{RelayIdentity, RelayStore, open_error, set_immediate};
+use super::{RelayStore, open_error, set_immediate};
 use crate::error::RelayError;
 
 impl RelayStore {
@@ -58,25 +58,28 @@ impl RelayStore {
         copy_table(&src, &w, STORES)?;
         copy_table(&src, &w, DEVICES)?;
         copy_table(&src, &w, TOKENS)?;
-        // Absent in files from before the list existed.
-        match copy_table(&src, &w, UNNUMBERED) {
-            Err(RelayError::Storage(e))
-                if matches!(e.redb(), redb::Error::TableDoesNotExist(_)) => {}
-            other => {
-                other?;
+        // Absent in files from before the lists existed.
+        for copied in [
+            copy_table(&src, &w, UNNUMBERED),
+            copy_table(&src, &w, RECOVERY),
+        ] {
+            match copied {
+                Err(RelayError::Storage(e))
+                    if matches!(e.redb(), redb::Error::TableDoesNotExist(_)) => {}
+                other => {
+                    other?;
+                }
             }
         }
         {
-            let mut epoch = self.identity.epoch;
-            while epoch == self.identity.epoch {
-                epoch = u32::from_be_bytes(codec::random_bytes::<4>()?);
-            }
-            let id = RelayIdentity {
-                device: self.identity.device,
-                epoch,
-            };
-            w.open_table(META)?
-                .insert(META_IDENTITY, &codec::encode_identity(&id)[..])?;
+            let id = self.identity.with_fresh_epoch()?;
+            let mut meta = w.open_table(META)?;
+            meta.insert(META_IDENTITY, &codec::encode_identity(&id)[..])?;
+            // A backup is not relay data until `restore` made it so (see `recovery`).
+            let taken = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            meta.insert(META_BACKUP, &taken.to_be_bytes()[..])?;
         }
         w.commit()?;
         drop(src);

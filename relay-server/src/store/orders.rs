@@ -102,16 +102,36 @@ impl RelayStore {
                 .ok_or_else(|| RelayError::Internal(format!("feed of store {store} is full")))?;
             let (number, newly_numbered, created_at, old_tail, old_seq) = match &prev {
                 Some(p) => (p.number, false, p.created_at, p.tail_len, Some(p.feed_seq)),
-                None => {
-                    last_number = last_number.checked_add(1).ok_or_else(|| {
-                        RelayError::Internal(format!("order numbers of store {store} exhausted"))
-                    })?;
-                    numbers.insert((store, last_number), key)?;
-                    (OrderNumber(last_number), true, w.at, 0, None)
-                }
+                // Back through a till after a restore, with the number the relay gave it.
+                None => match w.number {
+                    Some(n) => {
+                        let holder = numbers.get((store, n.0))?.map(|g| g.value());
+                        match holder {
+                            Some(other) if other != key => tracing::error!(
+                                order = %w.order, number = n.0, store,
+                                "the number this order came back with is held by another order \
+                                 (recovery was released before every till was heard from)"
+                            ),
+                            _ => {
+                                numbers.insert((store, n.0), key)?;
+                            }
+                        }
+                        last_number = last_number.max(n.0);
+                        (n, false, w.at, 0, None)
+                    }
+                    None => {
+                        last_number = last_number.checked_add(1).ok_or_else(|| {
+                            RelayError::Internal(format!(
+                                "order numbers of store {store} exhausted"
+                            ))
+                        })?;
+                        numbers.insert((store, last_number), key)?;
+                        (OrderNumber(last_number), true, w.at, 0, None)
+                    }
+                },
             };
             stores.insert(store, (last_number, feed_seq))?;
-            if w.numbered {
+            if w.number.is_some() {
                 unnumbered.remove(key)?;
             } else if newly_numbered {
                 unnumbered.insert(key, ())?;

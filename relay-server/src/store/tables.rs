@@ -27,6 +27,15 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const META_FORMAT: &str = "format";
 /// Key in [`META`] of the relay's identity.
 pub const META_IDENTITY: &str = "identity";
+/// Key in [`META`] of the key sealing the relay's own changes (32 bytes, made on first open;
+/// backups carry it, see `crdt_model::seal`).
+pub const META_SEAL_KEY: &str = "seal_key";
+/// Key in [`META`] of the data's id (16 random bytes): made on first open and again by every
+/// restore, so devices can tell a relay whose data went back in time.
+pub const META_DATA_ID: &str = "data_id";
+/// Key in [`META`] present only in a backup file (the time it was taken, ms, 8 bytes): `serve`
+/// refuses such a file until `restore` has made it relay data again.
+pub const META_BACKUP: &str = "backup";
 
 /// Store-wide values: format version and identity.
 pub const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("meta");
@@ -51,6 +60,10 @@ pub const TOKENS: TableDefinition<'static, [u8; 32], &[u8]> = TableDefinition::n
 /// Orders stored with a number their document does not carry yet (the relay's number change
 /// is not durable): the relay writes those numbers at start. Absent in older files: empty.
 pub const UNNUMBERED: TableDefinition<'static, [u8; 16], ()> = TableDefinition::new("unnumbered");
+
+/// Store -> JSON recovery record of the last restore (devices not heard from since, the
+/// numbers the restore reserved). Absent in older files and for stores never restored.
+pub const RECOVERY: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("recovery");
 
 /// Names of every table above, to tell our database from a foreign redb file.
 pub const ALL_TABLES: [&str; 9] = [

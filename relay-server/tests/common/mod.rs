@@ -190,6 +190,7 @@ impl Client {
             device: device.to_string(),
             agent: "test".into(),
             feed_since: 0,
+            highest_number: None,
         };
         ws.send(Message::Binary(hello.encode().into()))
             .await
@@ -528,6 +529,7 @@ pub mod terminal {
                 device: self.device.to_string(),
                 agent: "terminal-test".into(),
                 feed_since: self.feed_seq,
+                highest_number: None,
             })
             .await?;
             match self.next_frame(Duration::from_secs(5)).await? {

@@ -57,6 +57,8 @@ pub const META_FORMAT: &str = "replicator.format";
 pub const META_IDENTITY: &str = "identity";
 /// Key in [`META`] of the last store-feed sequence processed (u64 big-endian).
 pub const META_FEED_SEQ: &str = "feed_seq";
+/// Key in [`META`] of the relay data id last synced with (UTF-8).
+pub const META_RELAY_DATA: &str = "relay_data";
 
 /// Store-wide values: format version, identity, feed sequence.
 pub const META: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("meta");
@@ -522,6 +524,22 @@ impl Store for RedbStore {
         self.write(|txn| set_feed_seq_in(txn, seq))
     }
 
+    fn relay_data(&self) -> Result<Option<String>, ReplicatorError> {
+        let txn = self.read()?;
+        let meta = txn.open_table(META).map_err(db_err)?;
+        let stored = meta.get(META_RELAY_DATA).map_err(db_err)?;
+        stored
+            .map(|g| {
+                String::from_utf8(g.value().to_vec())
+                    .map_err(|_| ReplicatorError::Corrupt("relay data id is not UTF-8".into()))
+            })
+            .transpose()
+    }
+
+    fn set_relay_data(&self, data: &str) -> Result<(), ReplicatorError> {
+        self.write(|txn| set_relay_data_in(txn, data))
+    }
+
     /// The whole batch in one write transaction: one fsync for every effect queued, all or
     /// nothing.
     fn write_batch(&self, effects: &[Effect], durable: &mut usize) -> Result<(), ReplicatorError> {
@@ -541,6 +559,7 @@ impl Store for RedbStore {
                     } => compact_in(txn, *order, snapshot, record),
                     Effect::Remove { order } => remove_in(txn, *order),
                     Effect::FeedSeq(seq) => set_feed_seq_in(txn, *seq),
+                    Effect::RelayData(data) => set_relay_data_in(txn, data),
                     Effect::Connect => Ok(()),
                 };
                 match done {
@@ -637,6 +656,13 @@ fn remove_in(txn: &WriteTransaction, order: OrderId) -> Result<(), ReplicatorErr
     txn.open_table(TAIL)
         .map_err(db_err)?
         .retain_in(tail_range(key), |_, _| false)
+        .map_err(db_err)?;
+    Ok(())
+}
+
+fn set_relay_data_in(txn: &WriteTransaction, data: &str) -> Result<(), ReplicatorError> {
+    let mut meta = txn.open_table(META).map_err(db_err)?;
+    meta.insert(META_RELAY_DATA, data.as_bytes())
         .map_err(db_err)?;
     Ok(())
 }

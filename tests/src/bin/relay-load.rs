@@ -275,6 +275,7 @@ impl Device {
             order: self.order.id().to_string(),
             changes,
             heads: heads_to_wire(&heads),
+            voucher: None,
         };
         self.pushed = heads;
         self.ws.frame(&f).await
@@ -648,6 +649,7 @@ async fn device_main(
         device: device.to_string(),
         agent: "relay-load".into(),
         feed_since: 0,
+        highest_number: None,
     };
     ws.frame(&hello).await.map_err(fail)?;
     loop {

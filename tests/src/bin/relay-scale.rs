@@ -316,6 +316,7 @@ async fn hello(ws: &mut Ws, device: DeviceId, feed_since: u64) -> Result<()> {
             device: device.to_string(),
             agent: "relay-scale".into(),
             feed_since,
+            highest_number: None,
         },
     )
     .await?;
@@ -753,7 +754,7 @@ fn build_order(
         status: OrderStatus::InProgress,
         // A new order: it builds on nothing stored.
         base: Vec::new(),
-        numbered: false,
+        number: None,
         heads: numbered.heads().iter().map(|h| h.0).collect(),
         at: at.0,
     })
