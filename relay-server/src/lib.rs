@@ -14,7 +14,8 @@
 //! * `conn`: one device connection (handshake, frames, rate limit, feed catch-up).
 //! * [`server`]: the HTTP router (WebSocket upgrade, back-office API, health, metrics), auth,
 //!   limits and graceful shutdown.
-//! * [`metrics`]: Prometheus text metrics.
+//! * [`metrics`]: the relay's counters and gauges (`prometheus-client`), rendered as
+//!   Prometheus text.
 //! * [`screen`]: checks a device's sync message against [`screen::Limits`] before Automerge
 //!   decodes it. Panics in one frame's work are contained with `crdt_model::guard::contain`.
 //! * [`tls`]: rustls for `wss://` when a certificate is configured.
