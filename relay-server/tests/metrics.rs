@@ -145,18 +145,28 @@ impl Exposition {
     }
 }
 
-/// The metric names `docs/operations.md` lists in its Monitor section (labels dropped).
-fn documented_names() -> BTreeSet<String> {
-    let doc = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../docs/operations.md"
-    ))
-    .unwrap();
+const DOCS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs");
+
+/// The Monitor section of `docs/operations.md`.
+fn monitor_section() -> String {
+    let doc = std::fs::read_to_string(format!("{DOCS}/operations.md")).unwrap();
     let start = doc.find("## Monitor").unwrap();
     let end = doc[start + 1..]
         .find("\n## ")
         .map_or(doc.len(), |i| start + 1 + i);
-    let section = &doc[start..end];
+    doc[start..end].to_owned()
+}
+
+/// The alerting rules (the YAML block) of the Monitor section.
+fn alert_rules() -> String {
+    let section = monitor_section();
+    let rules = section.split("```yaml\n").nth(1).unwrap();
+    rules[..rules.find("```").unwrap()].to_owned()
+}
+
+/// The metric names `docs/operations.md` lists in its Monitor section (labels dropped).
+fn documented_names() -> BTreeSet<String> {
+    let section = monitor_section();
     let list = section.split("`/metrics` exposes:").nth(1).unwrap();
     let list = &list[..list.find("\n\n").unwrap()];
     list.split('`')
@@ -290,4 +300,65 @@ async fn gauges_never_go_negative_through_pushes_and_disconnects() {
         "documented but not rendered: {missing:?}\n{text}"
     );
     relay.stop().await;
+}
+
+/// The alerts the operations guide documents name only metrics the relay exports (an alert on
+/// a misspelt metric never fires), and, where promtool is installed, the rules load and pass
+/// their unit tests (`docs/relay-alerts.test.yml`: each alert fires on the failure it is for
+/// and stays quiet on a healthy busy relay).
+#[test]
+fn documented_alerts_use_exported_metrics_and_pass_promtool() {
+    let rules = alert_rules();
+    let documented = documented_names();
+    let mut named = BTreeSet::new();
+    for (i, _) in rules.match_indices("relay_") {
+        let name: String = rules[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        named.insert(name);
+    }
+    assert!(named.len() >= 10, "{named:?}");
+    for name in &named {
+        let base = name
+            .strip_suffix("_bucket")
+            .or_else(|| name.strip_suffix("_sum"))
+            .or_else(|| name.strip_suffix("_count"))
+            .unwrap_or(name);
+        assert!(
+            documented.contains(name) || documented.contains(base),
+            "an alert uses {name}, which the relay does not export"
+        );
+    }
+
+    let promtool = std::process::Command::new("promtool")
+        .arg("--version")
+        .output();
+    if !promtool.is_ok_and(|o| o.status.success()) {
+        eprintln!("promtool not installed: alert rules not loaded (apt-get install prometheus)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yml"), &rules).unwrap();
+    std::fs::copy(
+        format!("{DOCS}/relay-alerts.test.yml"),
+        dir.path().join("test.yml"),
+    )
+    .unwrap();
+    for args in [
+        ["check", "rules", "rules.yml"],
+        ["test", "rules", "test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
