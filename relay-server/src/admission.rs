@@ -342,7 +342,7 @@ pub struct Guarded<Io> {
 
 impl<Io> Drop for Guarded<Io> {
     fn drop(&mut self) {
-        self.metrics.sockets.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.sockets.dec();
     }
 }
 
@@ -358,9 +358,7 @@ impl<Io: AsyncRead + Unpin> AsyncRead for Guarded<Io> {
                 this.sleep.as_mut().reset(deadline);
             }
             if this.sleep.as_mut().poll(cx).is_ready() {
-                this.metrics
-                    .handshake_timeouts
-                    .fetch_add(1, Ordering::Relaxed);
+                this.metrics.handshake_timeouts.inc();
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "handshake timed out",
@@ -432,7 +430,7 @@ impl Acceptor {
             let permit = match Arc::clone(&self.sockets).try_acquire_owned() {
                 Ok(p) => p,
                 Err(_) => {
-                    let n = self.metrics.sockets_full.fetch_add(1, Ordering::Relaxed);
+                    let n = self.metrics.sockets_full.inc();
                     if n.is_power_of_two() || n == 0 {
                         tracing::warn!(
                             times = n + 1,
@@ -448,7 +446,7 @@ impl Acceptor {
             match self.tcp.accept().await {
                 Ok((stream, addr)) => {
                     let _ = stream.set_nodelay(true);
-                    self.metrics.sockets.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.sockets.inc();
                     let handshake = Arc::new(Handshake::new(self.handshake_timeout));
                     let sleep = Box::pin(tokio::time::sleep(self.handshake_timeout));
                     let io = Guarded {
@@ -462,7 +460,7 @@ impl Acceptor {
                 }
                 Err(e) => {
                     drop(permit);
-                    self.metrics.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.accept_errors.inc();
                     if matches!(
                         e.kind(),
                         io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset

@@ -2,7 +2,6 @@
 //! feed catch-up, and the loop that moves frames between the socket and the hub.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use automerge::sync;
@@ -70,17 +69,14 @@ fn too_large(e: axum::Error) -> Option<String> {
 }
 
 async fn send(ws: &mut WebSocket, state: &AppState, frame: &RelayFrame) -> bool {
-    state.metrics.frames_out.fetch_add(1, Ordering::Relaxed);
+    state.metrics.frames_out.inc();
     ws.send(Message::Binary(frame.encode().into()))
         .await
         .is_ok()
 }
 
 async fn fail(mut ws: WebSocket, state: &AppState, code: &str, message: String) {
-    state
-        .metrics
-        .protocol_errors
-        .fetch_add(1, Ordering::Relaxed);
+    state.metrics.protocol_errors.inc();
     tracing::info!(code, %message, "closing connection");
     let _ = send(&mut ws, state, &RelayFrame::error(code, message, true)).await;
     let _ = ws.close().await;
@@ -110,7 +106,7 @@ pub(crate) async fn serve(
         }
         _ => return fail(ws, &state, codes::PROTOCOL_VIOLATION, "no hello".into()).await,
     };
-    state.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+    state.metrics.frames_in.inc();
     let (claimed, since, highest) = match first {
         Ok(ClientFrame::Hello {
             protocol,
@@ -270,7 +266,7 @@ async fn run(
     loop {
         if ticket.is_revoked() {
             // Nothing more from a revoked device reaches the hub.
-            state.metrics.revoked_closed.fetch_add(1, Ordering::Relaxed);
+            state.metrics.revoked_closed.inc();
             tracing::info!(device = %peer.device, conn = %peer.conn, "device revoked; closing");
             let _ = send(
                 ws,
@@ -299,7 +295,7 @@ async fn run(
                     Some(Ok(Message::Binary(b))) => b,
                     Some(Ok(Message::Text(_))) => {
                         let _ = send(ws, state, &RelayFrame::error(codes::MALFORMED_FRAME, "text messages are not frames", true)).await;
-                        state.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        state.metrics.protocol_errors.inc();
                         return;
                     }
                     Some(Ok(Message::Close(_))) | None => return,
@@ -308,14 +304,14 @@ async fn run(
                         if let Some(msg) = too_large(e) {
                             let _ = send(ws, state, &RelayFrame::error(codes::FRAME_TOO_LARGE, msg, true)).await;
                         }
-                        state.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        state.metrics.protocol_errors.inc();
                         return;
                     }
                 };
-                state.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+                state.metrics.frames_in.inc();
                 let wait = limit.take();
                 if !wait.is_zero() {
-                    state.metrics.rate_waits.fetch_add(1, Ordering::Relaxed);
+                    state.metrics.rate_waits.inc();
                     tokio::time::sleep(wait).await;
                 }
                 match ClientFrame::decode(&bytes) {
@@ -373,12 +369,12 @@ async fn run(
                     Ok(ClientFrame::Bye) => return,
                     Ok(ClientFrame::Hello { .. }) => {
                         let _ = send(ws, state, &RelayFrame::error(codes::PROTOCOL_VIOLATION, "hello sent twice", true)).await;
-                        state.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        state.metrics.protocol_errors.inc();
                         return;
                     }
                     Err(e) => {
                         let _ = send(ws, state, &RelayFrame::error(codes::MALFORMED_FRAME, e.to_string(), true)).await;
-                        state.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        state.metrics.protocol_errors.inc();
                         return;
                     }
                 }
@@ -397,7 +393,7 @@ async fn run(
                         Err(_) => break,
                     }
                 }
-                state.metrics.frames_out.fetch_add(batch, Ordering::Relaxed);
+                state.metrics.frames_out.inc_by(batch);
                 if !ok || ws.flush().await.is_err() {
                     return;
                 }
@@ -408,7 +404,7 @@ async fn run(
                 tracing::warn!(conn = %peer.conn, "the hub closed the connection");
                 let drain = async {
                     while let Ok(frame) = outbox.try_recv() {
-                        state.metrics.frames_out.fetch_add(1, Ordering::Relaxed);
+                        state.metrics.frames_out.inc();
                         if ws.send(Message::Binary(frame)).await.is_err() {
                             return;
                         }
@@ -420,7 +416,7 @@ async fn run(
             _ = shutdown.changed() => {
                 // The hub has flushed its commits: deliver the receipts still queued, then go.
                 while let Ok(frame) = outbox.try_recv() {
-                    state.metrics.frames_out.fetch_add(1, Ordering::Relaxed);
+                    state.metrics.frames_out.inc();
                     if ws.send(Message::Binary(frame)).await.is_err() {
                         return;
                     }

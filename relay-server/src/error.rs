@@ -84,6 +84,72 @@ pub enum RelayError {
     /// a failed load every request waiting for the order.
     #[error(transparent)]
     Shared(std::sync::Arc<RelayError>),
+    /// A call to a running relay's admin API (the command line's `--relay`) failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// Why a call to a running relay's admin API failed, in words the operator can act on.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The relay address is not `https://host:port`, `http://host:port` or `host:port`.
+    #[error("bad relay address {given:?}: {reason}")]
+    BadUrl {
+        /// What was given.
+        given: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The CA certificate file to trust could not be read or holds no certificate.
+    #[error("cannot use the CA certificate file {path}: {reason}")]
+    CaCert {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Nothing accepts connections at the relay's address.
+    #[error("connection refused by {url}: is the relay running and listening there?")]
+    Refused {
+        /// The relay's URL.
+        url: String,
+    },
+    /// The relay could not be reached or did not answer: host not found, timeout, a
+    /// connection closed without an answer.
+    #[error("cannot reach the relay at {url}: {reason}")]
+    Unreachable {
+        /// The relay's URL.
+        url: String,
+        /// Why, for an operator.
+        reason: String,
+        /// The client's error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
+    /// The TLS handshake with the relay failed (its certificate was refused, or it does not
+    /// speak TLS).
+    #[error("TLS with {url} failed: {reason}")]
+    Tls {
+        /// The relay's URL.
+        url: String,
+        /// The cause, for an operator.
+        reason: String,
+        /// The TLS library's error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
+    /// The relay answered with an HTTP error; `code` and `message` are its JSON error's.
+    #[error("the relay answered HTTP {status} ({code}): {message}")]
+    Http {
+        /// The HTTP status.
+        status: u16,
+        /// The relay's error code (`unauthorized`, `invalid_argument`, ...), or `http` when
+        /// the body was not the relay's JSON error.
+        code: String,
+        /// The relay's message, or the start of the body.
+        message: String,
+    },
 }
 
 impl RelayError {

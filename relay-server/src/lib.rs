@@ -14,10 +14,12 @@
 //! * `conn`: one device connection (handshake, frames, rate limit, feed catch-up).
 //! * [`server`]: the HTTP router (WebSocket upgrade, back-office API, health, metrics), auth,
 //!   limits and graceful shutdown.
-//! * [`metrics`]: Prometheus text metrics.
+//! * [`metrics`]: the relay's counters and gauges (`prometheus-client`), rendered as
+//!   Prometheus text.
 //! * [`screen`]: checks a device's sync message against [`screen::Limits`] before Automerge
 //!   decodes it. Panics in one frame's work are contained with `crdt_model::guard::contain`.
 //! * [`tls`]: rustls for `wss://` when a certificate is configured.
+//! * [`client`]: the command line's HTTP(S) client for a running relay's admin API.
 //!
 //! It depends on [`crdt_model`] only; the protocol is `crdt_model::wire` (see `docs/protocol.md`).
 
@@ -32,6 +34,8 @@ pub mod screen;
 // The drivers: tokio, sockets, redb, TLS (feature `server`, on by default).
 #[cfg(feature = "server")]
 pub mod admission;
+#[cfg(feature = "server")]
+pub mod client;
 #[cfg(feature = "server")]
 pub mod clock;
 #[cfg(feature = "server")]

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use relay_server::client::{AdminClient, RelayUrl};
 use relay_server::hub::{HubConfig, now_ms};
 use relay_server::store::RelayStore;
 use relay_server::{RelayConfig, RelayError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// mimalloc instead of glibc malloc: with glibc's per-thread arenas the relay's RSS kept
 /// growing while its order cache churned (relay-scale: +920 MiB after 100,000 distinct orders
@@ -112,12 +112,17 @@ enum Command {
         /// Data directory (stopped relay).
         #[arg(long, env = "RELAY_DATA", default_value = "relay-data")]
         data: PathBuf,
-        /// Address of a running relay, e.g. 127.0.0.1:7400.
+        /// A running relay: https://HOST:PORT, http://HOST:PORT, or HOST:PORT (plain HTTP).
+        /// The file is written by the relay, on the relay's machine.
         #[arg(long)]
-        relay: Option<SocketAddr>,
+        relay: Option<RelayUrl>,
         /// Admin token for --relay.
         #[arg(long, env = "RELAY_ADMIN_TOKEN")]
         token: Option<String>,
+        /// PEM certificate(s) to trust for an https:// relay (its self-signed certificate,
+        /// or the private CA that signed it) instead of the public authorities.
+        #[arg(long, env = "RELAY_CA_CERT", requires = "relay")]
+        ca_cert: Option<PathBuf>,
     },
     /// Restore a backup as a stopped relay's data. Nothing any till still holds is lost:
     /// the tills send everything again, and new order numbers wait until every till of a store
@@ -171,12 +176,15 @@ enum DeviceCommand {
     Revoke {
         /// Device id.
         device: String,
-        /// Address of a running relay, e.g. 127.0.0.1:7400.
+        /// A running relay: https://HOST:PORT, http://HOST:PORT, or HOST:PORT (plain HTTP).
         #[arg(long)]
-        relay: Option<SocketAddr>,
+        relay: Option<RelayUrl>,
         /// Admin token for --relay.
         #[arg(long, env = "RELAY_ADMIN_TOKEN")]
         token: Option<String>,
+        /// PEM certificate(s) to trust for an https:// relay instead of the public authorities.
+        #[arg(long, env = "RELAY_CA_CERT", requires = "relay")]
+        ca_cert: Option<PathBuf>,
     },
 }
 
@@ -200,7 +208,7 @@ fn locked_hint<T>(opened: Result<T, RelayError>) -> Result<T> {
         Err(RelayError::Locked(p)) => bail!(
             "{} is in use by a running relay. Stop it, or use its HTTP admin API \
              (POST /v1/admin/devices, POST /v1/admin/devices/ID/revoke, POST /v1/admin/backup) \
-             with an admin token (or --relay ADDR --token TOKEN)",
+             with an admin token (or --relay URL --token TOKEN)",
             p.display()
         ),
         Err(e) => Err(e.into()),
@@ -269,17 +277,17 @@ fn main() -> Result<()> {
             command:
                 DeviceCommand::Revoke {
                     device,
-                    relay: Some(addr),
+                    relay: Some(url),
                     token,
+                    ca_cert,
                 },
             ..
         } => {
             let token = token.context("--token (or RELAY_ADMIN_TOKEN) is required with --relay")?;
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let client = AdminClient::new(url, token, ca_cert.as_deref())?;
             let path = format!("/v1/admin/devices/{device}/revoke");
-            println!("{}", runtime.block_on(http_post(addr, &path, &token, ""))?);
+            let answer = client.post(&path, &serde_json::json!({}))?;
+            println!("{answer}");
             Ok(())
         }
         Command::Device { command, data } => {
@@ -331,16 +339,13 @@ fn main() -> Result<()> {
             data,
             relay,
             token,
+            ca_cert,
         } => match relay {
-            Some(addr) => {
+            Some(url) => {
                 let token =
                     token.context("--token (or RELAY_ADMIN_TOKEN) is required with --relay")?;
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                let body = serde_json::json!({ "to": to }).to_string();
-                let answer =
-                    runtime.block_on(http_post(addr, "/v1/admin/backup", &token, &body))?;
+                let client = AdminClient::new(url, token, ca_cert.as_deref())?;
+                let answer = client.post("/v1/admin/backup", &serde_json::json!({ "to": to }))?;
                 println!("{answer}");
                 Ok(())
             }
@@ -491,26 +496,4 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
-}
-
-/// A minimal HTTP/1.1 POST for the CLI's admin calls to a local relay.
-async fn http_post(addr: SocketAddr, path: &str, token: &str, body: &str) -> Result<String> {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot reach relay at {addr}"))?;
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!(
-            "relay answered: {}\n{body}",
-            head.lines().next().unwrap_or("")
-        );
-    }
-    Ok(body.to_owned())
 }

@@ -7,7 +7,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use automerge::{Automerge, ChangeHash};
@@ -160,14 +159,14 @@ async fn authenticate(
     query: &BTreeMap<String, String>,
 ) -> Result<Principal, ApiError> {
     let Some(token) = bearer(headers, query) else {
-        state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        state.metrics.auth_failures.inc();
         return Err(RelayError::Unauthorized.into());
     };
     let store = Arc::clone(&state.store);
     blocking(move || store.authenticate(&token))
         .await
         .map_err(|e| {
-            state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            state.metrics.auth_failures.inc();
             e.into()
         })
 }
@@ -255,7 +254,7 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, &'static str) {
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         state.metrics.render(),
     )
 }

@@ -153,22 +153,32 @@ fn a_running_relay_backs_up_online_and_locks_its_data() {
     ]);
     assert!(out.contains("\"orders\":0"), "{out}");
     assert!(backup.exists());
-    // A wrong token is refused.
+    // A wrong token is refused, with the relay's JSON error.
     let other = dir.path().join("other.redb");
-    assert!(
-        !run(&[
-            "backup",
-            "--relay",
-            &listen,
-            "--token",
-            "adm_bad",
-            "--to",
-            other.to_str().unwrap()
-        ])
-        .status
-        .success()
+    let other_s = other.to_str().unwrap();
+    let err = refused(
+        &[
+            "backup", "--relay", &listen, "--token", "adm_bad", "--to", other_s,
+        ],
+        "with a wrong token",
     );
+    assert!(err.contains("HTTP 401 (unauthorized)"), "{err}");
+    // https:// to a relay serving plain HTTP: said so.
+    let https = format!("https://{listen}");
+    let err = refused(
+        &[
+            "backup", "--relay", &https, "--token", &admin, "--to", other_s,
+        ],
+        "over TLS to a plain relay",
+    );
+    assert!(err.contains("did not answer with TLS"), "{err}");
     assert!(!other.exists());
+    // The URL form of the same address works too.
+    let http = format!("http://{listen}/");
+    let out = ok(&[
+        "backup", "--relay", &http, "--token", &admin, "--to", other_s,
+    ]);
+    assert!(out.contains("\"orders\":0"), "{out}");
     child.kill().unwrap();
     child.wait().unwrap();
     // The backup is a valid data directory.
@@ -321,4 +331,123 @@ fn the_admin_token_can_be_replaced() {
         ],
         "with --store",
     );
+}
+
+/// `backup --relay https://...` through a relay serving TLS with a self-signed certificate:
+/// with `--ca-cert` the backup is taken and opens as relay data; without it, or with the wrong
+/// scheme or token, the command fails with a message naming the cause.
+#[test]
+fn backup_through_a_relay_serving_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap().to_owned();
+    let admin = token_of(&ok(&["token", "--name", "ops", "--data", &data_s]));
+    let added = ok(&[
+        "device", "add", "--store", "s1", "--name", "till", "--data", &data_s,
+    ]);
+    let device = added.split_whitespace().nth(1).unwrap().to_owned();
+    // A certificate for the address the client dials.
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert_pem = dir.path().join("cert.pem");
+    let key_pem = dir.path().join("key.pem");
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.signing_key.serialize_pem()).unwrap();
+    let listen = free_listen();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &listen,
+            "--data",
+            &data_s,
+            "--tls-cert",
+            cert_pem.to_str().unwrap(),
+            "--tls-key",
+            key_pem.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let up = comes_up(&listen);
+    let https = format!("https://{listen}");
+    let ca = cert_pem.to_str().unwrap();
+    let backup = dir.path().join("tls.redb");
+    let backup_s = backup.to_str().unwrap();
+    let backup_args = |relay: &str, token: &str, ca: Option<&str>| {
+        let mut args = vec![
+            "backup", "--relay", relay, "--token", token, "--to", backup_s,
+        ];
+        args.extend(ca.map(|ca| ["--ca-cert", ca]).into_iter().flatten());
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let attempt = |args: Vec<String>| run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // Without --ca-cert the self-signed certificate is not trusted.
+    let untrusted = attempt(backup_args(&https, &admin, None));
+    // Plain HTTP to the TLS port, and a wrong token.
+    let plain = attempt(backup_args(&format!("http://{listen}"), &admin, Some(ca)));
+    let wrong_token = attempt(backup_args(&https, "adm_wrong", Some(ca)));
+    // With the certificate trusted.
+    let trusted = attempt(backup_args(&https, &admin, Some(ca)));
+    // Revocation through the same client.
+    let revoked = run(&[
+        "device",
+        "revoke",
+        &device,
+        "--relay",
+        &https,
+        "--token",
+        &admin,
+        "--ca-cert",
+        ca,
+    ]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(up, "the TLS relay did not start");
+
+    let err = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!untrusted.status.success());
+    let e = err(&untrusted);
+    assert!(
+        e.contains("TLS with") && e.contains("certificate is not signed by an authority"),
+        "{e}"
+    );
+    assert!(e.contains("--ca-cert"), "{e}");
+    assert!(!plain.status.success());
+    assert!(err(&plain).contains("use https://"), "{}", err(&plain));
+    assert!(!wrong_token.status.success());
+    assert!(
+        err(&wrong_token).contains("HTTP 401 (unauthorized)"),
+        "{}",
+        err(&wrong_token)
+    );
+    assert!(
+        trusted.status.success(),
+        "backup over TLS: {}",
+        err(&trusted)
+    );
+    let out = String::from_utf8_lossy(&trusted.stdout);
+    assert!(out.contains("\"orders\":0"), "{out}");
+    assert!(
+        revoked.status.success(),
+        "revoke over TLS: {}",
+        err(&revoked)
+    );
+    let out = String::from_utf8_lossy(&revoked.stdout);
+    assert!(out.contains("\"revoked\":true"), "{out}");
+
+    // The file is relay data.
+    let restored = dir.path().join("restored");
+    std::fs::create_dir(&restored).unwrap();
+    std::fs::copy(&backup, restored.join("relay.redb")).unwrap();
+    assert!(ok(&["check", "--data", restored.to_str().unwrap()]).contains("0 errors"));
+
+    // https:// to a relay that does not serve TLS, and a relay that is not there.
+    let nothing = free_listen();
+    let e = err(&attempt(backup_args(
+        &format!("https://{nothing}"),
+        &admin,
+        None,
+    )));
+    assert!(e.contains("connection refused"), "{e}");
 }

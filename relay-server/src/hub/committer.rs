@@ -4,7 +4,6 @@
 //! [`CommitReply`] reports itself), so nothing waits forever on a commit.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crdt_model::OrderId;
@@ -125,14 +124,14 @@ fn run(store: &RelayStore, metrics: &Metrics, rx: &std::sync::mpsc::Receiver<Com
         let seconds = started.elapsed().as_secs_f64();
         match result {
             Ok(outcomes) => {
-                metrics.commits.fetch_add(1, Ordering::Relaxed);
+                metrics.commits.inc();
                 metrics.observe_commit(seconds);
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     job.reply.send(Ok(outcome));
                 }
             }
             Err(e) => {
-                metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
+                metrics.commit_errors.inc();
                 tracing::error!(error = %e, writes = jobs.len(), "group commit failed");
                 let shared = Arc::new(e);
                 for job in jobs {

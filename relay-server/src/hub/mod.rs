@@ -235,20 +235,14 @@ impl Hub {
         let conn = ConnId(self.inner.next_conn.fetch_add(1, Ordering::Relaxed));
         let peer = Arc::new(Peer::new(conn, device, store, outbox));
         self.inner.registry.add(&peer);
-        self.inner
-            .metrics
-            .connections
-            .fetch_add(1, Ordering::Relaxed);
+        self.inner.metrics.connections.inc();
         peer
     }
 
     /// Forgets a connection everywhere.
     pub async fn disconnect(&self, peer: &Peer) {
         self.inner.registry.remove(peer);
-        self.inner
-            .metrics
-            .connections
-            .fetch_sub(1, Ordering::Relaxed);
+        self.inner.metrics.connections.dec();
         for w in &self.inner.workers {
             let _ = w.send(WorkerMsg::Disconnect { conn: peer.conn }).await;
         }
