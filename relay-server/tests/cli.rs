@@ -451,3 +451,74 @@ fn backup_through_a_relay_serving_tls() {
     )));
     assert!(e.contains("connection refused"), "{e}");
 }
+
+/// A backup is not served by mistake: `serve` refuses it until `restore` made it relay data;
+/// `restore` refuses a directory that holds relay data, puts the store in recovery, and
+/// `release` ends it.
+#[test]
+fn a_backup_is_restored_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    ok(&[
+        "device", "add", "--store", "s1", "--name", "till 1", "--data", data,
+    ]);
+    let backup = dir.path().join("backup.redb");
+    let backup = backup.to_str().unwrap();
+    ok(&["backup", "--to", backup, "--data", data]);
+
+    // Copied by hand into a data directory and served: refused, naming `restore`.
+    let copied = dir.path().join("copied");
+    std::fs::create_dir_all(&copied).unwrap();
+    std::fs::copy(backup, copied.join("relay.redb")).unwrap();
+    let listen = free_listen();
+    let err = refused(
+        &[
+            "serve",
+            "--listen",
+            &listen,
+            "--data",
+            copied.to_str().unwrap(),
+        ],
+        "on a backup file",
+    );
+    assert!(
+        err.contains("is a backup") && err.contains("relay-server restore"),
+        "{err}"
+    );
+
+    // Restore: not over existing data, then into a new directory.
+    let err = refused(
+        &["restore", "--from", backup, "--data", data],
+        "over relay data",
+    );
+    assert!(err.contains("exists"), "{err}");
+    let restored = dir.path().join("restored");
+    let restored = restored.to_str().unwrap();
+    let out = ok(&["restore", "--from", backup, "--data", restored]);
+    assert!(out.contains("restored 0 orders"), "{out}");
+    assert!(
+        out.contains("store s1: new order numbers wait until its 1 till(s)"),
+        "{out}"
+    );
+    assert!(ok(&["check", "--data", restored]).contains("0 errors"));
+    let out = ok(&["release", "--store", "s1", "--data", restored]);
+    assert!(
+        out.contains("released; 1 till(s) never heard from"),
+        "{out}"
+    );
+    assert!(ok(&["release", "--store", "s1", "--data", restored]).contains("not recovering"));
+    // The restored data serves.
+    let listen = free_listen();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &listen, "--data", restored])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = comes_up(&listen);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(up, "the restored relay serves");
+}
