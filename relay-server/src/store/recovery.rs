@@ -110,7 +110,7 @@ impl RelayStore {
     /// data yet ([`RelayError::Invalid`] otherwise: move the old file away first). The copy is
     /// made beside the target, prepared (new data id, fresh epoch, every store in recovery, the
     /// backup mark removed), fsynced and renamed into place, so a failed restore leaves no
-    /// `relay.redb` behind. See the [module docs](self).
+    /// `relay.redb` behind. See the module docs of `store/recovery.rs`.
     pub fn restore(
         backup: &Path,
         dir: &Path,
