@@ -48,6 +48,16 @@ pub enum RelayError {
     #[cfg(feature = "server")]
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A PostgreSQL operation failed (the `postgres` store): connection, statement, constraint
+    /// or transaction failure. The driver's error is kept whole; see
+    /// [`RelayError::is_disk_full`] and [`RelayError::is_retryable`].
+    #[cfg(feature = "postgres")]
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No PostgreSQL connection could be had from the pool (the `postgres` store).
+    #[cfg(feature = "postgres")]
+    #[error("postgres pool: {0}")]
+    PgPool(#[from] deadpool_postgres::PoolError),
     /// Stored data does not decode: the file is damaged or not ours.
     #[error("corrupt relay data: {0}")]
     Corrupt(String),
@@ -180,7 +190,31 @@ impl RelayError {
         match self {
             #[cfg(feature = "server")]
             Self::Storage(s) => s.is_disk_full(),
+            #[cfg(feature = "postgres")]
+            Self::Postgres(e) => e.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL),
             Self::Shared(e) => e.is_disk_full(),
+            _ => false,
+        }
+    }
+
+    /// `true` for a failure that running the same operation again may heal: a PostgreSQL
+    /// deadlock or serialization failure between relays sharing one database, or a
+    /// connection lost (the outcome of a lost `COMMIT` is unknown: a retried write then meets
+    /// [`RelayError::Conflict`] if the first one landed).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            #[cfg(feature = "postgres")]
+            Self::Postgres(e) => {
+                use tokio_postgres::error::SqlState;
+                e.is_closed()
+                    || e.code().is_some_and(|c| {
+                        *c == SqlState::T_R_DEADLOCK_DETECTED
+                            || *c == SqlState::T_R_SERIALIZATION_FAILURE
+                    })
+            }
+            #[cfg(feature = "postgres")]
+            Self::PgPool(_) => true,
+            Self::Shared(e) => e.is_retryable(),
             _ => false,
         }
     }

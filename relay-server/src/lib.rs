@@ -4,6 +4,8 @@
 //! # Layout
 //! * [`records`]: the plain records the core and the stores exchange (writes, outcomes, metadata).
 //! * [`store`]: redb persistence (orders as snapshot + change tail, numbers, feed, devices).
+//! * [`pg`]: the same records in PostgreSQL, for several relays on one database (feature
+//!   `postgres`; not yet plugged into the hub).
 //! * [`core`]: the sans-IO relay core: documents in memory, sync states, policy checks, the
 //!   writes to commit, receipts, fan-out, the order cache. No I/O, no clock, no entropy.
 //! * [`hub`]: the tokio driver of the core: worker tasks, the redb committer thread, the live
@@ -42,6 +44,8 @@ pub mod clock;
 mod conn;
 #[cfg(feature = "server")]
 pub mod hub;
+#[cfg(feature = "postgres")]
+pub mod pg;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

@@ -26,7 +26,7 @@
 
 mod backup;
 mod check;
-mod codec;
+pub(crate) mod codec;
 mod devices;
 mod feed;
 mod orders;
@@ -49,6 +49,8 @@ pub use recovery::{RecoveryRecord, RestoreReport};
 
 use crate::error::RelayError;
 use codec::decode_identity;
+#[cfg(feature = "postgres")]
+pub(crate) use devices::{check_name, new_token, token_hash};
 use tables::{
     DB_FILE, DEVICES, FEED, FORMAT_VERSION, META, META_BACKUP, META_DATA_ID, META_FORMAT,
     META_IDENTITY, META_SEAL_KEY, NUMBERS, ORDERS, RECOVERY, SNAPSHOTS, STORES, TAIL, TOKENS,

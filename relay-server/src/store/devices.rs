@@ -31,16 +31,16 @@ struct TokenRecord {
     created_at: i64,
 }
 
-fn token_hash(token: &str) -> [u8; 32] {
+pub(crate) fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-fn new_token(prefix: &str) -> Result<String, RelayError> {
+pub(crate) fn new_token(prefix: &str) -> Result<String, RelayError> {
     let bytes = codec::random_bytes::<32>()?;
     Ok(format!("{prefix}{}", codec::hex(&bytes)))
 }
 
-fn check_name(name: &str) -> Result<(), RelayError> {
+pub(crate) fn check_name(name: &str) -> Result<(), RelayError> {
     if name.trim().is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
         return Err(RelayError::Invalid(format!(
             "name must be 1 to {MAX_NAME_LEN} bytes of printable text"
