@@ -13,15 +13,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crdt_model::automerge::ChangeHash;
-use crdt_model::{
-    Currency, DeviceId, FinalPayment, LineDraft, NewOrder, Order, OrderId, OrderNumber,
-    OrderStatus, PaymentDraft, PaymentKind, SplitMix64, StoreId, Timestamp, Writer,
-};
+use crdt_model::{DeviceId, Order, OrderId, OrderNumber, OrderStatus, Timestamp};
 use relay_server::RelayError;
 use relay_server::pg::{PgOptions, PgStore, schema};
-use relay_server::store::{CommitOutcome, OrderWrite, Principal, StatusFilter, StoredOrder};
+use relay_server::store::{CommitOutcome, OrderWrite, Principal, StatusFilter};
 
-const T0: i64 = 1_700_000_000_000;
 const ENV: &str = "RELAY_TEST_POSTGRES";
 
 /// The database URL, or `None` after printing how to enable the test.
@@ -110,115 +106,8 @@ impl Drop for Schema {
 }
 
 /// Makes real order documents, as terminals would.
-struct Maker {
-    rng: SplitMix64,
-    writer: Writer,
-    now: i64,
-}
-
-impl Maker {
-    fn new(seed: u64) -> Self {
-        let mut rng = SplitMix64::new(seed);
-        let device = DeviceId::generate(Timestamp(T0), &mut rng);
-        Self {
-            rng,
-            writer: Writer::new(device, 1),
-            now: T0,
-        }
-    }
-
-    fn tick(&mut self) -> Timestamp {
-        self.now += 1_000;
-        Timestamp(self.now)
-    }
-
-    fn order(&mut self, store: &str) -> Order {
-        let at = self.tick();
-        let new = NewOrder {
-            id: OrderId::generate(at, &mut self.rng),
-            store: sid(store),
-            currency: Currency::new("EUR").unwrap(),
-        };
-        Order::create(new, self.writer.clone(), at, &mut self.rng).unwrap()
-    }
-
-    fn add_line(&mut self, o: &mut Order, name: &str) {
-        let at = self.tick();
-        let line = LineDraft {
-            name: name.into(),
-            unit_price: 250,
-            quantity: 1,
-            ..Default::default()
-        };
-        o.add_line(at, &mut self.rng, line).unwrap();
-    }
-
-    fn complete(&mut self, o: &mut Order) {
-        let at = self.tick();
-        let total = o.view().unwrap().totals.balance_due;
-        let cash = PaymentDraft {
-            kind: PaymentKind::Cash,
-            amount: total.max(1),
-            reference: String::new(),
-        };
-        o.complete_sale(at, &mut self.rng, Some(FinalPayment::New(cash)))
-            .unwrap();
-    }
-
-    fn delete(&mut self, o: &mut Order) {
-        let at = self.tick();
-        o.delete(at, &mut self.rng).unwrap();
-    }
-}
-
-fn sid(s: &str) -> StoreId {
-    StoreId::new(s).unwrap()
-}
-
-fn heads(o: &Order) -> Vec<[u8; 32]> {
-    o.heads().iter().map(|h| h.0).collect()
-}
-
-fn hashes(h: &[ChangeHash]) -> Vec<[u8; 32]> {
-    h.iter().map(|h| h.0).collect()
-}
-
-/// A write appending the changes of `o` made after `since`, built on `since`.
-fn write(o: &Order, since: &[ChangeHash], at: i64) -> OrderWrite {
-    OrderWrite {
-        order: o.id(),
-        store: o.store().clone(),
-        changes: o
-            .doc()
-            .get_changes(since)
-            .iter()
-            .map(|c| c.raw_bytes().to_vec())
-            .collect(),
-        compacted: None,
-        status: o.status().unwrap(),
-        base: hashes(since),
-        number: o.number().unwrap(),
-        heads: heads(o),
-        at,
-    }
-}
-
-/// A write resending every change of `o` (a retry), built on `base`.
-fn resend(o: &Order, base: &[ChangeHash], at: i64) -> OrderWrite {
-    OrderWrite {
-        base: hashes(base),
-        ..write(o, &[], at)
-    }
-}
-
-/// A write replacing snapshot and tail with `o.save()`, built on `base`.
-fn compact(o: &Order, base: &[ChangeHash], at: i64) -> OrderWrite {
-    OrderWrite {
-        compacted: Some(o.save()),
-        changes: Vec::new(),
-        ..resend(o, base, at)
-    }
-}
+mod orders;
+use orders::*;
 
 async fn commit_one(store: &PgStore, w: OrderWrite) -> CommitOutcome {
     let mut out = store.commit(&[w]).await.unwrap();
@@ -239,10 +128,6 @@ async fn persist_new(store: &PgStore, o: &mut Order, at: i64) -> CommitOutcome {
     assert!(!second.newly_numbered);
     assert_eq!(second.number, first.number);
     second
-}
-
-fn doc_of(stored: &StoredOrder) -> Order {
-    Order::from_doc(stored.to_doc().unwrap(), Maker::new(99).writer).unwrap()
 }
 
 /// Numbers of `store`'s orders are exactly 1..=n and its feed positions strictly increase.
