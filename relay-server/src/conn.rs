@@ -146,35 +146,22 @@ pub(crate) async fn serve(
     }
     if state.hub.is_recovering(&store) {
         // After a restore: the store gives new numbers only above every till's highest.
-        let st = Arc::clone(&state.store);
-        let s = store.clone();
-        let heard = tokio::task::spawn_blocking(move || {
-            st.recovery_hello(&s, device, highest.unwrap_or(0))
-        })
-        .await;
+        let heard = state
+            .store
+            .recovery_hello(store.clone(), device, highest.unwrap_or(0))
+            .await;
         match heard {
-            Ok(Ok(true)) => {
+            Ok(true) => {
                 tracing::info!(%store, "every till of the store was heard from: numbering resumes");
                 state.hub.recovered(&store).await;
             }
-            Ok(Ok(false)) => {}
-            Ok(Err(e)) => {
-                return fail(ws, &state, codes::STORAGE, format!("recovery: {e}")).await;
-            }
+            Ok(false) => {}
             Err(e) => {
                 return fail(ws, &state, codes::STORAGE, format!("recovery: {e}")).await;
             }
         }
     }
-    let feed_seq = {
-        let st = Arc::clone(&state.store);
-        let s = store.clone();
-        tokio::task::spawn_blocking(move || st.feed_head(&s))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or(0)
-    };
+    let feed_seq = state.store.feed_head(store.clone()).await.unwrap_or(0);
     let welcome = RelayFrame::Welcome {
         protocol: Version::CURRENT,
         relay: state.hub.relay_id().to_string(),
@@ -212,12 +199,12 @@ async fn catch_up(peer: &Peer, state: &AppState, mut since: u64) {
     let seal = state.store.seal_key();
     loop {
         loop {
-            let st = Arc::clone(&state.store);
-            let s = peer.store.clone();
-            let page =
-                tokio::task::spawn_blocking(move || st.feed_since(&s, since, FEED_PAGE)).await;
+            let page = state
+                .store
+                .feed_since(peer.store.clone(), since, FEED_PAGE)
+                .await;
             let records = match page {
-                Ok(Ok(r)) => r,
+                Ok(r) => r,
                 _ => {
                     // Without its catch-up the connection would miss orders: end it, the
                     // device reconnects and tries again.

@@ -3,13 +3,14 @@
 //!
 //! # Layout
 //! * [`records`]: the plain records the core and the stores exchange (writes, outcomes, metadata).
+//! * [`backend`]: the records as the drivers use them, in redb or PostgreSQL (chosen at start).
 //! * [`store`]: redb persistence (orders as snapshot + change tail, numbers, feed, devices).
 //! * [`pg`]: the same records in PostgreSQL, for several relays on one database (feature
-//!   `postgres`; not yet plugged into the hub).
+//!   `postgres`).
 //! * [`core`]: the sans-IO relay core: documents in memory, sync states, policy checks, the
 //!   writes to commit, receipts, fan-out, the order cache. No I/O, no clock, no entropy.
-//! * [`hub`]: the tokio driver of the core: worker tasks, the redb committer thread, the live
-//!   feed, connection backpressure.
+//! * [`hub`]: the tokio driver of the core: worker tasks, the committer, the live feed (with
+//!   PostgreSQL: other relays' commits, through `LISTEN`/`NOTIFY`), connection backpressure.
 //! * [`clock`]: the one wall clock and entropy source the drivers pass to the core.
 //! * [`admission`]: socket and device connection limits, handshake deadline, live connections
 //!   per device (for revocation).
@@ -36,6 +37,8 @@ pub mod screen;
 // The drivers: tokio, sockets, redb, TLS (feature `server`, on by default).
 #[cfg(feature = "server")]
 pub mod admission;
+#[cfg(feature = "server")]
+pub mod backend;
 #[cfg(feature = "server")]
 pub mod client;
 #[cfg(feature = "server")]

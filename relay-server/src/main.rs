@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use relay_server::backend::{Backend, StoreLocation};
 use relay_server::client::{AdminClient, RelayUrl};
 use relay_server::hub::{HubConfig, now_ms};
 use relay_server::store::RelayStore;
@@ -37,6 +38,12 @@ enum Command {
         /// Data directory (created if missing).
         #[arg(long, env = "RELAY_DATA", default_value = "relay-data")]
         data: PathBuf,
+        /// Where the records are, instead of --data: a PostgreSQL URL
+        /// (postgres://USER@HOST:PORT/DB) shared by any number of relays, or a directory.
+        #[arg(long, env = "RELAY_STORE")]
+        store: Option<String>,
+        #[command(flatten)]
+        pg: PgArgs,
         /// Document worker tasks.
         #[arg(long, env = "RELAY_WORKERS", default_value_t = 2)]
         workers: usize,
@@ -84,9 +91,11 @@ enum Command {
     Device {
         #[command(subcommand)]
         command: DeviceCommand,
-        /// Data directory.
+        /// Data directory, or the PostgreSQL URL of a relay deployment on a database.
         #[arg(long, env = "RELAY_DATA", default_value = "relay-data", global = true)]
-        data: PathBuf,
+        data: String,
+        #[command(flatten)]
+        pg: PgArgs,
     },
     /// Create a back-office token (admin, or limited to one store).
     Token {
@@ -99,9 +108,11 @@ enum Command {
         /// Replace every operator admin token with this new one (the old ones stop working).
         #[arg(long, conflicts_with = "store")]
         replace: bool,
-        /// Data directory.
+        /// Data directory, or the PostgreSQL URL of a relay deployment on a database.
         #[arg(long, env = "RELAY_DATA", default_value = "relay-data")]
-        data: PathBuf,
+        data: String,
+        #[command(flatten)]
+        pg: PgArgs,
     },
     /// Take a consistent copy of the data. Works while the relay serves (through its admin API,
     /// with --relay and --token) or on a stopped relay's data directory.
@@ -152,6 +163,18 @@ enum Command {
         #[arg(long, env = "RELAY_DATA", default_value = "relay-data")]
         data: PathBuf,
     },
+}
+
+/// PostgreSQL settings (used when the records are in a database).
+#[derive(clap::Args, Debug, Clone)]
+struct PgArgs {
+    /// PostgreSQL connections in this relay's pool.
+    #[arg(long, env = "RELAY_PG_POOL", default_value_t = 16, global = true)]
+    pg_pool: usize,
+    /// PostgreSQL schema holding the relay's tables (created if missing); default: the
+    /// server's search_path (public).
+    #[arg(long, env = "RELAY_PG_SCHEMA", global = true)]
+    pg_schema: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -228,6 +251,8 @@ fn main() -> Result<()> {
         Command::Serve {
             listen,
             data,
+            store,
+            pg,
             workers,
             cache_orders,
             redb_cache_mib,
@@ -266,7 +291,11 @@ fn main() -> Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            let served = runtime.block_on(serve(config, listen, async move {
+            let location = store.map_or_else(
+                || StoreLocation::Dir(config.data.clone()),
+                |s| StoreLocation::parse(&s),
+            );
+            let served = runtime.block_on(serve(config, location, &pg, listen, async move {
                 let _ = stop.await;
             }));
             // Blocking tasks still running (a commit past the bound) do not hold the exit.
@@ -290,12 +319,12 @@ fn main() -> Result<()> {
             println!("{answer}");
             Ok(())
         }
-        Command::Device { command, data } => {
-            let store = open(&data)?;
+        Command::Device { command, data, pg } => block_on(async move {
+            let store = open_backend(&StoreLocation::parse(&data), &pg).await?;
             match command {
                 DeviceCommand::Add { store: s, name } => {
                     let sid = crdt_model::StoreId::new(s)?;
-                    let (rec, token) = store.add_device(&sid, &name, now_ms())?;
+                    let (rec, token) = store.add_device(sid, name, now_ms()).await?;
                     println!(
                         "device {} ({}) in store {}",
                         rec.device, rec.name, rec.store
@@ -304,36 +333,37 @@ fn main() -> Result<()> {
                 }
                 DeviceCommand::List { store: s } => {
                     let filter = s.map(crdt_model::StoreId::new).transpose()?;
-                    for d in store.list_devices(filter.as_ref())? {
+                    for d in store.list_devices(filter).await? {
                         let state = if d.revoked { "revoked" } else { "active" };
                         println!("{}  {:<16} {:<24} {state}", d.device, d.store, d.name);
                     }
                 }
                 DeviceCommand::Revoke { device, .. } => {
-                    store.revoke_device(device.parse()?)?;
+                    store.revoke_device(device.parse()?).await?;
                     println!("revoked {device}");
                 }
             }
             Ok(())
-        }
+        }),
         Command::Token {
             store: s,
             name,
             replace,
             data,
-        } => {
-            let store = open(&data)?;
+            pg,
+        } => block_on(async move {
+            let store = open_backend(&StoreLocation::parse(&data), &pg).await?;
             if replace {
-                let (token, n) = store.rotate_admin_token(&name, now_ms())?;
+                let (token, n) = store.rotate_admin_token(name, now_ms()).await?;
                 println!("replaced {n} admin token(s); they no longer work");
                 println!("token (shown once): {token}");
                 return Ok(());
             }
             let sid = s.map(crdt_model::StoreId::new).transpose()?;
-            let token = store.add_admin_token(sid.as_ref(), &name, now_ms())?;
+            let token = store.add_admin_token(sid, name, now_ms()).await?;
             println!("token (shown once): {token}");
             Ok(())
-        }
+        }),
         Command::Backup {
             to,
             data,
@@ -418,20 +448,46 @@ fn main() -> Result<()> {
     }
 }
 
+/// Runs `f` on a small runtime of its own (for commands that talk to a database).
+fn block_on<T>(f: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+/// Opens the records at `location`: the redb file in a directory, or a PostgreSQL database
+/// (migrated on connect).
+async fn open_backend(location: &StoreLocation, pg: &PgArgs) -> Result<Backend> {
+    match location {
+        StoreLocation::Dir(dir) => Ok(Backend::Redb(Arc::new(open(dir)?))),
+        StoreLocation::Postgres(url) => {
+            let mut options = relay_server::pg::PgOptions::new(url.clone(), pg.pg_pool);
+            options.schema.clone_from(&pg.pg_schema);
+            let store = relay_server::pg::PgStore::connect_with(&options)
+                .await
+                .with_context(|| format!("cannot use the PostgreSQL store at {location}"))?;
+            Ok(Backend::Postgres(Arc::new(store)))
+        }
+    }
+}
+
 async fn serve(
     config: RelayConfig,
+    location: StoreLocation,
+    pg: &PgArgs,
     listen: SocketAddr,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let store = Arc::new(open(&config.data)?);
+    let store = open_backend(&location, pg).await?;
     if let Some(taken) = store.backup_taken_at()? {
         bail!(
-            "{} is a backup (taken at {taken} ms since the epoch), not relay data: restore it \
-             with `relay-server restore --from FILE --data DIR`, which makes sure nothing the \
-             tills hold is lost",
-            store.path().display()
+            "{location} is a backup (taken at {taken} ms since the epoch), not relay data: \
+             restore it with `relay-server restore --from FILE --data DIR`, which makes sure \
+             nothing the tills hold is lost"
         );
     }
+    tracing::info!(store = %location, "records");
     // Everything that can refuse the start comes before the admin token is made: a start that
     // fails (port in use, a bad TLS key) must not print a "shown once" token nobody keeps.
     let listener = tokio::net::TcpListener::bind(listen)
@@ -442,8 +498,10 @@ async fn serve(
     }
     // Whenever the relay has no admin token (also when devices were provisioned before the
     // first start), it makes one.
-    if !store.has_admin_token()? {
-        let token = store.add_admin_token(None, "initial", now_ms())?;
+    if !store.has_admin_token().await? {
+        let token = store
+            .add_admin_token(None, "initial".into(), now_ms())
+            .await?;
         eprintln!("No admin token yet: created one (shown once): {token}");
         eprintln!(
             "Provision a terminal with: relay-server device add --store STORE --name NAME (relay stopped),"

@@ -110,6 +110,60 @@ pub struct PgStore {
     seal: SealKey,
     /// The data's id, shared by every relay of the database.
     data_id: [u8; 16],
+    /// How to connect (for the notification listener's own connection).
+    config: tokio_postgres::Config,
+    /// The `LISTEN`/`NOTIFY` channel commits are announced on ([`FEED_CHANNEL`], per schema).
+    channel: String,
+}
+
+/// The channel a commit announces its stores' new feed positions on (`<seq> <store>`), with
+/// `_<schema>` appended outside the default schema: channels are per database, schemas are
+/// not.
+pub const FEED_CHANNEL: &str = "relay_feed";
+
+/// A connection listening to every relay's commits ([`PgStore::listen`]).
+#[derive(Debug)]
+pub struct FeedListener {
+    /// Held so the connection stays open.
+    _client: tokio_postgres::Client,
+    rx: tokio::sync::mpsc::UnboundedReceiver<FeedNotice>,
+}
+
+impl FeedListener {
+    /// The next announcement; `None` once the connection has ended.
+    pub async fn recv(&mut self) -> Option<FeedNotice> {
+        self.rx.recv().await
+    }
+
+    /// An announcement already received, if any (does not wait).
+    pub fn try_recv(&mut self) -> Option<FeedNotice> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// One commit's announcement: a store's feed reached `seq`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedNotice {
+    /// The store.
+    pub store: StoreId,
+    /// Its new feed position.
+    pub seq: u64,
+}
+
+impl FeedNotice {
+    /// The `NOTIFY` payload: `<seq> <store>`.
+    pub fn payload(&self) -> String {
+        format!("{} {}", self.seq, self.store)
+    }
+
+    /// Reads a payload; `None` if it is not one.
+    pub fn parse(payload: &str) -> Option<Self> {
+        let (seq, store) = payload.split_once(' ')?;
+        Some(Self {
+            seq: seq.parse().ok()?,
+            store: StoreId::new(store).ok()?,
+        })
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -152,8 +206,12 @@ impl PgStore {
             startup.push_str(&format!(" -c search_path={schema}"));
         }
         config.options(startup.trim_start());
+        let channel = match &options.schema {
+            Some(schema) => format!("{FEED_CHANNEL}_{schema}"),
+            None => FEED_CHANNEL.to_owned(),
+        };
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -179,7 +237,79 @@ impl PgStore {
             identity,
             seal,
             data_id,
+            config,
+            channel,
         })
+    }
+
+    /// The `LISTEN`/`NOTIFY` channel of this store's commits.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Opens a connection of its own (outside the pool) that listens to the commits of every
+    /// relay of the database: each commit's [`FeedNotice`]s arrive on the returned receiver,
+    /// in commit order. The receiver ends when the connection does (the caller then reads
+    /// the feed from the database to catch up, and listens again).
+    pub async fn listen(&self) -> Result<FeedListener, RelayError> {
+        use futures_util::StreamExt as _;
+        let (client, mut connection) = self.config.connect(NoTls).await?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let channel = self.channel.clone();
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) if n.channel() == channel => {
+                        match FeedNotice::parse(n.payload()) {
+                            Some(notice) => {
+                                if tx.send(notice).is_err() {
+                                    break;
+                                }
+                            }
+                            None => tracing::warn!(
+                                payload = n.payload(),
+                                "unreadable feed notification"
+                            ),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the notification connection failed");
+                        break;
+                    }
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {}", self.channel))
+            .await?;
+        Ok(FeedListener {
+            _client: client,
+            rx,
+        })
+    }
+
+    /// Every store's feed head (the store rows): what a relay compares with what it has
+    /// read, to catch up on notifications it missed.
+    pub async fn feed_heads(&self) -> Result<Vec<(StoreId, u64)>, RelayError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &client
+                    .prepare_cached("SELECT store, feed_head FROM stores")
+                    .await?,
+                &[],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    store_of(r.try_get(0)?)?,
+                    to_u64(r.try_get(1)?, "feed head")?,
+                ))
+            })
+            .collect()
     }
 
     /// Runs the migrations this build knows that the database lacks (idempotent; also run by

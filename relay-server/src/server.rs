@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admission::{Acceptor, Admission, Limits, PeerInfo, Refusal};
+use crate::backend::Backend;
 use crate::error::RelayError;
 use crate::hub::{Hub, HubConfig};
 use crate::metrics::Metrics;
@@ -83,7 +84,7 @@ impl Default for RelayConfig {
 /// Shared state of the HTTP handlers and connections.
 #[derive(Clone)]
 pub(crate) struct AppState {
-    pub(crate) store: Arc<RelayStore>,
+    pub(crate) store: Backend,
     pub(crate) hub: Hub,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: Arc<RelayConfig>,
@@ -145,14 +146,6 @@ fn bearer(headers: &HeaderMap, query: &BTreeMap<String, String>) -> Option<Strin
         .or_else(|| query.get("token").cloned())
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, RelayError> + Send + 'static,
-) -> Result<T, RelayError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| RelayError::Internal(e.to_string()))?
-}
-
 async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
@@ -162,13 +155,10 @@ async fn authenticate(
         state.metrics.auth_failures.inc();
         return Err(RelayError::Unauthorized.into());
     };
-    let store = Arc::clone(&state.store);
-    blocking(move || store.authenticate(&token))
-        .await
-        .map_err(|e| {
-            state.metrics.auth_failures.inc();
-            e.into()
-        })
+    state.store.authenticate(token).await.map_err(|e| {
+        state.metrics.auth_failures.inc();
+        e.into()
+    })
 }
 
 /// The back-office scope of a principal: `Ok(None)` for a global admin, `Ok(Some(store))` for a
@@ -312,8 +302,7 @@ async fn list_orders(
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let since = q.since.unwrap_or(0);
-    let st = Arc::clone(&state.store);
-    let metas = blocking(move || st.list_orders(&store, filter, since, limit)).await?;
+    let metas = state.store.list_orders(store, filter, since, limit).await?;
     let next = metas.last().map(|m| m.feed_seq);
     let orders: Vec<OrderSummary> = metas
         .into_iter()
@@ -341,8 +330,7 @@ async fn load_visible(
     let order: OrderId = id
         .parse()
         .map_err(|_| ApiError(StatusCode::NOT_FOUND, "not_found", format!("order {id}")))?;
-    let st = Arc::clone(&state.store);
-    let stored = blocking(move || st.load_order(order)).await?;
+    let stored = state.store.load_order(order).await?;
     let Some(stored) = stored.filter(|s| scope.as_ref().is_none_or(|sc| *sc == s.meta.store))
     else {
         return Err(ApiError(
@@ -463,9 +451,10 @@ async fn add_device(
     }
     let body: NewDevice = read_json(&headers, body).await?;
     let store = StoreId::new(body.store).map_err(RelayError::from)?;
-    let st = Arc::clone(&state.store);
-    let (rec, token) =
-        blocking(move || st.add_device(&store, &body.name, crate::hub::now_ms())).await?;
+    let (rec, token) = state
+        .store
+        .add_device(store, body.name, crate::hub::now_ms())
+        .await?;
     Ok(Json(
         json!({ "device": rec.device, "store": rec.store, "name": rec.name, "token": token }),
     ))
@@ -490,9 +479,7 @@ async fn backup(
         ));
     }
     let body: BackupBody = read_json(&headers, body).await?;
-    let st = Arc::clone(&state.store);
-    let to = body.to.clone();
-    let orders = blocking(move || st.backup_to(&to)).await?;
+    let orders = state.store.backup_to(body.to.clone()).await?;
     Ok(Json(json!({ "backup": body.to, "orders": orders })))
 }
 
@@ -507,13 +494,11 @@ async fn revoke_device(
     let scope = back_office(&authenticate(&state, &headers, &query).await?)?;
     let not_found = || ApiError(StatusCode::NOT_FOUND, "not_found", format!("device {id}"));
     let device: crdt_model::DeviceId = id.parse().map_err(|_| not_found())?;
-    let st = Arc::clone(&state.store);
-    let record = blocking(move || st.device(device)).await?;
+    let record = state.store.device(device).await?;
     let Some(record) = record.filter(|r| scope.as_ref().is_none_or(|s| *s == r.store)) else {
         return Err(not_found());
     };
-    let st = Arc::clone(&state.store);
-    blocking(move || st.revoke_device(device)).await?;
+    state.store.revoke_device(device).await?;
     // Persisted first: a connection admitted from now on is refused, one admitted before is
     // in the registry and told to close.
     let closed = state.admission.revoke(device);
@@ -532,9 +517,7 @@ async fn get_recovery(
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let store = scoped_store(&state, &headers, &query, &store).await?;
-    let st = Arc::clone(&state.store);
-    let s = store.clone();
-    let record = blocking(move || st.recovery(&s)).await?;
+    let record = state.store.recovery(store.clone()).await?;
     Ok(Json(match record {
         Some(r) => json!({
             "store": store,
@@ -559,9 +542,7 @@ async fn release_recovery(
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let store = scoped_store(&state, &headers, &query, &store).await?;
-    let st = Arc::clone(&state.store);
-    let s = store.clone();
-    let released = blocking(move || st.release_recovery(&s)).await?;
+    let released = state.store.release_recovery(store.clone()).await?;
     let Some(pending) = released else {
         return Ok(Json(
             json!({ "store": store, "released": false, "recovering": false }),
@@ -693,12 +674,13 @@ pub async fn run(
 /// the device resends it).
 pub async fn serve_store(
     config: RelayConfig,
-    store: Arc<RelayStore>,
+    store: impl Into<Backend>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RelayError> {
+    let store: Backend = store.into();
     // Handles on the store held outside this function (the caller's, this one's).
-    let held_outside = Arc::strong_count(&store);
+    let held_outside = store.handles();
     let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let metrics = Arc::new(Metrics::default());
     let fds = crate::admission::fd_limit();
@@ -727,7 +709,7 @@ pub async fn serve_store(
         handshake_timeout_ms = limits.handshake_timeout.as_millis() as u64,
         "admission limits"
     );
-    let hub = Hub::start(Arc::clone(&store), Arc::clone(&metrics), &config.hub)?;
+    let hub = Hub::start(store.clone(), Arc::clone(&metrics), &config.hub).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let bound = config.shutdown_timeout;
     let state = AppState {
@@ -796,13 +778,13 @@ pub async fn serve_store(
     };
     // Whatever still holds the store (a load or a feed page on a blocking thread) finishes
     // before this returns, so the caller can open the same data again at once.
-    let store = Arc::clone(&state.store);
+    let store = state.store.clone();
     drop(state);
     drop(hub);
-    while Arc::strong_count(&store) > held_outside && tokio::time::Instant::now() < deadline {
+    while store.handles() > held_outside && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    if Arc::strong_count(&store) > held_outside {
+    if store.handles() > held_outside {
         tracing::warn!("the store is still in use at the shutdown bound");
     }
     served

@@ -424,7 +424,9 @@ async fn a_panic_while_handling_a_frame_is_contained() {
         workers: 1,
         cache_orders: 100,
     };
-    let hub = Hub::start(Arc::clone(&store), Arc::clone(&metrics), &config).unwrap();
+    let hub = Hub::start(Arc::clone(&store), Arc::clone(&metrics), &config)
+        .await
+        .unwrap();
     let mut rng = SplitMix64::new(7);
     let new_order = |device: DeviceId, s: &StoreId, at: i64, rng: &mut SplitMix64| {
         let new = NewOrder {

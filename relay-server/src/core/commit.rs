@@ -47,7 +47,8 @@ impl RelayCore {
         let Some(d) = self.docs.get_mut(&order) else {
             return;
         };
-        if d.inflight.is_some() || d.pending.is_empty() {
+        // Not while the order is being read again: the write would build on old heads.
+        if d.inflight.is_some() || d.pending.is_empty() || d.refreshing || d.is_stale() {
             return;
         }
         let batch = std::mem::take(&mut d.pending);
@@ -143,6 +144,30 @@ impl RelayCore {
         };
         let outcome = match result {
             Ok(o) => o,
+            Err(e)
+                if matches!(e.inner(), RelayError::Conflict(_))
+                    && d.conflicts < super::MAX_CONFLICT_RETRIES =>
+            {
+                // Another relay committed the order since this one read it (several relays
+                // on one database): nothing of this write is stored. Its changes stay
+                // accepted, go back in front of the waiting ones, and are written again on
+                // top of the order as stored once it is read again; nobody waiting is told
+                // anything but the receipt, later.
+                d.conflicts += 1;
+                tracing::debug!(%order, error = %e, "write refused by the store; reading the order again");
+                let later = std::mem::take(&mut d.pending);
+                let mut merged = batch;
+                merged.changes.extend(later.changes);
+                merged.origins.extend(later.origins);
+                merged.requests.extend(later.requests);
+                if later.snapshot.is_some() {
+                    merged.snapshot = later.snapshot;
+                }
+                d.pending = merged;
+                d.mark_stale(Vec::new());
+                self.refresh(now, order);
+                return;
+            }
             Err(e) => {
                 // Nothing of this write is on disk, and the changes accepted after it build on
                 // it: the order falls back to what is stored, and everyone waiting is told.
@@ -181,9 +206,9 @@ impl RelayCore {
             return;
         };
         tracing::debug!(%order, changes = batch.changes.len(), "committed");
+        d.conflicts = 0;
         let before = d.committed.get_heads();
         d.committed = snapshot;
-        let after = d.committed.get_heads();
         d.tail_len = outcome.meta.tail_len;
         self.metrics
             .changes_accepted
@@ -191,13 +216,44 @@ impl RelayCore {
         self.metrics
             .receipts_pending
             .fetch_sub(batch.origins.len() as i64, Ordering::Relaxed);
-        // Every connection of the order gets what it lacks, then any receipt due: a receipt
-        // never overtakes the changes it names. A connection in step (it pushes, and had
-        // everything before this write) gets the write's changes as stored, minus those it
-        // sent, in one frame encoded once for all of them; any other gets a sync message from
-        // its own sync state, which its own messages shaped: a panic there is that
-        // connection's.
-        let hashes: Vec<ChangeHash> = batch.changes.iter().map(Change::hash).collect();
+        let replies: Vec<_> = batch
+            .requests
+            .iter()
+            .map(|r| {
+                (
+                    *r,
+                    crdt_model::view_of(&d.committed).map_err(RelayError::from),
+                )
+            })
+            .collect();
+        let store = outcome.meta.store.clone();
+        let entry = super::feed_entry(&outcome.meta, &self.seal.key);
+        let newly = outcome.newly_numbered;
+        d.meta = Some(outcome.meta);
+        self.fan_out(order, &before, &batch.changes);
+        for (request, result) in replies {
+            self.answer(request, result);
+        }
+        self.outputs.push_back(Output::Publish { store, entry });
+        if newly {
+            self.ensure_number(now, order);
+        }
+        self.refresh(now, order);
+        self.dispatch(now, order);
+    }
+
+    /// Sends every connection of `order` what `changes` (just made durable, taking the
+    /// committed document from `before`) gives it, then any receipt due: a receipt never
+    /// overtakes the changes it names. A connection in step (it pushes, and had everything
+    /// before these changes) gets them as stored, minus those it sent, in one frame encoded
+    /// once for all of them; any other gets a sync message from its own sync state, which its
+    /// own messages shaped: a panic there is that connection's.
+    pub(super) fn fan_out(&mut self, order: OrderId, before: &[ChangeHash], changes: &[Change]) {
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        let after = d.committed.get_heads();
+        let hashes: Vec<ChangeHash> = changes.iter().map(Change::hash).collect();
         let mut everyone = Vec::new();
         let mut sends = Vec::new();
         let mut failed = Vec::new();
@@ -214,8 +270,7 @@ impl RelayCore {
                 } else if theirs == hashes.len() {
                     Out::Nothing
                 } else {
-                    let rest = batch
-                        .changes
+                    let rest = changes
                         .iter()
                         .filter(|c| !pd.sent.contains(&c.hash()))
                         .map(|c| ByteBuf::from(c.raw_bytes().to_vec()))
@@ -244,25 +299,10 @@ impl RelayCore {
             });
             sends.push((*conn, out, receipt));
         }
-        let replies: Vec<_> = batch
-            .requests
-            .iter()
-            .map(|r| {
-                (
-                    *r,
-                    crdt_model::view_of(&d.committed).map_err(RelayError::from),
-                )
-            })
-            .collect();
-        let store = outcome.meta.store.clone();
-        let entry = super::feed_entry(&outcome.meta, &self.seal.key);
-        let newly = outcome.newly_numbered;
-        d.meta = Some(outcome.meta);
         sends.sort_by_key(|(conn, _, _)| *conn);
-        if !everyone.is_empty() {
+        if !everyone.is_empty() && !changes.is_empty() {
             everyone.sort_unstable();
-            let changes = batch
-                .changes
+            let changes = changes
                 .iter()
                 .map(|c| ByteBuf::from(c.raw_bytes().to_vec()))
                 .collect();
@@ -301,14 +341,6 @@ impl RelayCore {
                 message: format!("the relay could not process a sync frame for order {order}"),
             });
         }
-        for (request, result) in replies {
-            self.answer(request, result);
-        }
-        self.outputs.push_back(Output::Publish { store, entry });
-        if newly {
-            self.ensure_number(now, order);
-        }
-        self.dispatch(now, order);
     }
 
     /// Writes the stored number into the document if it is not there yet (after the first

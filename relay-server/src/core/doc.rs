@@ -167,6 +167,15 @@ pub(super) struct DocState {
     pub facts: OrderFacts,
     /// A new order of a store in recovery: `pending` waits for numbering to resume.
     pub held: bool,
+    /// The store holds changes `committed` lacks (another relay wrote the order): these
+    /// heads, or an empty list with `stale_unknown` when only a refused write said so.
+    pub stale_heads: Vec<ChangeHash>,
+    /// The store refused a write as built on old heads: read the order again.
+    pub stale_unknown: bool,
+    /// The order is being read again from the store ([`super::RelayCore::refresh`]).
+    pub refreshing: bool,
+    /// Writes refused in a row as built on old heads (bounded: see `MAX_CONFLICT_RETRIES`).
+    pub conflicts: u32,
 }
 
 impl DocState {
@@ -183,7 +192,25 @@ impl DocState {
             last_used: 0,
             facts: OrderFacts::default(),
             held: false,
+            stale_heads: Vec::new(),
+            stale_unknown: false,
+            refreshing: false,
+            conflicts: 0,
         }
+    }
+
+    /// Notes that the store holds `heads` (empty: something newer, heads unknown).
+    pub fn mark_stale(&mut self, heads: Vec<ChangeHash>) {
+        if heads.is_empty() {
+            self.stale_unknown = true;
+        } else {
+            self.stale_heads = heads;
+        }
+    }
+
+    /// Whether the store is known to hold changes `committed` lacks.
+    pub fn is_stale(&self) -> bool {
+        self.stale_unknown || self.stale_heads.iter().any(|h| !holds(&self.committed, h))
     }
 
     /// Whether the order exists (stored or being created).
@@ -191,9 +218,9 @@ impl DocState {
         !self.working.get_heads().is_empty()
     }
 
-    /// Whether a write is being committed or waits to be.
+    /// Whether a write is being committed or waits to be, or the order is being read again.
     pub fn busy(&self) -> bool {
-        self.inflight.is_some() || !self.pending.is_empty()
+        self.inflight.is_some() || !self.pending.is_empty() || self.refreshing
     }
 
     /// The last state the policy accepted.

@@ -56,6 +56,10 @@ pub const COMPACT_EVERY: u32 = 64;
 /// document) is loaded again, ms.
 pub const TOUCH_RETRY_MS: i64 = 1_000;
 
+/// Writes of one order refused in a row as built on old heads (another relay kept writing
+/// the order) before the core gives up on them and tells their devices to retry.
+pub const MAX_CONFLICT_RETRIES: u32 = 8;
+
 /// One device connection, as numbered by the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
@@ -186,6 +190,12 @@ pub struct RelayCore {
     touching: HashSet<OrderId>,
     /// Touched orders whose load failed, and when to load them again.
     touch_retry: std::collections::BTreeMap<OrderId, i64>,
+    /// Orders changed by another relay while their load was under way: the heads the store
+    /// holds, checked once the load is in.
+    changed_while_loading: HashMap<OrderId, Vec<automerge::ChangeHash>>,
+    /// Orders loaded because another relay changed them while connections here follow them:
+    /// the followers get a sync round once the load is in.
+    announce: HashSet<OrderId>,
     outputs: VecDeque<Output>,
     writer: Writer,
     relay_author: Author,
@@ -229,6 +239,8 @@ impl RelayCore {
             loading: HashMap::new(),
             touching: HashSet::new(),
             touch_retry: std::collections::BTreeMap::new(),
+            changed_while_loading: HashMap::new(),
+            announce: HashSet::new(),
             outputs: VecDeque::new(),
             writer: Writer::new(relay, epoch).with_seal(seal.clone()),
             seal: RelaySeal { relay, key: seal },
@@ -402,7 +414,13 @@ impl RelayCore {
             .map(|(o, _)| *o)
             .collect();
         for order in due {
-            self.handle_touch(now, order);
+            let stale = self.docs.get(&order).is_some_and(DocState::is_stale);
+            if stale {
+                self.touch_retry.remove(&order);
+                self.refresh(now, order);
+            } else {
+                self.handle_touch(now, order);
+            }
         }
     }
 
@@ -432,6 +450,18 @@ impl RelayCore {
         order: OrderId,
         loaded: Result<Option<StoredOrder>, RelayError>,
     ) {
+        if !self.loading.contains_key(&order) && self.docs.get(&order).is_some_and(|d| d.refreshing)
+        {
+            let outcome = crdt_model::guard::contain(|| self.refreshed(now, order, loaded));
+            if let Err(why) = outcome {
+                self.metrics
+                    .frame_panics
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(%order, panic = %why, "reading an order again panicked; it is reloaded on next use");
+                self.forget(order);
+            }
+            return;
+        }
         let parked = self.loading.remove(&order).unwrap_or_default();
         let touched = self.touching.remove(&order);
         let state = loaded.and_then(|stored| match stored {
@@ -455,6 +485,11 @@ impl RelayCore {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(%order, error = %e, "cannot load order");
+                self.changed_while_loading.remove(&order);
+                if self.announce.contains(&order) {
+                    // Followers here wait for another relay's change: try again later.
+                    self.touch_retry.insert(order, now + TOUCH_RETRY_MS);
+                }
                 if touched {
                     // Its number may still be missing from its document: try again later,
                     // whether or not a device comes back to it.
@@ -492,6 +527,12 @@ impl RelayCore {
         self.metrics
             .orders_in_memory
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.announce.remove(&order) {
+            self.announce_to_followers(order);
+        }
+        if let Some(heads) = self.changed_while_loading.remove(&order) {
+            self.handle_changed_elsewhere(now, order, heads);
+        }
         self.ensure_number(now, order);
         self.dispatch(now, order);
         for p in parked {
@@ -524,6 +565,148 @@ impl RelayCore {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(%order, panic = %why, "handling a commit panicked; the order is reloaded on next use");
             self.forget(order);
+        }
+    }
+
+    /// Another relay committed `order` (several relays on one database): the store now holds
+    /// `heads` (empty when unknown). An order in memory whose committed document lacks them
+    /// is read again and its connections get the new changes; an order not in memory that
+    /// connections here follow is loaded and they get a sync round; any other order is left
+    /// alone (it is read fresh when next used).
+    pub fn handle_changed_elsewhere(
+        &mut self,
+        now: i64,
+        order: OrderId,
+        heads: Vec<automerge::ChangeHash>,
+    ) {
+        if self.loading.contains_key(&order) {
+            // The load under way may have started before that commit.
+            self.changed_while_loading.insert(order, heads);
+            return;
+        }
+        match self.docs.get_mut(&order) {
+            Some(d) => {
+                if !heads.is_empty() && heads.iter().all(|h| doc::holds(&d.committed, h)) {
+                    return;
+                }
+                d.mark_stale(heads);
+                self.refresh(now, order);
+            }
+            None if self.followers.contains_key(&order) => {
+                self.announce.insert(order);
+                self.loading.insert(order, Vec::new());
+                self.outputs.push_back(Output::Load { order });
+            }
+            None => {}
+        }
+    }
+
+    /// Reads a stale order again unless a write of it is in flight (its outcome comes first)
+    /// or it is already being read.
+    pub(crate) fn refresh(&mut self, _now: i64, order: OrderId) {
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        if !d.is_stale() {
+            d.stale_heads.clear();
+            return;
+        }
+        if d.refreshing || d.inflight.is_some() {
+            return;
+        }
+        d.refreshing = true;
+        self.outputs.push_back(Output::Load { order });
+    }
+
+    /// The answer to a refresh's load: the stored changes `committed` lacks are added to the
+    /// committed and working documents and sent to the order's connections, then the waiting
+    /// write (built again on the stored heads) goes out.
+    fn refreshed(
+        &mut self,
+        now: i64,
+        order: OrderId,
+        loaded: Result<Option<StoredOrder>, RelayError>,
+    ) {
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        d.refreshing = false;
+        let stored = match loaded {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                tracing::error!(%order, "an order another relay changed is not stored; dropped from memory");
+                self.forget(order);
+                return;
+            }
+            Err(e) => {
+                // Read again later; meanwhile nothing is written on old heads.
+                tracing::warn!(%order, error = %e, "cannot read a changed order again; retrying");
+                self.touch_retry.insert(order, now + TOUCH_RETRY_MS);
+                return;
+            }
+        };
+        let doc = match crdt_model::guard::load_with_increments(
+            &stored.snapshot,
+            stored.tail.iter().map(Vec::as_slice),
+        ) {
+            Ok(doc) => doc,
+            Err(e) => {
+                tracing::error!(%order, error = %e, "stored order does not load; dropped from memory");
+                self.forget(order);
+                return;
+            }
+        };
+        let before = d.committed.get_heads();
+        // The store holds every change `committed` holds (it is what was stored), so the new
+        // ones are the stored document's changes after `before`.
+        let fresh: Vec<automerge::Change> = if before.iter().all(|h| doc::holds(&doc, h)) {
+            doc.get_changes(&before)
+        } else {
+            tracing::error!(%order, "the stored order lacks changes this relay committed; dropped from memory");
+            self.forget(order);
+            return;
+        };
+        if let Err(e) = d.committed.apply_changes(fresh.iter().cloned()) {
+            tracing::error!(%order, error = %e, "stored changes do not apply; dropped from memory");
+            self.forget(order);
+            return;
+        }
+        // `working` holds `committed` plus the accepted changes waiting: add the stored ones.
+        let _ = d.working.apply_changes(fresh.iter().cloned());
+        if !d.pending.is_empty() {
+            d.pending.snapshot = Some(d.working.clone());
+        }
+        d.facts = crdt_model::OrderFacts::default();
+        d.tail_len = stored.meta.tail_len;
+        d.store = Some(stored.meta.store.clone());
+        d.meta = Some(stored.meta);
+        d.stale_unknown = false;
+        if !d.is_stale() {
+            d.stale_heads.clear();
+        }
+        tracing::debug!(%order, changes = fresh.len(), "read again after another relay's commit");
+        self.fan_out(order, &before, &fresh);
+        self.ensure_number(now, order);
+        // Still behind (yet another commit came meanwhile): read again.
+        self.refresh(now, order);
+        self.dispatch(now, order);
+    }
+
+    /// A sync round with every connection following `order` (just loaded after another
+    /// relay changed it): each learns what the relay holds and asks for what it lacks.
+    fn announce_to_followers(&mut self, order: OrderId) {
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        let mut rounds = Vec::new();
+        for (conn, pd) in &mut d.peers {
+            if let Ok(Some(m)) = crdt_model::guard::contain(|| pd.generate(&d.committed)) {
+                rounds.push((*conn, m));
+            }
+        }
+        rounds.sort_by_key(|(conn, _)| *conn);
+        for (conn, m) in rounds {
+            self.send_sync(conn, order, m);
         }
     }
 

@@ -1,7 +1,10 @@
-//! The committer: one thread that folds every queued write into one redb transaction (group
-//! commit) and reports each write's outcome to its worker. A write is always answered: if the
-//! thread cannot start, stops, or panics, the writes it held are reported failed (a dropped
-//! [`CommitReply`] reports itself), so nothing waits forever on a commit.
+//! The committer: folds queued writes into one transaction (group commit) and reports each
+//! write's outcome to its worker. With redb it is one thread (redb has one writer at a time);
+//! with PostgreSQL it is a task that keeps up to [`PG_BATCHES_IN_FLIGHT`] batches committing at
+//! once (each batch locks its store and order rows in a fixed order, so batches of other stores
+//! run side by side and batches of one store queue on its row). A write is always answered: if
+//! the committer cannot start, stops, or panics, the writes it held are reported failed (a
+//! dropped [`CommitReply`] reports itself), so nothing waits forever on a commit.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,12 +13,16 @@ use crdt_model::OrderId;
 use tokio::sync::mpsc;
 
 use super::worker::Event;
+use crate::backend::Backend;
 use crate::error::RelayError;
 use crate::metrics::Metrics;
 use crate::store::{CommitOutcome, OrderWrite, RelayStore};
 
 /// Most writes folded into one transaction.
 const MAX_BATCH: usize = 4096;
+
+/// PostgreSQL batches committing at once (each holds one pooled connection).
+pub(crate) const PG_BATCHES_IN_FLIGHT: usize = 4;
 
 /// Where a write's outcome goes; reports a failure if dropped unanswered.
 pub(crate) struct CommitReply {
@@ -60,29 +67,55 @@ pub(crate) struct CommitJob {
     pub(crate) reply: CommitReply,
 }
 
-/// Handle to the committer thread.
+/// Where jobs go: the redb thread's channel or the PostgreSQL task's.
+enum Queue {
+    Thread(std::sync::mpsc::Sender<CommitJob>),
+    Task(mpsc::UnboundedSender<CommitJob>),
+}
+
+/// Handle to the committer.
 pub(crate) struct Committer {
-    tx: Option<std::sync::mpsc::Sender<CommitJob>>,
+    tx: Option<Queue>,
     thread: Option<std::thread::JoinHandle<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Committer {
-    /// Starts the thread. If it cannot start, every write is answered with a failure.
-    pub(crate) fn start(store: Arc<RelayStore>, metrics: Arc<Metrics>) -> Self {
+    /// Starts the committer for `backend` (a thread for redb, a task for PostgreSQL).
+    pub(crate) fn start(backend: &Backend, metrics: Arc<Metrics>) -> Self {
+        match backend {
+            Backend::Redb(store) => Self::start_thread(Arc::clone(store), metrics),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(_) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let task = tokio::spawn(run_async(backend.clone(), metrics, rx));
+                Self {
+                    tx: Some(Queue::Task(tx)),
+                    thread: None,
+                    task: Some(task),
+                }
+            }
+        }
+    }
+
+    /// Starts the redb thread. If it cannot start, every write is answered with a failure.
+    fn start_thread(store: Arc<RelayStore>, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<CommitJob>();
         let spawned = std::thread::Builder::new()
             .name("relay-committer".into())
             .spawn(move || run(&store, &metrics, &rx));
         match spawned {
             Ok(h) => Self {
-                tx: Some(tx),
+                tx: Some(Queue::Thread(tx)),
                 thread: Some(h),
+                task: None,
             },
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the committer thread; every write fails");
                 Self {
                     tx: None,
                     thread: None,
+                    task: None,
                 }
             }
         }
@@ -91,8 +124,11 @@ impl Committer {
     /// Queues a job; if the committer is gone the job is answered with a failure at once.
     pub(crate) fn submit(&self, job: CommitJob) {
         match &self.tx {
-            Some(tx) => {
-                // On error the job comes back and is dropped: its reply reports the failure.
+            // On error the job comes back and is dropped: its reply reports the failure.
+            Some(Queue::Thread(tx)) => {
+                let _ = tx.send(job);
+            }
+            Some(Queue::Task(tx)) => {
                 let _ = tx.send(job);
             }
             None => job.reply.send(Err(RelayError::Internal(
@@ -101,11 +137,101 @@ impl Committer {
         }
     }
 
-    /// Stops accepting jobs and waits for the thread to finish what it holds.
-    pub(crate) fn stop(&mut self) -> Option<std::thread::JoinHandle<()>> {
+    /// Stops accepting jobs; returns the thread (redb) to join, and the task (PostgreSQL) to
+    /// await, each finishing what it holds.
+    pub(crate) fn stop(
+        &mut self,
+    ) -> (
+        Option<std::thread::JoinHandle<()>>,
+        Option<tokio::task::JoinHandle<()>>,
+    ) {
         self.tx = None;
-        self.thread.take()
+        (self.thread.take(), self.task.take())
     }
+}
+
+/// Reports a batch's outcome to each of its writes.
+fn report(
+    metrics: &Metrics,
+    jobs: Vec<CommitJob>,
+    seconds: f64,
+    result: Result<Vec<CommitOutcome>, RelayError>,
+) {
+    match result {
+        Ok(outcomes) if outcomes.len() == jobs.len() => {
+            metrics.commits.inc();
+            metrics.observe_commit(seconds);
+            for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                job.reply.send(Ok(outcome));
+            }
+        }
+        Ok(outcomes) => {
+            // A store returning another count is a bug; nobody is told a write is durable
+            // that it cannot be matched to.
+            metrics.commit_errors.inc();
+            tracing::error!(
+                writes = jobs.len(),
+                outcomes = outcomes.len(),
+                "commit outcomes do not match the writes"
+            );
+            let shared = Arc::new(RelayError::Internal(
+                "commit outcomes do not match the writes".into(),
+            ));
+            for job in jobs {
+                job.reply.send(Err(RelayError::Shared(Arc::clone(&shared))));
+            }
+        }
+        Err(e) => {
+            metrics.commit_errors.inc();
+            // A conflict is another relay's commit of the same order: routine with several
+            // relays, and the order is read again and its write retried.
+            if matches!(e, RelayError::Conflict(_)) {
+                tracing::debug!(error = %e, writes = jobs.len(), "group commit refused");
+            } else {
+                tracing::error!(error = %e, writes = jobs.len(), "group commit failed");
+            }
+            let shared = Arc::new(e);
+            for job in jobs {
+                job.reply.send(Err(RelayError::Shared(Arc::clone(&shared))));
+            }
+        }
+    }
+}
+
+/// The PostgreSQL committer: takes what is queued as one batch and commits it on its own
+/// task, at most [`PG_BATCHES_IN_FLIGHT`] at once. Ends (after its batches) when every
+/// sender is gone.
+#[cfg(feature = "postgres")]
+async fn run_async(
+    backend: Backend,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::UnboundedReceiver<CommitJob>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(PG_BATCHES_IN_FLIGHT));
+    let mut running = tokio::task::JoinSet::new();
+    while let Some(first) = rx.recv().await {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            break;
+        };
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let backend = backend.clone();
+        let metrics = Arc::clone(&metrics);
+        running.spawn(async move {
+            let writes: Vec<OrderWrite> = jobs.iter().map(|j| j.write.clone()).collect();
+            let started = Instant::now();
+            let result = backend.commit(writes).await;
+            report(&metrics, jobs, started.elapsed().as_secs_f64(), result);
+            drop(slot);
+        });
+        while running.try_join_next().is_some() {}
+    }
+    while running.join_next().await.is_some() {}
 }
 
 fn run(store: &RelayStore, metrics: &Metrics, rx: &std::sync::mpsc::Receiver<CommitJob>) {
@@ -121,24 +247,7 @@ fn run(store: &RelayStore, metrics: &Metrics, rx: &std::sync::mpsc::Receiver<Com
         let started = Instant::now();
         let result = crdt_model::guard::contain(|| store.commit(&writes))
             .unwrap_or_else(|why| Err(RelayError::Internal(format!("commit panicked: {why}"))));
-        let seconds = started.elapsed().as_secs_f64();
-        match result {
-            Ok(outcomes) => {
-                metrics.commits.inc();
-                metrics.observe_commit(seconds);
-                for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                    job.reply.send(Ok(outcome));
-                }
-            }
-            Err(e) => {
-                metrics.commit_errors.inc();
-                tracing::error!(error = %e, writes = jobs.len(), "group commit failed");
-                let shared = Arc::new(e);
-                for job in jobs {
-                    job.reply.send(Err(RelayError::Shared(Arc::clone(&shared))));
-                }
-            }
-        }
+        report(metrics, jobs, started.elapsed().as_secs_f64(), result);
     }
 }
 
@@ -175,6 +284,7 @@ mod tests {
         let committer = Committer {
             tx: None,
             thread: None,
+            task: None,
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let write = OrderWrite {

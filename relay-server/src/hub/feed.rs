@@ -1,5 +1,10 @@
 //! The store feed's live side: connections by store, and committed feed entries coalesced for
 //! a few milliseconds and broadcast once per store (encoded once for every connection).
+//!
+//! With a shared store (several relays on one database) the entries of this relay's own
+//! commits are not broadcast from here: feed positions are assigned by the database across
+//! every relay, so the feed goes out as read back from it, in order (`hub::shared`); a commit
+//! here only marks its store for reading.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -16,7 +21,7 @@ use crate::core::ConnId;
 /// How long feed entries are collected before they go out: every device of a store gets one
 /// `feed` frame per window instead of one per commit, and an order edited many times in the
 /// window appears once, with its latest state.
-const FEED_COALESCE: Duration = Duration::from_millis(5);
+pub(crate) const FEED_COALESCE: Duration = Duration::from_millis(5);
 
 /// Connections by store, and the feed entries waiting to go out.
 #[derive(Debug, Default)]
@@ -24,11 +29,60 @@ pub(crate) struct Registry {
     by_store: RwLock<HashMap<StoreId, HashMap<ConnId, Arc<Peer>>>>,
     /// Committed feed entries not broadcast yet, by store, the latest per order.
     pending: Mutex<HashMap<StoreId, HashMap<String, FeedEntry>>>,
-    /// Woken when `pending` goes from empty to not empty.
-    wake: Notify,
+    /// Woken when `pending` (or, shared, `committed_here`) goes from empty to not empty.
+    pub(crate) wake: Notify,
+    /// Whether the store is shared with other relays (see the module docs).
+    shared: bool,
+    /// Shared store: stores this relay committed to since the feed was last read.
+    committed_here: Mutex<std::collections::HashSet<StoreId>>,
 }
 
 impl Registry {
+    /// An empty registry; `shared` when several relays share the store.
+    pub(crate) fn new(shared: bool) -> Self {
+        Self {
+            shared,
+            ..Self::default()
+        }
+    }
+
+    /// Shared store: the stores committed to here since the last call.
+    pub(crate) fn take_committed_here(&self) -> Vec<StoreId> {
+        self.committed_here
+            .lock()
+            .map(|mut s| s.drain().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether any connection of `store` is here.
+    pub(crate) fn has_conns(&self, store: &StoreId) -> bool {
+        self.by_store
+            .read()
+            .map(|m| m.contains_key(store))
+            .unwrap_or(false)
+    }
+
+    /// Sends feed entries (in feed order) to every connection of `store`, at once.
+    pub(crate) fn send_entries(&self, store: &StoreId, entries: Vec<FeedEntry>) {
+        if entries.is_empty() {
+            return;
+        }
+        let Ok(m) = self.by_store.read() else {
+            return;
+        };
+        let Some(conns) = m.get(store) else {
+            return;
+        };
+        let frame = RelayFrame::Feed { entries };
+        let bytes = Bytes::from(frame.encode());
+        let RelayFrame::Feed { entries } = frame else {
+            return;
+        };
+        for p in conns.values() {
+            p.offer_feed(&bytes, &entries);
+        }
+    }
+
     pub(crate) fn add(&self, peer: &Arc<Peer>) {
         if let Ok(mut m) = self.by_store.write() {
             m.entry(peer.store.clone())
@@ -50,6 +104,18 @@ impl Registry {
 
     /// Queues a committed order's feed entry for the next coalesced broadcast.
     pub(crate) fn publish(&self, store: StoreId, entry: FeedEntry) {
+        if self.shared {
+            let Ok(mut here) = self.committed_here.lock() else {
+                return;
+            };
+            let was_empty = here.is_empty();
+            here.insert(store);
+            drop(here);
+            if was_empty {
+                self.wake.notify_one();
+            }
+            return;
+        }
         let Ok(mut pending) = self.pending.lock() else {
             return;
         };
@@ -73,23 +139,10 @@ impl Registry {
             Ok(mut p) => std::mem::take(&mut *p),
             Err(_) => return,
         };
-        let Ok(m) = self.by_store.read() else {
-            return;
-        };
         for (store, entries) in pending {
-            let Some(conns) = m.get(&store) else {
-                continue;
-            };
             let mut entries: Vec<FeedEntry> = entries.into_values().collect();
             entries.sort_unstable_by_key(|e| e.seq);
-            let frame = RelayFrame::Feed { entries };
-            let bytes = Bytes::from(frame.encode());
-            let RelayFrame::Feed { entries } = frame else {
-                continue;
-            };
-            for p in conns.values() {
-                p.offer_feed(&bytes, &entries);
-            }
+            self.send_entries(&store, entries);
         }
     }
 

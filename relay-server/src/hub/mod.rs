@@ -5,12 +5,17 @@
 //!
 //! * [`peer`]: a connected device (outbox, backpressure permits, feed gate);
 //! * `feed`: connections by store and the coalesced live feed;
-//! * `committer`: the thread that folds queued writes into one redb transaction;
-//! * `worker`: the task that feeds a core its inputs and carries out its outputs.
+//! * `committer`: folds queued writes into one transaction (a thread for redb, a task for
+//!   PostgreSQL);
+//! * `worker`: the task that feeds a core its inputs and carries out its outputs;
+//! * `shared`: with PostgreSQL, what other relays committed: it listens for their
+//!   notifications, reads the store feed from the database and refreshes cached orders.
 
 mod committer;
 mod feed;
 pub mod peer;
+#[cfg(feature = "postgres")]
+mod shared;
 mod worker;
 
 use std::sync::Arc;
@@ -20,12 +25,12 @@ use axum::body::Bytes;
 use crdt_model::{DeviceId, OrderId, OrderStatus, OrderView, StoreId};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::backend::Backend;
 use crate::clock::OsEntropy;
 use crate::core::{ConnId, CoreConfig, RelayCore};
 use crate::error::RelayError;
 use crate::metrics::Metrics;
 use crate::screen::Limits;
-use crate::store::RelayStore;
 use committer::Committer;
 use feed::Registry;
 pub use peer::Peer;
@@ -85,21 +90,23 @@ struct HubInner {
 }
 
 impl Hub {
-    /// Starts the committer thread and the worker tasks (on the current tokio runtime).
-    pub fn start(
-        store: Arc<RelayStore>,
+    /// Starts the committer and the worker tasks (on the current tokio runtime); with a
+    /// shared store (PostgreSQL), also the listener for other relays' commits.
+    pub async fn start(
+        store: impl Into<Backend>,
         metrics: Arc<Metrics>,
         config: &HubConfig,
     ) -> Result<Self, RelayError> {
+        let store: Backend = store.into();
         let identity = store.identity()?;
-        let committer = Arc::new(Committer::start(Arc::clone(&store), Arc::clone(&metrics)));
-        let registry = Arc::new(Registry::default());
+        let committer = Arc::new(Committer::start(&store, Arc::clone(&metrics)));
+        let registry = Arc::new(Registry::new(store.is_shared()));
         let n = config.workers.max(1);
         let core_config = CoreConfig {
             capacity: (config.cache_orders / n).max(16),
             limits: Limits::default(),
         };
-        let recovering = store.recovering_stores()?;
+        let recovering = store.recovering_stores().await?;
         if !recovering.is_empty() {
             tracing::warn!(
                 stores = recovering.len(),
@@ -125,7 +132,7 @@ impl Hub {
             }
             let w = Worker {
                 core,
-                store: Arc::clone(&store),
+                store: store.clone(),
                 registry: Arc::clone(&registry),
                 committer: Arc::clone(&committer),
                 events,
@@ -138,10 +145,19 @@ impl Hub {
             handles.push(tokio::spawn(w.run(rx, events_rx)));
             workers.push(tx);
         }
-        let feed_task = tokio::spawn(Arc::clone(&registry).run_feed());
+        let feed_task = match &store {
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(pg) => tokio::spawn(shared::run(
+                Arc::clone(pg),
+                Arc::clone(&registry),
+                workers.clone(),
+                Arc::clone(&metrics),
+            )),
+            _ => tokio::spawn(Arc::clone(&registry).run_feed()),
+        };
         // Orders stored with a number their document lacks (the relay stopped between the
         // first commit and the number change): loading them writes it.
-        let unnumbered = store.unnumbered(100_000)?;
+        let unnumbered = store.unnumbered(100_000).await?;
         if !unnumbered.is_empty() {
             tracing::info!(
                 orders = unnumbered.len(),
@@ -312,10 +328,14 @@ impl Hub {
         let committer = self.inner.committer.lock().ok().and_then(|mut c| c.take());
         if let Some(c) = committer {
             // The workers are gone, so this is the last handle: stop and join the thread.
-            if let Ok(mut c) = Arc::try_unwrap(c)
-                && let Some(thread) = c.stop()
-            {
-                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            if let Ok(mut c) = Arc::try_unwrap(c) {
+                let (thread, task) = c.stop();
+                if let Some(thread) = thread {
+                    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+                }
+                if let Some(task) = task {
+                    let _ = task.await;
+                }
             }
         }
     }

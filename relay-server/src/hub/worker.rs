@@ -12,10 +12,11 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use super::committer::{CommitJob, CommitReply, Committer};
 use super::feed::Registry;
 use super::peer::Peer;
+use crate::backend::Backend;
 use crate::clock::now_ms;
 use crate::core::{ConnId, Incoming, Origin, Output, RelayCore, RequestId};
 use crate::error::RelayError;
-use crate::store::{CommitOutcome, RelayStore, StoredOrder};
+use crate::store::{CommitOutcome, StoredOrder};
 
 pub(crate) type ViewReply = oneshot::Sender<Result<OrderView, RelayError>>;
 
@@ -44,6 +45,11 @@ pub(crate) enum WorkerMsg {
     Flush {
         reply: oneshot::Sender<()>,
     },
+    /// The store holds `heads` for `order` (another relay may have written it).
+    ChangedElsewhere {
+        order: OrderId,
+        heads: Vec<automerge::ChangeHash>,
+    },
     /// A store entered or left recovery after a restore.
     Recovering {
         store: StoreId,
@@ -66,7 +72,7 @@ pub(crate) enum Event {
 
 pub(crate) struct Worker {
     pub(crate) core: RelayCore,
-    pub(crate) store: Arc<RelayStore>,
+    pub(crate) store: Backend,
     pub(crate) registry: Arc<Registry>,
     pub(crate) committer: Arc<Committer>,
     pub(crate) events: mpsc::UnboundedSender<Event>,
@@ -159,6 +165,9 @@ impl Worker {
             WorkerMsg::Touch { order } => self.core.handle_touch(now, order),
             WorkerMsg::Flush { reply } => self.flush_waiters.push(reply),
             WorkerMsg::Recovering { store, on } => self.core.set_recovering(now, store, on),
+            WorkerMsg::ChangedElsewhere { order, heads } => {
+                self.core.handle_changed_elsewhere(now, order, heads);
+            }
             WorkerMsg::Stop => {}
         }
     }
@@ -201,14 +210,10 @@ impl Worker {
                     }
                 }
                 Output::Load { order } => {
-                    let store = Arc::clone(&self.store);
+                    let store = self.store.clone();
                     let events = self.events.clone();
                     tokio::spawn(async move {
-                        let result = tokio::task::spawn_blocking(move || store.load_order(order))
-                            .await
-                            .unwrap_or_else(|e| {
-                                Err(RelayError::Internal(format!("load task: {e}")))
-                            });
+                        let result = store.load_order(order).await;
                         let _ = events.send(Event::Loaded { order, result });
                     });
                 }

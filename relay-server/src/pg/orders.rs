@@ -104,7 +104,7 @@ impl PgStore {
         }
         let mut client = self.client().await?;
         let txn = client.transaction().await?;
-        match apply(&txn, writes, &hashed).await {
+        match apply(&txn, writes, &hashed, &self.channel).await {
             Ok(out) => {
                 txn.commit().await?;
                 Ok(out)
@@ -330,6 +330,7 @@ async fn apply(
     txn: &Transaction<'_>,
     writes: &[OrderWrite],
     hashed: &[Vec<[u8; 32]>],
+    channel: &str,
 ) -> Result<Vec<CommitOutcome>, RelayError> {
     let mut stores = lock_stores(txn, writes).await?;
 
@@ -537,6 +538,17 @@ async fn apply(
         )
         .await?,
         &[&names, &lasts, &heads],
+    )
+    .await?;
+    // Announced to every relay listening when (and only if) the transaction commits.
+    let notices: Vec<String> = stores
+        .iter()
+        .map(|(name, (_, head))| format!("{head} {name}"))
+        .collect();
+    txn.execute(
+        &txn.prepare_cached("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+            .await?,
+        &[&channel, &notices],
     )
     .await?;
     Ok(out)
