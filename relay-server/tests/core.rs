@@ -52,6 +52,7 @@ impl Rig {
             CoreConfig {
                 capacity,
                 limits: Default::default(),
+                shared: false,
             },
         )
         .unwrap();

@@ -3,6 +3,7 @@
 //! * [`file_terminal`]: a simulated card terminal whose ledger survives the app process.
 //! * [`proxy`]: a fault-injecting TCP proxy (cut, cut after N bytes, partition, delay).
 //! * [`latency`]: latency histograms (hdrhistogram) for the benchmark binaries.
+//! * [`pgdb`]: a fresh PostgreSQL schema per run, for tests and `pos-sim --store postgres://`.
 //! * [`harness`]: an embedded relay that can be stopped and restarted on the same port and data,
 //!   and terminals (the `replicator` library) behind per-terminal proxies.
 //! * [`sim`]: `pos-sim`, a store of terminals with cashier behaviour under injected faults,
@@ -11,5 +12,6 @@
 pub mod file_terminal;
 pub mod harness;
 pub mod latency;
+pub mod pgdb;
 pub mod proxy;
 pub mod sim;

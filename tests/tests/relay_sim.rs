@@ -592,6 +592,7 @@ impl World {
                     CoreConfig {
                         capacity: CAPACITY,
                         limits: Limits::default(),
+                        shared: false,
                     },
                 )
                 .unwrap()

@@ -169,36 +169,7 @@ impl RelayCore {
                 return;
             }
             Err(e) => {
-                // Nothing of this write is on disk, and the changes accepted after it build on
-                // it: the order falls back to what is stored, and everyone waiting is told.
-                // Sync states are reset, since they count those changes as received.
-                let later = std::mem::take(&mut d.pending);
-                d.working = d.committed.clone();
-                d.facts = crdt_model::OrderFacts::default();
-                // A fresh round with every connection of the order: its devices learn what the
-                // relay holds, and send what it lacks again (the retry needs no timer).
-                let mut rounds = Vec::new();
-                for (conn, pd) in &mut d.peers {
-                    pd.push_mode = false;
-                    pd.sent.clear();
-                    let caps = pd.state.their_capabilities.take();
-                    pd.state = automerge::sync::State::new();
-                    pd.state.their_capabilities = caps;
-                    // Asks the device to forget what it counts as sent (Automerge's sync reset).
-                    pd.state.needs_reset = true;
-                    if let Ok(Some(m)) = crdt_model::guard::contain(|| pd.generate(&d.committed)) {
-                        rounds.push((*conn, m));
-                    }
-                }
-                let why = std::sync::Arc::new(e);
-                self.fail_batch(order, batch, &why);
-                self.fail_batch(order, later, &why);
-                rounds.sort_by_key(|(conn, _)| *conn);
-                for (conn, m) in rounds {
-                    self.send_sync(conn, order, m);
-                }
-                // A failed number write is written again (the store holds the number).
-                self.ensure_number(now, order);
+                self.abandon(now, order, batch, e);
                 return;
             }
         };
@@ -240,6 +211,47 @@ impl RelayCore {
         }
         self.refresh(now, order);
         self.dispatch(now, order);
+    }
+
+    /// A write of `order` will not be durable (`batch`, with `e` as the reason): nothing of it
+    /// is on disk, and the changes accepted after it build on it, so the order falls back to
+    /// what is stored and everyone waiting is told. Sync states are reset, since they count
+    /// those changes as received.
+    pub(super) fn abandon(&mut self, now: i64, order: OrderId, batch: Batch, e: RelayError) {
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        let later = std::mem::take(&mut d.pending);
+        d.working = d.committed.clone();
+        d.facts = crdt_model::OrderFacts::default();
+        d.conflicts = 0;
+        // A fresh round with every connection of the order: its devices learn what the relay
+        // holds, and send what it lacks again (the retry needs no timer).
+        let mut rounds = Vec::new();
+        for (conn, pd) in &mut d.peers {
+            pd.push_mode = false;
+            pd.sent.clear();
+            let caps = pd.state.their_capabilities.take();
+            pd.state = automerge::sync::State::new();
+            pd.state.their_capabilities = caps;
+            // Asks the device to forget what it counts as sent (Automerge's sync reset).
+            pd.state.needs_reset = true;
+            if let Ok(Some(m)) = crdt_model::guard::contain(|| pd.generate(&d.committed)) {
+                rounds.push((*conn, m));
+            }
+        }
+        let why = std::sync::Arc::new(e);
+        self.fail_batch(order, batch, &why);
+        self.fail_batch(order, later, &why);
+        rounds.sort_by_key(|(conn, _)| *conn);
+        for (conn, m) in rounds {
+            self.send_sync(conn, order, m);
+        }
+        // A failed number write is written again (the store holds the number; with several
+        // relays, only this relay's own: another's may be in flight).
+        if !self.config.shared {
+            self.ensure_number(now, order);
+        }
     }
 
     /// Sends every connection of `order` what `changes` (just made durable, taking the

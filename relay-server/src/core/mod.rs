@@ -144,6 +144,10 @@ pub struct CoreConfig {
     pub capacity: usize,
     /// Limits device messages are held to.
     pub limits: Limits,
+    /// Several relays write the same store (PostgreSQL): a relay writes into an order's
+    /// document only the numbers it assigned itself (and those of orders touched at start),
+    /// not every number a load finds missing, which may be another relay's write in flight.
+    pub shared: bool,
 }
 
 impl Default for CoreConfig {
@@ -151,6 +155,7 @@ impl Default for CoreConfig {
         Self {
             capacity: 10_000,
             limits: Limits::default(),
+            shared: false,
         }
     }
 }
@@ -533,7 +538,9 @@ impl RelayCore {
         if let Some(heads) = self.changed_while_loading.remove(&order) {
             self.handle_changed_elsewhere(now, order, heads);
         }
-        self.ensure_number(now, order);
+        if touched || !self.config.shared {
+            self.ensure_number(now, order);
+        }
         self.dispatch(now, order);
         for p in parked {
             match p {
@@ -631,11 +638,19 @@ impl RelayCore {
             return;
         };
         d.refreshing = false;
+        let never_stored = d.committed.get_heads().is_empty();
         let stored = match loaded {
             Ok(Some(s)) => s,
+            Ok(None) if never_stored => {
+                // A new order whose first write was refused with another one of its batch:
+                // nothing to read, write it now.
+                d.stale_unknown = false;
+                d.stale_heads.clear();
+                self.dispatch(now, order);
+                return;
+            }
             Ok(None) => {
-                tracing::error!(%order, "an order another relay changed is not stored; dropped from memory");
-                self.forget(order);
+                self.give_up(now, order, "the order is no longer stored".into());
                 return;
             }
             Err(e) => {
@@ -651,24 +666,24 @@ impl RelayCore {
         ) {
             Ok(doc) => doc,
             Err(e) => {
-                tracing::error!(%order, error = %e, "stored order does not load; dropped from memory");
-                self.forget(order);
+                self.give_up(now, order, format!("the stored order does not load: {e}"));
                 return;
             }
         };
         let before = d.committed.get_heads();
         // The store holds every change `committed` holds (it is what was stored), so the new
         // ones are the stored document's changes after `before`.
-        let fresh: Vec<automerge::Change> = if before.iter().all(|h| doc::holds(&doc, h)) {
-            doc.get_changes(&before)
-        } else {
-            tracing::error!(%order, "the stored order lacks changes this relay committed; dropped from memory");
-            self.forget(order);
+        if !before.iter().all(|h| doc::holds(&doc, h)) {
+            self.give_up(
+                now,
+                order,
+                "the stored order lacks changes this relay committed".into(),
+            );
             return;
-        };
+        }
+        let fresh: Vec<automerge::Change> = doc.get_changes(&before);
         if let Err(e) = d.committed.apply_changes(fresh.iter().cloned()) {
-            tracing::error!(%order, error = %e, "stored changes do not apply; dropped from memory");
-            self.forget(order);
+            self.give_up(now, order, format!("stored changes do not apply: {e}"));
             return;
         }
         // `working` holds `committed` plus the accepted changes waiting: add the stored ones.
@@ -686,10 +701,23 @@ impl RelayCore {
         }
         tracing::debug!(%order, changes = fresh.len(), "read again after another relay's commit");
         self.fan_out(order, &before, &fresh);
-        self.ensure_number(now, order);
         // Still behind (yet another commit came meanwhile): read again.
         self.refresh(now, order);
         self.dispatch(now, order);
+    }
+
+    /// An order that cannot be read again: everyone waiting on its accepted changes is told
+    /// they are not stored (their devices send them again), and it leaves memory (it is read
+    /// fresh on next use).
+    fn give_up(&mut self, now: i64, order: OrderId, why: String) {
+        tracing::error!(%order, why = %why, "cannot bring the order up to date; dropped from memory");
+        self.abandon(
+            now,
+            order,
+            doc::Batch::default(),
+            RelayError::Internal(format!("order {order}: {why}")),
+        );
+        self.forget(order);
     }
 
     /// A sync round with every connection following `order` (just loaded after another

@@ -226,7 +226,20 @@ async fn run_async(
             let writes: Vec<OrderWrite> = jobs.iter().map(|j| j.write.clone()).collect();
             let started = Instant::now();
             let result = backend.commit(writes).await;
-            report(&metrics, jobs, started.elapsed().as_secs_f64(), result);
+            let conflict =
+                matches!(&result, Err(e) if matches!(e.inner(), RelayError::Conflict(_)));
+            if conflict && jobs.len() > 1 {
+                // One write built on heads another relay has moved: the batch is refused
+                // whole. Its writes are of different orders, so each is committed on its own,
+                // and only the stale one is refused (its order is read again and retried).
+                for job in jobs {
+                    let started = Instant::now();
+                    let result = backend.commit(vec![job.write.clone()]).await;
+                    report(&metrics, vec![job], started.elapsed().as_secs_f64(), result);
+                }
+            } else {
+                report(&metrics, jobs, started.elapsed().as_secs_f64(), result);
+            }
             drop(slot);
         });
         while running.try_join_next().is_some() {}

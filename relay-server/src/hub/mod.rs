@@ -105,6 +105,7 @@ impl Hub {
         let core_config = CoreConfig {
             capacity: (config.cache_orders / n).max(16),
             limits: Limits::default(),
+            shared: store.is_shared(),
         };
         let recovering = store.recovering_stores().await?;
         if !recovering.is_empty() {
