@@ -132,11 +132,8 @@ async fn wait_view(r: &Replicator, order: OrderId, pred: impl Fn(&OrderView) -> 
 /// The view of `order` as the database holds it.
 async fn stored_view(pg: &PgStore, order: OrderId) -> OrderView {
     let stored = pg.load_order(order).await.unwrap().expect("stored");
-    let doc = guard::load_with_increments(
-        &stored.snapshot,
-        stored.tail.iter().map(Vec::as_slice),
-    )
-    .unwrap();
+    let doc = guard::load_with_increments(&stored.snapshot, stored.tail.iter().map(Vec::as_slice))
+        .unwrap();
     view_of(&doc).unwrap()
 }
 

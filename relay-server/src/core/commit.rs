@@ -47,8 +47,13 @@ impl RelayCore {
         let Some(d) = self.docs.get_mut(&order) else {
             return;
         };
-        // Not while the order is being read again: the write would build on old heads.
-        if d.inflight.is_some() || d.pending.is_empty() || d.refreshing || d.is_stale() {
+        // Not while the order is being read again: the write would build on old heads. A
+        // stale order with nothing in flight is read again first, whatever made it stale.
+        if d.inflight.is_none() && !d.refreshing && d.is_stale() {
+            self.refresh(now, order);
+            return;
+        }
+        if d.inflight.is_some() || d.pending.is_empty() || d.refreshing {
             return;
         }
         let batch = std::mem::take(&mut d.pending);
@@ -200,6 +205,12 @@ impl RelayCore {
         let store = outcome.meta.store.clone();
         let entry = super::feed_entry(&outcome.meta, &self.seal.key);
         let newly = outcome.newly_numbered;
+        if newly {
+            d.numbering = true;
+        } else if d.numbering {
+            let n = outcome.meta.number;
+            d.numbering = crdt_model::number_of(&d.committed).ok().flatten() != Some(n);
+        }
         d.meta = Some(outcome.meta);
         self.fan_out(order, &before, &batch.changes);
         for (request, result) in replies {
@@ -248,8 +259,8 @@ impl RelayCore {
             self.send_sync(conn, order, m);
         }
         // A failed number write is written again (the store holds the number; with several
-        // relays, only this relay's own: another's may be in flight).
-        if !self.config.shared {
+        // relays, only by the relay that gave it: another's may be in flight).
+        if !self.config.shared || self.docs.get(&order).is_some_and(|d| d.numbering) {
             self.ensure_number(now, order);
         }
     }
@@ -377,6 +388,8 @@ impl RelayCore {
             Ok(true) => {
                 let changes = o.doc().get_changes(&before);
                 d.working = o.into_doc();
+                // Until it is committed, writing this number is this relay's job.
+                d.numbering = true;
                 self.accept(now, order, changes, None, None);
             }
             Ok(false) => {}

@@ -176,6 +176,9 @@ pub(super) struct DocState {
     pub refreshing: bool,
     /// Writes refused in a row as built on old heads (bounded: see `MAX_CONFLICT_RETRIES`).
     pub conflicts: u32,
+    /// This relay gave the order its number and the number is not in the committed document
+    /// yet: writing it is this relay's job (with several relays, no other one does it).
+    pub numbering: bool,
 }
 
 impl DocState {
@@ -196,6 +199,7 @@ impl DocState {
             stale_unknown: false,
             refreshing: false,
             conflicts: 0,
+            numbering: false,
         }
     }
 

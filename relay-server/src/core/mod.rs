@@ -330,6 +330,12 @@ impl RelayCore {
         self.docs.len()
     }
 
+    /// The heads of `order`'s committed document, if it is in memory (for checks: with
+    /// several relays, once everything has settled, they are the stored heads).
+    pub fn committed_heads(&self, order: OrderId) -> Option<Vec<automerge::ChangeHash>> {
+        self.docs.get(&order).map(|d| d.committed.get_heads())
+    }
+
     /// A sync message from a device (already screened and decoded by the driver).
     pub fn handle_sync(&mut self, now: i64, origin: Origin, order: OrderId, msg: sync::Message) {
         self.handle_incoming(now, origin, order, Incoming::Sync(msg));
@@ -532,7 +538,10 @@ impl RelayCore {
         self.metrics
             .orders_in_memory
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if self.announce.remove(&order) {
+        // With several relays, the stored order may hold changes its followers here lack
+        // (written through another relay while it was out of memory): they get a sync round.
+        let followed = self.followers.get(&order).is_some_and(|f| !f.is_empty());
+        if self.announce.remove(&order) | (self.config.shared && followed) {
             self.announce_to_followers(order);
         }
         if let Some(heads) = self.changed_while_loading.remove(&order) {
@@ -698,6 +707,24 @@ impl RelayCore {
         d.stale_unknown = false;
         if !d.is_stale() {
             d.stale_heads.clear();
+        }
+        // A connection's chunks queued for a missing dependency must go through the policy
+        // with its next message, never out with a reply built on the stored changes that may
+        // have just supplied the dependency: its queue is dropped and its sync restarted
+        // (Automerge's reset: the device forgets what it counted as sent, and sends it again).
+        let mut freed = Vec::new();
+        for (conn, pd) in &mut d.peers {
+            if !pd.queued.is_empty() {
+                freed.push((*conn, pd.reset()));
+                pd.push_mode = false;
+                pd.sent.clear();
+                pd.state.needs_reset = true;
+            }
+        }
+        for (conn, bytes) in freed {
+            if let Some(info) = self.conns.get_mut(&conn) {
+                info.queued_bytes = info.queued_bytes.saturating_sub(bytes);
+            }
         }
         tracing::debug!(%order, changes = fresh.len(), "read again after another relay's commit");
         self.fan_out(order, &before, &fresh);

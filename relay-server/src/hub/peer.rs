@@ -33,6 +33,10 @@ pub struct FeedGate {
     pub held: Vec<FeedEntry>,
     /// More than `FEED_HELD` entries were published while catching up: read the store again.
     pub overflowed: bool,
+    /// The highest feed position sent since going live (or caught up to): a live entry at or
+    /// below it is not sent again. With several relays the live feed is read back from the
+    /// database and may repeat what the catch-up already sent.
+    pub sent_upto: u64,
 }
 
 /// A connected, authenticated device.
@@ -115,7 +119,19 @@ impl Peer {
         };
         if gate.live {
             // Sent under the gate's lock, so it cannot overtake the catch-up's last page.
-            self.send_encoded(encoded.clone());
+            let upto = gate.sent_upto;
+            let last = entries.iter().map(|e| e.seq).max().unwrap_or(0);
+            if entries.iter().all(|e| e.seq > upto) {
+                self.send_encoded(encoded.clone());
+            } else {
+                let fresh: Vec<FeedEntry> =
+                    entries.iter().filter(|e| e.seq > upto).cloned().collect();
+                if fresh.is_empty() {
+                    return;
+                }
+                self.send(RelayFrame::Feed { entries: fresh });
+            }
+            gate.sent_upto = upto.max(last);
         } else if gate.held.len() + entries.len() > FEED_HELD {
             gate.held.clear();
             gate.overflowed = true;
@@ -138,6 +154,7 @@ impl Peer {
         held.retain(|e| e.seq > since);
         held.sort_unstable_by_key(|e| e.seq);
         held.dedup_by(|a, b| a.order == b.order && a.seq == b.seq);
+        gate.sent_upto = held.last().map_or(since, |e| e.seq.max(since));
         if !held.is_empty() {
             self.send(RelayFrame::Feed { entries: held });
         }
@@ -203,6 +220,23 @@ mod tests {
         let (bytes, entries) = feed(vec![entry(8)]);
         p.offer_feed(&bytes, &entries);
         assert_eq!(seqs(&mut rx), vec![vec![8]], "live now");
+    }
+
+    /// With several relays the live feed is read back from the database: an entry the
+    /// catch-up already sent (or one sent live before) is not sent again.
+    #[test]
+    fn live_entries_already_sent_are_not_repeated() {
+        let (p, mut rx) = peer();
+        assert!(p.go_live(6));
+        let (bytes, entries) = feed(vec![entry(5), entry(6), entry(7)]);
+        p.offer_feed(&bytes, &entries);
+        assert_eq!(seqs(&mut rx), vec![vec![7]]);
+        let (bytes, entries) = feed(vec![entry(7)]);
+        p.offer_feed(&bytes, &entries);
+        assert!(seqs(&mut rx).is_empty(), "7 was sent already");
+        let (bytes, entries) = feed(vec![entry(8), entry(9)]);
+        p.offer_feed(&bytes, &entries);
+        assert_eq!(seqs(&mut rx), vec![vec![8, 9]]);
     }
 
     /// Too many entries while catching up: the gate drops them and asks for another read.
