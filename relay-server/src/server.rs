@@ -790,6 +790,25 @@ pub async fn serve_store(
     served
 }
 
+/// Serves `store` on `listener` in the background (a relay on an opened store, e.g. one of
+/// several relays on a PostgreSQL database); for tests and embedding.
+pub fn serve_listener(
+    config: RelayConfig,
+    store: impl Into<Backend>,
+    listener: TcpListener,
+) -> Result<RunningRelay, RelayError> {
+    let addr = listener.local_addr()?;
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve_store(config, store.into(), listener, async move {
+        let _ = rx.await;
+    }));
+    Ok(RunningRelay {
+        addr,
+        stop: Some(stop),
+        task,
+    })
+}
+
 /// Binds `addr` and runs a relay in the background; for tests and embedding.
 pub async fn spawn(config: RelayConfig, addr: &str) -> Result<RunningRelay, RelayError> {
     let listener = TcpListener::bind(addr).await?;

@@ -9,6 +9,12 @@
 //!
 //! Devices speak the protocol over tokio-tungstenite, like the replicator does.
 //!
+//! With `--store postgres://...` the records are in PostgreSQL (a fresh schema, dropped at the
+//! end) and `--relays N` starts N relays on it (each its own store handle: own pool, own actor
+//! epoch), devices spread over them so that partners are on different relays: the
+//! terminal-to-terminal figure is then the cross-relay propagation (commit on one relay,
+//! NOTIFY, feed read and refresh on the other, fan-out to its device).
+//!
 //! The process uses mimalloc, the allocator of the `relay-server` binary, so the relay's share
 //! is measured as it runs in production (the load generator gets it too).
 
@@ -67,6 +73,14 @@ struct Args {
     /// CI mode: 5 devices, 2 seconds.
     #[arg(long)]
     quick: bool,
+    /// Keep the records in this PostgreSQL database (a fresh schema, dropped at the end)
+    /// instead of an embedded redb file.
+    #[arg(long)]
+    store: Option<String>,
+    /// Relays serving the devices (with --store; devices spread over them, partners on
+    /// different relays).
+    #[arg(long, default_value_t = 1)]
+    relays: usize,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -195,7 +209,8 @@ impl Stats {
 type Propagation = Arc<Mutex<HashMap<OrderId, VecDeque<(ChangeHash, Instant)>>>>;
 
 struct Shared {
-    addr: SocketAddr,
+    /// The relay each device connects to, by device.
+    addrs: Vec<SocketAddr>,
     order_ids: Mutex<Vec<Option<OrderId>>>,
     barrier: tokio::sync::Barrier,
     prop: Propagation,
@@ -643,7 +658,8 @@ async fn device_main(
 ) -> Result<Stats, (Stats, anyhow::Error)> {
     let fail = |e: anyhow::Error| (Stats::default(), e);
     // Connect and hello.
-    let (mut ws, mut rx) = ws_connect(shared.addr, &token).await.map_err(fail)?;
+    let addr = shared.addrs[idx];
+    let (mut ws, mut rx) = ws_connect(addr, &token).await.map_err(fail)?;
     let hello = ClientFrame::Hello {
         protocol: Version::CURRENT,
         device: device.to_string(),
@@ -881,6 +897,85 @@ fn thread_ticks(prefix: &str) -> u64 {
 }
 
 /// The relay's counters, scraped from its `/metrics` endpoint (name -> value, unlabelled only).
+/// The relays under load: one embedded (redb), or several on one PostgreSQL schema.
+enum Relays {
+    Embedded(EmbeddedRelay),
+    Postgres {
+        schema: e2e::pgdb::TestSchema,
+        stores: Vec<Arc<relay_server::pg::PgStore>>,
+        running: Vec<relay_server::RunningRelay>,
+        admin: String,
+    },
+}
+
+impl Relays {
+    /// `n` relays on a fresh schema of `url`.
+    async fn on_postgres(url: &str, n: usize) -> Result<Self> {
+        let schema = e2e::pgdb::TestSchema::new(url, "relay_load");
+        let mut stores = Vec::new();
+        let mut running = Vec::new();
+        for _ in 0..n {
+            let store = schema.connect(8).await?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            running.push(relay_server::server::serve_listener(
+                relay_server::RelayConfig::default(),
+                Arc::clone(&store),
+                listener,
+            )?);
+            stores.push(store);
+        }
+        let admin = stores[0].add_admin_token(None, "relay-load", 0).await?;
+        Ok(Self::Postgres {
+            schema,
+            stores,
+            running,
+            admin,
+        })
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        match self {
+            Self::Embedded(r) => vec![r.addr],
+            Self::Postgres { running, .. } => running.iter().map(|r| r.addr).collect(),
+        }
+    }
+
+    async fn provision(&self, store: &StoreId, name: &str) -> Result<(DeviceId, String)> {
+        match self {
+            Self::Embedded(r) => r.provision(store, name),
+            Self::Postgres { stores, .. } => {
+                let (rec, token) = stores[0].add_device(store, name, 0).await?;
+                Ok((rec.device, token))
+            }
+        }
+    }
+
+    /// The counters of the (first) relay.
+    async fn counters(&self) -> Result<HashMap<String, f64>> {
+        match self {
+            Self::Embedded(r) => relay_counters(r.addr, &r.admin).await,
+            Self::Postgres { running, admin, .. } => relay_counters(running[0].addr, admin).await,
+        }
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        match self {
+            Self::Embedded(r) => r.stop().await,
+            Self::Postgres {
+                schema,
+                stores,
+                running,
+                ..
+            } => {
+                for r in running.drain(..) {
+                    r.stop().await?;
+                }
+                schema.drop_schema(&stores[0]).await
+            }
+        }
+    }
+}
+
 async fn relay_counters(addr: SocketAddr, admin: &str) -> Result<HashMap<String, f64>> {
     let (status, body) = e2e::harness::http(addr, "GET", "/metrics", admin, None).await?;
     if status != 200 {
@@ -914,8 +1009,15 @@ fn main() -> Result<()> {
         .thread_name("load-rt")
         .build()?;
     let dir = tempfile::tempdir()?;
-    let mut relay = relay_rt.block_on(EmbeddedRelay::start(dir.path(), 0))?;
-    let addr = relay.addr;
+    let mut relays = match &args.store {
+        None => {
+            anyhow::ensure!(args.relays == 1, "--relays needs --store postgres://...");
+            Relays::Embedded(relay_rt.block_on(EmbeddedRelay::start(dir.path(), 0))?)
+        }
+        Some(url) => relay_rt.block_on(Relays::on_postgres(url, args.relays.max(1)))?,
+    };
+    let addrs = relays.addrs();
+    let addr = addrs[0];
 
     // Provision: device i belongs to store i % stores; partners are consecutive devices of a
     // store (an odd one out has no partner).
@@ -924,23 +1026,33 @@ fn main() -> Result<()> {
     for i in 0..devices {
         let s = i % stores;
         let store = StoreId::new(format!("load-{}", s + 1))?;
-        let (dev, token) = relay.provision(&store, &format!("till-{i}"))?;
+        let (dev, token) = relay_rt.block_on(relays.provision(&store, &format!("till-{i}")))?;
         per_store[s].push(i);
         provisioned.push((store, dev, token));
     }
     let mut partner = vec![None; devices];
+    // Which relay each device connects to: the two of a pair on consecutive relays (different
+    // ones whenever there are several), pairs spread round the relays.
+    let n_relays = addrs.len();
+    let mut relay_of = vec![0; devices];
+    let mut k = 0;
     for members in &per_store {
         for pair in members.chunks(2) {
             if let [a, b] = pair {
                 partner[*a] = Some(*b);
                 partner[*b] = Some(*a);
+                relay_of[*a] = k % n_relays;
+                relay_of[*b] = (k + 1) % n_relays;
+            } else if let [a] = pair {
+                relay_of[*a] = k % n_relays;
             }
+            k += 1;
         }
     }
     let period =
         (args.rate > 0).then(|| Duration::from_secs_f64(devices as f64 / args.rate as f64));
     let shared = Arc::new(Shared {
-        addr,
+        addrs: relay_of.iter().map(|r| addrs[*r]).collect(),
         order_ids: Mutex::new(vec![None; devices]),
         barrier: tokio::sync::Barrier::new(devices),
         prop: Arc::default(),
@@ -953,7 +1065,7 @@ fn main() -> Result<()> {
     });
 
     println!(
-        "relay-load: {devices} devices, {stores} stores, {} s, rate {}, window {}, relay embedded at {addr} (data in {})",
+        "relay-load: {devices} devices, {stores} stores, {} s, rate {}, window {}, {}",
         args.seconds,
         if args.rate == 0 {
             "flat out".to_string()
@@ -961,7 +1073,16 @@ fn main() -> Result<()> {
             format!("{}/s", args.rate)
         },
         shared.window,
-        dir.path().display()
+        match &relays {
+            Relays::Embedded(_) => format!(
+                "relay embedded at {addr} (data in {})",
+                dir.path().display()
+            ),
+            Relays::Postgres { .. } => format!(
+                "{} relay(s) on PostgreSQL at {addrs:?} (partners on different relays)",
+                addrs.len()
+            ),
+        }
     );
     let p0 = read_proc();
     let load0 = thread_ticks("load-rt");
@@ -990,8 +1111,8 @@ fn main() -> Result<()> {
     let wall = t0.elapsed().as_secs_f64();
     let p1 = read_proc();
     let load1 = thread_ticks("load-rt");
-    let counters = relay_rt.block_on(relay_counters(addr, &relay.admin));
-    relay_rt.block_on(relay.stop())?;
+    let counters = relay_rt.block_on(relays.counters());
+    relay_rt.block_on(relays.stop())?;
 
     let cpu_total = (p1.utime + p1.stime - p0.utime - p0.stime) as f64 / HZ;
     let cpu_load = load1.saturating_sub(load0) as f64 / HZ;
