@@ -165,7 +165,7 @@ impl Replicator {
         let id = identity.clone();
         let (identity, orders, feed, relay_data) =
             tokio::task::spawn_blocking(move || -> Result<_, ReplicatorError> {
-                // The same device and store may come with a new relay address or token (the
+                // The same device and store may come with new relay addresses or a new token (the
                 // relay moved, the token was rotated); its actor epoch is the stored one.
                 // Another device or store is refused by `set_identity`.
                 let identity = match st.identity()? {
@@ -174,6 +174,7 @@ impl Replicator {
                     {
                         Identity {
                             relay_url: id.relay_url,
+                            fallback_urls: id.fallback_urls,
                             token: id.token,
                             ..existing
                         }
