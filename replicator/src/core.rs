@@ -15,6 +15,11 @@
 //! retention of settled orders). Nothing here reads a clock, a socket, a file or the OS random
 //! source, so simulations are deterministic.
 //!
+//! The engine also decides which of the device's relays ([`Identity::relay_urls`]) each
+//! connection attempt goes to ([`Engine::relay_url`]): a failed attempt or a dropped connection
+//! moves to the next one promptly, and the backoff grows only when the whole list has failed
+//! (the rule is spelled out in the `reconnect` module, `core/reconnect.rs`).
+//!
 //! Local operations (create, edit, record updates, triggers, fetch) can be bracketed by
 //! [`Engine::begin`] and [`Engine::commit`]: when their storage effects cannot be made durable,
 //! [`Engine::rollback`] puts the touched orders (document, record, status, sync state) and the
@@ -39,12 +44,18 @@ use crate::error::ReplicatorError;
 use crate::status::{LocalSyncStatus, Trigger};
 use crate::store::{Blocked, Identity, OrderRecord, StoredOrder};
 
+mod reconnect;
+
+use reconnect::Dialer;
+
 /// Tunables of the engine.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// First reconnect delay, ms.
+    /// Shortest reconnect delay, ms: after a dropped connection, and between the relays of one
+    /// round of the relay list, the device waits a jittered half to whole of it.
     pub backoff_min_ms: i64,
-    /// Longest reconnect delay, ms.
+    /// Longest reconnect delay, ms: the cap of the backoff that doubles per failed round of the
+    /// relay list, and the wait after the relay refused the device's token.
     pub backoff_max_ms: i64,
     /// How long a closed, synced order stays on the device before it is evicted, ms.
     pub retention_ms: i64,
@@ -103,7 +114,7 @@ pub enum Effect {
     FeedSeq(u64),
     /// Record the relay data id seen in `welcome` ([`crate::Store::set_relay_data`]).
     RelayData(String),
-    /// Open the connection to the relay now.
+    /// Open the connection to the relay now, to [`Engine::relay_url`].
     Connect,
 }
 
@@ -145,7 +156,10 @@ pub enum Event {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Link {
-    Offline { attempt: u32, retry_at: i64 },
+    /// No connection; the next attempt is due at `retry_at` (ms).
+    Offline {
+        retry_at: i64,
+    },
     Connecting,
     Handshaking,
     Online,
@@ -221,6 +235,8 @@ pub struct Engine {
     orders: BTreeMap<OrderId, Slot>,
     removed: BTreeMap<OrderId, i64>,
     link: Link,
+    /// The relay list, and which relay the current or next connection attempt goes to.
+    dialer: Dialer,
     outbox: VecDeque<ClientFrame>,
     effects: VecDeque<Effect>,
     events: VecDeque<Event>,
@@ -343,16 +359,15 @@ impl Engine {
                 },
             );
         }
+        let dialer = Dialer::new(identity.relay_urls());
         Ok(Self {
             identity,
             writer,
             config,
             orders,
             removed: BTreeMap::new(),
-            link: Link::Offline {
-                attempt: 0,
-                retry_at: 0,
-            },
+            link: Link::Offline { retry_at: 0 },
+            dialer,
             outbox: VecDeque::new(),
             effects: VecDeque::new(),
             events: VecDeque::new(),
@@ -391,6 +406,31 @@ impl Engine {
     /// The device identity.
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// The URL of the relay the current connection attempt goes to (or the next one, while
+    /// offline): connect there on [`Effect::Connect`]. It starts at [`Identity::relay_url`],
+    /// moves to the next URL of [`Identity::relay_urls`] (wrapping around) whenever an attempt
+    /// fails or an established connection drops, and stays on a relay that answered.
+    pub fn relay_url(&self) -> &str {
+        self.dialer.url()
+    }
+
+    /// The index of [`Self::relay_url`] in [`Self::relay_urls`].
+    pub fn relay_index(&self) -> usize {
+        self.dialer.index()
+    }
+
+    /// Every relay URL of the device, in the order they are tried ([`Identity::relay_urls`]).
+    pub fn relay_urls(&self) -> &[String] {
+        self.dialer.urls()
+    }
+
+    /// Connection attempts failed in a row since the relay last answered `welcome` (or since
+    /// the engine started). The backoff doubles each time it completes a round of
+    /// [`Self::relay_urls`].
+    pub fn failed_attempts(&self) -> u32 {
+        self.dialer.failures()
     }
 
     /// Whether the relay connection is up (welcome received).
@@ -489,28 +529,34 @@ impl Engine {
         });
     }
 
-    /// The connection failed or dropped: schedule a reconnect with exponential backoff and
-    /// jitter; orders with pending changes become Delayed.
+    /// The connection attempt failed, or the connection dropped: the next attempt goes to the
+    /// next relay of the list ([`Self::relay_url`]) after a jittered backoff: the shortest
+    /// after a drop and while the current round of the list has relays left to try, doubled
+    /// per round once every relay of the list has failed (see [`EngineConfig`]). Orders with
+    /// pending changes become Delayed.
+    ///
+    /// Called while already offline (no attempt in flight), it keeps the scheduled attempt and
+    /// its relay: nothing failed, so nothing moves on.
     pub fn handle_disconnected(&mut self, now: i64) {
-        let attempt = match self.link {
-            Link::Offline { attempt, .. } => attempt + 1,
-            Link::Connecting | Link::Handshaking => 1,
-            Link::Online => 0,
+        let retry_at = match self.link {
+            Link::Offline { retry_at } => retry_at,
+            Link::Connecting | Link::Handshaking => {
+                now + self.dialer.failed(&self.config, &mut self.rng)
+            }
+            Link::Online => now + self.dialer.dropped(&self.config, &mut self.rng),
         };
-        let base = self
-            .config
-            .backoff_min_ms
-            .saturating_mul(1i64 << attempt.min(20))
-            .min(self.config.backoff_max_ms);
-        let jitter = (self.rng.next_u64() % (base as u64 / 2 + 1)) as i64;
-        self.link = Link::Offline {
-            attempt,
-            retry_at: now + base / 2 + jitter,
-        };
+        self.go_offline(now, retry_at);
+    }
+
+    /// Closes the link (the attempt is due at `retry_at`) and puts every order's sync state
+    /// back to "nothing sent on this connection".
+    fn go_offline(&mut self, now: i64, retry_at: i64) {
+        let was_online = self.link == Link::Online;
+        self.link = Link::Offline { retry_at };
         self.outbox.clear();
         self.feed_seen = self.feed_seq;
         self.feed_waiting.clear();
-        if attempt == 0 {
+        if was_online {
             self.events.push_back(Event::Disconnected);
         }
         let ids: Vec<OrderId> = self.orders.keys().copied().collect();
@@ -551,13 +597,12 @@ impl Engine {
             });
             self.transition(id, Trigger::TokenRefused, now);
         }
+        // The next relay is tried, but no sooner than the longest backoff: a revoked token is
+        // revoked on every relay of the list.
         self.handle_disconnected(now);
-        if let Link::Offline { attempt, .. } = self.link {
-            self.link = Link::Offline {
-                attempt,
-                retry_at: now + self.config.backoff_max_ms,
-            };
-        }
+        self.link = Link::Offline {
+            retry_at: now + self.config.backoff_max_ms,
+        };
     }
 
     /// One frame from the relay.
@@ -653,18 +698,14 @@ impl Engine {
         self.feed_seq = 0;
         self.feed_seen = 0;
         self.effects.push_back(Effect::FeedSeq(0));
-        // Reconnect without waiting: the relay is there.
-        self.handle_disconnected(now);
-        if let Link::Offline { attempt, .. } = self.link {
-            self.link = Link::Offline {
-                attempt,
-                retry_at: now,
-            };
-        }
+        // Reconnect without waiting, to the same relay: it is there (it just answered).
+        self.dialer.established();
+        self.go_offline(now, now);
     }
 
     fn on_welcome(&mut self, now: i64) {
         self.link = Link::Online;
+        self.dialer.established();
         self.storage_errors = 0;
         self.events.push_back(Event::Connected);
         let ids: Vec<OrderId> = self.orders.keys().copied().collect();

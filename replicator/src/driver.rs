@@ -6,8 +6,9 @@
 //! returns**, and only then lets the connection task send anything. If that transaction fails,
 //! the engine is rolled back and the operation returns `Err`: an error means nothing happened
 //! (see [`Replicator`]). The connection task owns the WebSocket: it connects with the device
-//! token, feeds frames to the engine, performs effects, sends frames, and reconnects with
-//! backoff when the link drops.
+//! token to the relay the engine names ([`Engine::relay_url`]: the device's relays in turn,
+//! see [`Identity::relay_urls`]), feeds frames to the engine, performs effects, sends frames,
+//! and reconnects with backoff when the link drops.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -165,7 +166,7 @@ impl Replicator {
         let id = identity.clone();
         let (identity, orders, feed, relay_data) =
             tokio::task::spawn_blocking(move || -> Result<_, ReplicatorError> {
-                // The same device and store may come with a new relay address or token (the
+                // The same device and store may come with new relay addresses or a new token (the
                 // relay moved, the token was rotated); its actor epoch is the stored one.
                 // Another device or store is refused by `set_identity`.
                 let identity = match st.identity()? {
@@ -174,6 +175,7 @@ impl Replicator {
                     {
                         Identity {
                             relay_url: id.relay_url,
+                            fallback_urls: id.fallback_urls,
                             token: id.token,
                             ..existing
                         }
@@ -812,13 +814,12 @@ fn refusal(body: Option<&[u8]>, fallback: &str) -> (String, String) {
     (code, message)
 }
 
-async fn connect(identity: &Identity, timeout: Duration) -> Result<Ws, ConnectFailure> {
-    let mut req = identity
-        .relay_url
-        .as_str()
+/// Opens the WebSocket to the relay at `url` with the device's token.
+async fn connect(url: &str, token: &str, timeout: Duration) -> Result<Ws, ConnectFailure> {
+    let mut req = url
         .into_client_request()
         .map_err(|e| ConnectFailure::Other(e.to_string()))?;
-    let auth = format!("Bearer {}", identity.token)
+    let auth = format!("Bearer {token}")
         .parse()
         .map_err(|_| ConnectFailure::Other("token is not a valid header value".to_owned()))?;
     req.headers_mut().insert("Authorization", auth);
@@ -864,12 +865,19 @@ async fn connection_task(shared: Arc<Shared>) {
         if shared.closed.load(Ordering::Relaxed) {
             return;
         }
-        let (connect_now, deadline, identity) = {
+        let (connect_now, deadline, url, token) = {
             let mut st = shared.state.lock().await;
             st.engine.handle_timeout(now_ms());
             let _ = flush(&shared, &mut st).await;
             let c = std::mem::take(&mut st.connect_requested);
-            (c, st.engine.poll_timeout(), st.engine.identity().clone())
+            // The engine chose the relay of this attempt; it changes only when the attempt
+            // ends (`handle_disconnected`, `handle_refused`), which this task alone calls.
+            (
+                c,
+                st.engine.poll_timeout(),
+                st.engine.relay_url().to_owned(),
+                st.engine.identity().token.clone(),
+            )
         };
         if !connect_now {
             tokio::select! {
@@ -878,19 +886,34 @@ async fn connection_task(shared: Arc<Shared>) {
             }
             continue;
         }
-        let mut ws = match connect(&identity, shared.config.connect_timeout).await {
-            Ok(ws) => ws,
+        tracing::debug!(relay = %url, "connecting to the relay");
+        let mut ws = match connect(&url, &token, shared.config.connect_timeout).await {
+            Ok(ws) => {
+                tracing::info!(relay = %url, "connected to the relay");
+                ws
+            }
             Err(ConnectFailure::Refused { code, message }) => {
-                tracing::warn!(%code, %message, "the relay refused this device's token");
+                tracing::warn!(
+                    relay = %url,
+                    %code,
+                    %message,
+                    "the relay refused this device's token",
+                );
                 let mut st = shared.state.lock().await;
                 st.engine.handle_refused(&code, &message, now_ms());
                 let _ = flush(&shared, &mut st).await;
                 continue;
             }
             Err(ConnectFailure::Other(e)) => {
-                tracing::debug!(error = %e, "relay unreachable");
                 let mut st = shared.state.lock().await;
                 st.engine.handle_disconnected(now_ms());
+                tracing::info!(
+                    relay = %url,
+                    error = %e,
+                    next = %st.engine.relay_url(),
+                    failed_attempts = st.engine.failed_attempts(),
+                    "relay unreachable",
+                );
                 let _ = flush(&shared, &mut st).await;
                 continue;
             }
@@ -951,6 +974,11 @@ async fn connection_task(shared: Arc<Shared>) {
             st.engine.handle_disconnected(now_ms());
             let _ = flush(&shared, &mut st).await;
         }
+        tracing::info!(
+            relay = %url,
+            next = %st.engine.relay_url(),
+            "connection to the relay closed",
+        );
     }
 }
 

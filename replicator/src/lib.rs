@@ -26,6 +26,8 @@
 //!         // file keeps the epoch it was created with.
 //!         epoch: 1,
 //!         relay_url: "ws://127.0.0.1:7400/v1/sync".into(),
+//!         // Other relays serving the same data, tried in turn when this one is unreachable.
+//!         fallback_urls: vec!["ws://127.0.0.2:7400/v1/sync".into()],
 //!         token: "dev_...".into(),
 //!     };
 //!     // One redb file per till. A real app passes its card terminal instead of SimTerminal.

@@ -17,7 +17,7 @@ use crate::status::LocalSyncStatus;
 #[cfg(feature = "runtime-tokio")]
 pub mod redb_store;
 
-/// Who this device is, and where its relay is. Written once when the device is set up.
+/// Who this device is, and where its relays are. Written once when the device is set up.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     /// The provisioned device id.
@@ -26,13 +26,32 @@ pub struct Identity {
     pub store: StoreId,
     /// Actor epoch chosen when this local store was created (a reinstall gets a new one).
     pub epoch: u32,
-    /// The relay's WebSocket URL (`ws://host:port/v1/sync` or `wss://...`).
+    /// The preferred relay's WebSocket URL (`ws://host:port/v1/sync` or `wss://...`): the
+    /// first one a freshly opened device tries.
     pub relay_url: String,
-    /// The device token.
+    /// Further relays serving the same data (they share one database), tried in this order
+    /// after [`Self::relay_url`] when a relay is unreachable or its connection drops (see
+    /// [`crate::Engine::relay_url`]). Empty for a device with one relay; identities stored
+    /// before the field existed load with it empty.
+    #[serde(default)]
+    pub fallback_urls: Vec<String>,
+    /// The device token (the same on every relay: they share the device records).
     pub token: String,
 }
 
 impl Identity {
+    /// Every relay URL of this device, in the order they are tried: [`Self::relay_url`] first,
+    /// then [`Self::fallback_urls`], each URL once (a repeated one keeps its first place).
+    pub fn relay_urls(&self) -> Vec<String> {
+        let mut urls: Vec<String> = Vec::with_capacity(1 + self.fallback_urls.len());
+        for url in std::iter::once(&self.relay_url).chain(&self.fallback_urls) {
+            if !urls.contains(url) {
+                urls.push(url.clone());
+            }
+        }
+        urls
+    }
+
     /// Whether `other` is the same device identity: same device, store and actor epoch. The
     /// relay's address and the token may differ (the relay moved, the token was rotated).
     pub fn same_device(&self, other: &Identity) -> bool {
@@ -337,5 +356,49 @@ impl Store for MemoryStore {
     fn set_relay_data(&self, data: &str) -> Result<(), ReplicatorError> {
         self.inner.lock().map_err(|_| poisoned())?.relay_data = Some(data.to_owned());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An identity as this crate stored it before it knew of several relays.
+    const BEFORE_FALLBACKS: &str = r#"{"device":"018bcfe5-73b8-76c9-9a3b-782b29572a06","store":"s1","epoch":3,"relay_url":"ws://relay.local:7400/v1/sync","token":"dev_1"}"#;
+
+    #[test]
+    fn an_identity_stored_without_fallback_urls_loads_with_none() {
+        let id: Identity = serde_json::from_str(BEFORE_FALLBACKS).unwrap();
+        assert_eq!(id.relay_url, "ws://relay.local:7400/v1/sync");
+        assert!(id.fallback_urls.is_empty());
+        assert_eq!(id.relay_urls(), ["ws://relay.local:7400/v1/sync"]);
+        assert_eq!((id.epoch, id.token.as_str()), (3, "dev_1"));
+        // Written again, it keeps the (empty) list, and loads back the same.
+        let again: Identity = serde_json::from_slice(&serde_json::to_vec(&id).unwrap()).unwrap();
+        assert_eq!(again, id);
+    }
+
+    #[test]
+    fn relay_urls_put_the_preferred_first_and_name_each_once() {
+        let mut id: Identity = serde_json::from_str(BEFORE_FALLBACKS).unwrap();
+        id.fallback_urls = vec![
+            "ws://b/v1/sync".into(),
+            "ws://relay.local:7400/v1/sync".into(),
+            "ws://c/v1/sync".into(),
+            "ws://b/v1/sync".into(),
+        ];
+        assert_eq!(
+            id.relay_urls(),
+            [
+                "ws://relay.local:7400/v1/sync",
+                "ws://b/v1/sync",
+                "ws://c/v1/sync"
+            ]
+        );
+        // Other relays do not make another device.
+        let mut moved = id.clone();
+        moved.relay_url = "ws://c/v1/sync".into();
+        moved.fallback_urls.clear();
+        assert!(moved.same_device(&id));
     }
 }

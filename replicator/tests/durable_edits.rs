@@ -144,6 +144,7 @@ fn identity(seed: u64) -> Identity {
         epoch: 1,
         // Nothing listens there: the device stays offline.
         relay_url: "ws://127.0.0.1:9/v1/sync".into(),
+        fallback_urls: Vec::new(),
         token: "t".into(),
     }
 }

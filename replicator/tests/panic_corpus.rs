@@ -32,6 +32,7 @@ fn identity() -> Identity {
         store: StoreId::new("store-1").unwrap(),
         epoch: 1,
         relay_url: "sim".into(),
+        fallback_urls: Vec::new(),
         token: "sim".into(),
     }
 }

@@ -121,6 +121,7 @@ fn identity(seed: u64) -> Identity {
         store: StoreId::new("s1").unwrap(),
         epoch: 7,
         relay_url: "ws://relay.local:7400/v1/sync".into(),
+        fallback_urls: Vec::new(),
         token: format!("dev_{seed}"),
     }
 }
@@ -194,6 +195,42 @@ fn identity_is_set_once_and_refuses_another() {
     drop(store);
     let store = RedbStore::open(&path).unwrap();
     assert_eq!(store.identity().unwrap(), Some(moved));
+}
+
+#[test]
+fn an_identity_stored_before_fallback_urls_existed_still_loads() {
+    let (_dir, path) = temp_file();
+    let me = identity(1);
+    RedbStore::open(&path).unwrap().set_identity(&me).unwrap();
+    // Rewrite the stored identity as earlier builds wrote it: without `fallback_urls`.
+    {
+        let mut old = serde_json::to_value(&me).unwrap();
+        assert!(
+            old.as_object_mut()
+                .unwrap()
+                .remove("fallback_urls")
+                .is_some()
+        );
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(redb_store::META)
+            .unwrap()
+            .insert(
+                redb_store::META_IDENTITY,
+                serde_json::to_vec(&old).unwrap().as_slice(),
+            )
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(store.identity().unwrap(), Some(me.clone()));
+    // The same device, now given further relays, takes them.
+    let mut more = me.clone();
+    more.fallback_urls = vec!["ws://relay-2.local:7400/v1/sync".into()];
+    store.set_identity(&more).unwrap();
+    drop(store);
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(store.identity().unwrap(), Some(more));
 }
 
 #[test]

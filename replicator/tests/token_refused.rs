@@ -15,6 +15,7 @@ fn engine() -> (Engine, SplitMix64) {
         store: StoreId::new("s1").unwrap(),
         epoch: 1,
         relay_url: "test".into(),
+        fallback_urls: Vec::new(),
         token: "test".into(),
     };
     let config = EngineConfig {

@@ -452,6 +452,7 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
                 store: store.clone(),
                 epoch: 1,
                 relay_url: format!("ws://{}/v1/sync", proxy.addr),
+                fallback_urls: Vec::new(),
                 token,
             };
             let config = Config {

@@ -60,6 +60,7 @@ impl Relay {
             store: StoreId::new(store).unwrap(),
             epoch: 1,
             relay_url: format!("ws://{}/v1/sync", self.addr),
+            fallback_urls: Vec::new(),
             token,
         }
     }
@@ -77,6 +78,7 @@ fn provisioned(data: &std::path::Path, port: u16) -> Identity {
         store: rec.store,
         epoch: 1,
         relay_url: format!("ws://127.0.0.1:{port}/v1/sync"),
+        fallback_urls: Vec::new(),
         token,
     }
 }

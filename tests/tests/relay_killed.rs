@@ -58,6 +58,7 @@ async fn a_relay_killed_mid_sync_loses_and_doubles_nothing() {
         store: StoreId::new("s1").unwrap(),
         epoch: 1,
         relay_url: format!("ws://127.0.0.1:{port}/v1/sync"),
+        fallback_urls: Vec::new(),
         token,
     };
     let config = Config {

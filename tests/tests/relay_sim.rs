@@ -524,6 +524,7 @@ impl World {
                     store: StoreId::new(store).unwrap(),
                     epoch: i as u32 + 1,
                     relay_url: "sim".into(),
+                    fallback_urls: Vec::new(),
                     token: "sim".into(),
                 };
                 let store = MemoryStore::new();

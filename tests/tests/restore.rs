@@ -138,6 +138,7 @@ async fn a_restore_from_an_older_backup_loses_no_sale_payment_or_number() {
             store: s1.clone(),
             epoch: 1,
             relay_url: format!("ws://127.0.0.1:{port}/v1/sync"),
+            fallback_urls: Vec::new(),
             token,
         }
     };

@@ -35,6 +35,7 @@ async fn till(relay: &EmbeddedRelay, dir: &tempfile::TempDir, store: &str, name:
         store: StoreId::new(store).unwrap(),
         epoch: 1,
         relay_url: format!("ws://{}/v1/sync", proxy.addr),
+        fallback_urls: Vec::new(),
         token,
     };
     let config = Config {

@@ -85,6 +85,7 @@ async fn main() -> Result<()> {
         store: StoreId::new("s1")?,
         epoch: 1,
         relay_url: format!("ws://127.0.0.1:{port}/v1/sync"),
+        fallback_urls: Vec::new(),
         token,
     };
     let config = Config {

@@ -25,9 +25,10 @@ struct Args {
     /// The card terminal's ledger file.
     #[arg(long)]
     ledger: PathBuf,
-    /// Relay WebSocket URL.
-    #[arg(long)]
-    relay: String,
+    /// Relay WebSocket URL; repeat it for relays serving the same data, tried in turn when one
+    /// is unreachable (the first is preferred).
+    #[arg(long, required = true)]
+    relay: Vec<String>,
     /// Device id.
     #[arg(long)]
     device: String,
@@ -59,11 +60,14 @@ enum Cmd {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    let mut relays = args.relay.clone().into_iter();
+    let relay_url = relays.next().context("at least one --relay is needed")?;
     let identity = Identity {
         device: args.device.parse::<DeviceId>()?,
         store: StoreId::new(args.store.clone())?,
         epoch: 1,
-        relay_url: args.relay.clone(),
+        relay_url,
+        fallback_urls: relays.collect(),
         token: args.token.clone(),
     };
     let mode = match &args.command {
