@@ -77,6 +77,7 @@ async fn device(
     store: &str,
     name: &str,
     relay: &Relay,
+    fallback: &Relay,
 ) -> Replicator {
     let (rec, token) = pg
         .add_device(&StoreId::new(store).unwrap(), name, 0)
@@ -87,6 +88,7 @@ async fn device(
         store: rec.store,
         epoch: 1,
         relay_url: relay.url(),
+        fallback_urls: vec![fallback.url()],
         token,
     };
     Replicator::open(
@@ -155,8 +157,8 @@ async fn devices_on_two_relays_share_orders_through_the_database() {
     let r1 = start_relay(Arc::clone(&pg1)).await;
     let r2 = start_relay(Arc::clone(&pg2)).await;
     let devs = tempfile::tempdir().unwrap();
-    let a = device(&devs, &pg1, "s1", "a", &r1).await;
-    let b = device(&devs, &pg1, "s1", "b", &r2).await;
+    let a = device(&devs, &pg1, "s1", "a", &r1, &r2).await;
+    let b = device(&devs, &pg1, "s1", "b", &r2, &r1).await;
 
     // A creates an order on relay 1: B, on relay 2, learns of it from its feed.
     let started = Instant::now();
@@ -266,9 +268,24 @@ async fn devices_on_two_relays_share_orders_through_the_database() {
         }
     }
 
+    // Relay 1 goes away: A moves to relay 2 (its second relay) and goes on selling; B sees it.
+    r1.stop().await;
+    let started = Instant::now();
+    let late = a.create_order(eur()).await.unwrap();
+    a.add_line(late, line("Tea", 200)).await.unwrap();
+    a.wait_for_status(late, LocalSyncStatus::Synced, WAIT)
+        .await
+        .unwrap();
+    let seen = wait_view(&b, late, |v| v.lines.len() == 1).await;
+    println!(
+        "with relay 1 gone, an order made on A was durable and reached B in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(seen.number, Some(2 + 2 * per_device as u64));
+    assert_eq!(stored_view(&pg2, late).await, seen);
+
     a.close().await;
     b.close().await;
-    r1.stop().await;
     r2.stop().await;
     schema.drop_schema(&pg1).await.unwrap();
 }
