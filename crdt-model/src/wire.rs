@@ -155,6 +155,15 @@ pub enum RelayFrame {
         order: String,
         /// Raw change chunks, dependencies first.
         changes: Vec<ByteBuf>,
+        /// The order's heads as stored with these changes (protocol 2.1), and
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        heads: Vec<ByteBuf>,
+        /// the relay's voucher for them (`crdt_model::seal`): a device that holds the heads
+        /// once the changes are applied keeps it, so it can deliver every change under them
+        /// (another till's too) after a restore of the relay, whether or not the feed entry
+        /// reached it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        voucher: Option<ByteBuf>,
     },
     /// Durable receipt: the relay has committed (fsynced) the order up to these heads.
     Receipt {
@@ -162,6 +171,12 @@ pub enum RelayFrame {
         order: String,
         /// Heads of the order as stored.
         heads: Vec<ByteBuf>,
+        /// The relay's voucher for these heads (protocol 2.1; `crdt_model::seal`), as in
+        /// [`FeedEntry::voucher`]: the device holds the heads (it announced them), so it keeps
+        /// the voucher at once, and can deliver every change under them after a restore,
+        /// another till's too, even if the feed entry never reached it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        voucher: Option<ByteBuf>,
     },
     /// Changes the relay refused; nothing of them was stored.
     Rejected {
@@ -380,10 +395,13 @@ mod tests {
             RelayFrame::Receipt {
                 order: "o".into(),
                 heads: h.clone(),
+                voucher: Some(ByteBuf::from(vec![7; 32])),
             },
             RelayFrame::Changes {
                 order: "o".into(),
                 changes: vec![ByteBuf::from(vec![1, 2, 3])],
+                heads: h.clone(),
+                voucher: Some(ByteBuf::from(vec![9; 32])),
             },
             RelayFrame::Rejected {
                 order: "o".into(),

@@ -895,7 +895,7 @@ async fn finding_8_a_flood_of_valid_frames() {
             };
             let Message::Binary(b) = m else { continue };
             match RelayFrame::decode(&b).unwrap() {
-                RelayFrame::Receipt { order, heads } => {
+                RelayFrame::Receipt { order, heads, .. } => {
                     let heads: Vec<Vec<u8>> = heads.into_iter().map(|h| h.into_vec()).collect();
                     if want
                         .get(&order)

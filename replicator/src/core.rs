@@ -631,12 +631,27 @@ impl Engine {
                     tracing::warn!(%order, error = %e, "sync message refused");
                 }
             }
-            RelayFrame::Changes { order, changes } => {
+            RelayFrame::Changes {
+                order,
+                changes,
+                heads,
+                voucher,
+            } => {
                 if let Err(e) = self.handle_changes(&order, &changes, now) {
                     tracing::warn!(%order, error = %e, "changes from the relay refused");
+                } else {
+                    self.voucher_with_changes(
+                        &order,
+                        &heads,
+                        voucher.as_ref().map(|v| v.as_slice()),
+                    );
                 }
             }
-            RelayFrame::Receipt { order, heads } => self.on_receipt(&order, &heads, now),
+            RelayFrame::Receipt {
+                order,
+                heads,
+                voucher,
+            } => self.on_receipt(&order, &heads, voucher.as_ref().map(|v| v.as_slice()), now),
             RelayFrame::Rejected {
                 order,
                 code,
@@ -827,7 +842,7 @@ impl Engine {
         Ok(())
     }
 
-    fn on_receipt(&mut self, order: &str, heads: &[ByteBuf], now: i64) {
+    fn on_receipt(&mut self, order: &str, heads: &[ByteBuf], voucher: Option<&[u8]>, now: i64) {
         let Ok(id) = order.parse::<OrderId>() else {
             return;
         };
@@ -854,6 +869,7 @@ impl Engine {
             .iter()
             .map(|m| m.hash)
             .collect();
+        let vouched = heads.clone();
         let mut known = heads;
         for h in to_hashes(&slot.record.receipted) {
             if later.contains(&h) && !known.contains(&h) {
@@ -861,6 +877,11 @@ impl Engine {
             }
         }
         slot.record.receipted = from_hashes(&known);
+        // The relay's voucher for the receipted heads (protocol 2.1): this device holds them,
+        // so it can deliver every change under them after a restore of the relay.
+        if let Some(tag) = voucher.and_then(|v| <[u8; 32]>::try_from(v).ok()) {
+            self.keep_voucher(id, &vouched, tag);
+        }
         self.storage_errors = 0;
         self.check_covered(id, now);
     }
@@ -1003,9 +1024,31 @@ impl Engine {
         }
     }
 
-    /// `id` got changes from the relay: if it now holds what the feed announced, its entry is
-    /// handled.
-    /// Keeps the relay's voucher for `heads` of `id` (the device holds them all).
+    /// The voucher a `changes` frame carried for the stored heads after its changes: kept if
+    /// this device now holds those heads.
+    fn voucher_with_changes(&mut self, order: &str, heads: &[ByteBuf], voucher: Option<&[u8]>) {
+        let (Ok(id), Ok(heads), Some(tag)) = (
+            order.parse::<OrderId>(),
+            heads_from_wire(heads),
+            voucher.and_then(|v| <[u8; 32]>::try_from(v).ok()),
+        ) else {
+            return;
+        };
+        let held = !heads.is_empty()
+            && self.orders.get(&id).is_some_and(|s| {
+                heads
+                    .iter()
+                    .all(|h| s.held.doc().get_change_meta_by_hash(h).is_some())
+            });
+        if held {
+            self.keep_voucher(id, &heads, tag);
+        }
+    }
+
+    /// Keeps the relay's voucher for `heads` of `id` (the device holds them all), unless the
+    /// voucher it holds covers more: one for heads that do not include the kept ones (a
+    /// receipt for older heads arriving after a feed entry for newer ones) is not taken, so
+    /// the voucher only ever grows.
     fn keep_voucher(&mut self, id: OrderId, heads: &[ChangeHash], tag: [u8; 32]) {
         let Some(slot) = self.orders.get_mut(&id) else {
             return;
@@ -1014,6 +1057,17 @@ impl Engine {
         if slot.record.voucher.as_ref() == Some(&v) {
             return;
         }
+        if let Some((kept, _)) = &slot.record.voucher {
+            let doc = slot.held.doc();
+            let after: std::collections::HashSet<ChangeHash> =
+                doc.get_changes_meta(heads).iter().map(|m| m.hash).collect();
+            let covered = to_hashes(kept)
+                .iter()
+                .all(|h| doc.get_change_meta_by_hash(h).is_some() && !after.contains(h));
+            if !covered {
+                return;
+            }
+        }
         slot.record.voucher = Some(v);
         self.effects.push_back(Effect::Record {
             order: id,
@@ -1021,6 +1075,8 @@ impl Engine {
         });
     }
 
+    /// `id` got changes from the relay: if it now holds what the feed announced, its entry is
+    /// handled.
     fn feed_caught_up(&mut self, id: OrderId) {
         let Some((_, heads, _)) = self.feed_waiting.get(&id) else {
             return;

@@ -356,6 +356,7 @@ fn exchange(
                 answers.push(RelayFrame::Receipt {
                     order,
                     heads: heads_to_wire(&relay.doc.get_heads()),
+                    voucher: None,
                 });
             } else if let ClientFrame::Changes {
                 order,
@@ -379,7 +380,11 @@ fn exchange(
                         data: ByteBuf::from(m.encode()),
                     });
                 }
-                answers.push(RelayFrame::Receipt { order, heads });
+                answers.push(RelayFrame::Receipt {
+                    order,
+                    heads,
+                    voucher: None,
+                });
             }
         }
         if answers.is_empty() {

@@ -499,7 +499,7 @@ fn describe_relay(f: &RelayFrame) -> String {
                 .map(|e| (short(&e.order), e.seq, e.status.clone()))
                 .collect::<Vec<_>>()
         ),
-        RelayFrame::Receipt { order, heads } => {
+        RelayFrame::Receipt { order, heads, .. } => {
             format!("receipt {} ({} heads)", short(order), heads.len())
         }
         other => format!("{other:?}").chars().take(90).collect(),
@@ -1359,7 +1359,8 @@ impl World {
             if c.catching_up.is_some() {
                 c.held.extend_from_slice(entries);
             } else {
-                let upto = c.sent_upto;
+                // Shared: read back in order, so an entry at or below what went out was sent.
+                let upto = if relay.is_some() { c.sent_upto } else { 0 };
                 let fresh: Vec<FeedEntry> =
                     entries.iter().filter(|e| e.seq > upto).cloned().collect();
                 if let Some(last) = fresh.last() {
@@ -1575,7 +1576,7 @@ impl World {
 
     fn check_frame(&mut self, frame: &RelayFrame) {
         match frame {
-            RelayFrame::Receipt { order, heads } => {
+            RelayFrame::Receipt { order, heads, .. } => {
                 self.stats.receipts += 1;
                 let id: OrderId = order.parse().unwrap();
                 let heads = heads_from_wire(heads).unwrap();
@@ -1604,7 +1605,7 @@ impl World {
                     self.refused.insert(h);
                 }
             }
-            RelayFrame::Changes { order, changes } => {
+            RelayFrame::Changes { order, changes, .. } => {
                 let id: OrderId = order.parse().unwrap();
                 for chunk in changes {
                     let c = Change::from_bytes(chunk.to_vec()).unwrap();
@@ -2207,7 +2208,11 @@ fn relays_on_one_store_converge() {
         seeds.len(),
         started.elapsed()
     );
-    assert!(total.commits > 0 && total.relay_crashes > 0);
+    assert!(total.commits > 0);
+    assert!(
+        seeds.len() < 16 || total.relay_crashes > 0,
+        "no relay was killed"
+    );
 }
 
 /// Runs the first 64 default seeds in a stricter mode (or `RELAY_SIM_SEED` only).

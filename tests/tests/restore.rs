@@ -89,8 +89,9 @@ fn wait_synced<'a>(
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!(
-            "{at}: order {order} not synced as expected: {:?} {:?}",
+            "{at}: order {order} not synced as expected: {:?} ({:?}) {:?}",
             r.sync_status(order).await,
+            r.blocked_reason(order).await,
             r.view(order)
                 .await
                 .map(|v| (v.number, v.status, v.payments.len()))

@@ -323,6 +323,10 @@ impl RelayCore {
             sends.push((*conn, out, receipt));
         }
         sends.sort_by_key(|(conn, _, _)| *conn);
+        // The stored heads after these changes, vouched: a device that holds them can deliver
+        // all of it again after a restore.
+        let vouched_heads = crdt_model::wire::heads_to_wire(&after);
+        let voucher = Some(ByteBuf::from(self.seal.key.vouch(order, &after).to_vec()));
         if !everyone.is_empty() && !changes.is_empty() {
             everyone.sort_unstable();
             let changes = changes
@@ -334,6 +338,8 @@ impl RelayCore {
                 frame: RelayFrame::Changes {
                     order: order.to_string(),
                     changes,
+                    heads: vouched_heads.clone(),
+                    voucher: voucher.clone(),
                 },
             });
         }
@@ -345,6 +351,8 @@ impl RelayCore {
                     RelayFrame::Changes {
                         order: order.to_string(),
                         changes,
+                        heads: vouched_heads.clone(),
+                        voucher: voucher.clone(),
                     },
                 ),
                 Out::Nothing => {}

@@ -181,6 +181,8 @@ struct ConnInfo {
     orders: HashSet<OrderId>,
     /// Bytes of its change chunks waiting for a missing dependency, over all orders.
     queued_bytes: usize,
+    /// The store its device belongs to.
+    store: Option<StoreId>,
 }
 
 /// The relay's core for one shard of the orders. See the module docs.
@@ -361,7 +363,7 @@ impl RelayCore {
 
     /// A sync message or a push from a device.
     pub fn handle_incoming(&mut self, now: i64, origin: Origin, order: OrderId, msg: Incoming) {
-        self.conns.entry(origin.conn).or_default();
+        self.conns.entry(origin.conn).or_default().store = Some(origin.store.clone());
         if self.loaded(order) {
             self.sync_loaded(now, &origin, order, msg);
         } else {
@@ -527,10 +529,22 @@ impl RelayCore {
         self.evict_if_full();
         // Connections that followed the order before it left the cache get a fresh sync state:
         // the next change reaches them.
+        // (Only those of the order's store: one of another store that asked while the order
+        // was unknown here is forgotten.)
+        let mut strangers = Vec::new();
         if let Some(f) = self.followers.get(&order) {
             for conn in f {
-                state.peers.insert(*conn, doc::PeerDoc::new());
+                let theirs = self.conns.get(conn).and_then(|i| i.store.as_ref());
+                match (&state.store, theirs) {
+                    (Some(ours), Some(theirs)) if ours != theirs => strangers.push(*conn),
+                    _ => {
+                        state.peers.insert(*conn, doc::PeerDoc::new());
+                    }
+                }
             }
+        }
+        for conn in strangers {
+            self.unfollow(conn, order);
         }
         self.tick += 1;
         state.last_used = self.tick;
@@ -702,8 +716,22 @@ impl RelayCore {
         }
         d.facts = crdt_model::OrderFacts::default();
         d.tail_len = stored.meta.tail_len;
-        d.store = Some(stored.meta.store.clone());
+        let store = stored.meta.store.clone();
+        d.store = Some(store.clone());
         d.meta = Some(stored.meta);
+        // Connections of another store that asked for the order while it was unknown here
+        // (it was being read again) learn nothing of it: answered as an absent order.
+        let foreign: Vec<ConnId> = d
+            .peers
+            .keys()
+            .filter(|c| {
+                self.conns
+                    .get(c)
+                    .and_then(|i| i.store.as_ref())
+                    .is_some_and(|s| *s != store)
+            })
+            .copied()
+            .collect();
         d.stale_unknown = false;
         if !d.is_stale() {
             d.stale_heads.clear();
@@ -725,6 +753,15 @@ impl RelayCore {
             if let Some(info) = self.conns.get_mut(&conn) {
                 info.queued_bytes = info.queued_bytes.saturating_sub(bytes);
             }
+        }
+        for conn in foreign {
+            self.unfollow(conn, order);
+            self.send(
+                conn,
+                RelayFrame::Unavailable {
+                    order: order.to_string(),
+                },
+            );
         }
         tracing::debug!(%order, changes = fresh.len(), "read again after another relay's commit");
         self.fan_out(order, &before, &fresh);

@@ -103,7 +103,9 @@ impl RelayCore {
         }
         // A device asking for an order nobody has (and has none of it either): unavailable. A
         // device announcing heads of an order the relay lacks is creating it: sync normally.
-        if !d.exists() && !has_changes && msg.heads().is_empty() {
+        // (Not while the order is being read again: another relay may have created it; the
+        // device follows it, and the refresh sends it what is stored.)
+        if !d.exists() && !has_changes && msg.heads().is_empty() && !d.is_stale() && !d.refreshing {
             self.send(
                 conn,
                 RelayFrame::Unavailable {
@@ -407,11 +409,15 @@ impl RelayCore {
         heads: &[ChangeHash],
     ) {
         self.metrics.receipts_sent.fetch_add(1, Ordering::Relaxed);
+        // Vouched, so the device can deliver everything under these heads after a restore
+        // (another till's changes too) without waiting for the feed entry.
+        let voucher = serde_bytes::ByteBuf::from(self.seal.key.vouch(order, heads).to_vec());
         self.send(
             conn,
             RelayFrame::Receipt {
                 order: order.to_string(),
                 heads: heads_to_wire(heads),
+                voucher: Some(voucher),
             },
         );
     }

@@ -79,7 +79,7 @@ impl Registry {
             return;
         };
         for p in conns.values() {
-            p.offer_feed(&bytes, &entries);
+            p.offer_feed(&bytes, &entries, self.shared);
         }
     }
 

@@ -33,9 +33,10 @@ pub struct FeedGate {
     pub held: Vec<FeedEntry>,
     /// More than `FEED_HELD` entries were published while catching up: read the store again.
     pub overflowed: bool,
-    /// The highest feed position sent since going live (or caught up to): a live entry at or
-    /// below it is not sent again. With several relays the live feed is read back from the
-    /// database and may repeat what the catch-up already sent.
+    /// The highest feed position sent since going live (or caught up to). With several
+    /// relays the live feed is read back from the database, in order, and may repeat what the
+    /// catch-up already sent: a live entry at or below it is not sent again. (With one relay
+    /// live entries of different workers may come out of order and are all sent.)
     pub sent_upto: u64,
 }
 
@@ -113,7 +114,7 @@ impl Peer {
     }
 
     /// A feed frame from the live feed: sent if the connection has caught up, else held.
-    pub(crate) fn offer_feed(&self, encoded: &Bytes, entries: &[FeedEntry]) {
+    pub(crate) fn offer_feed(&self, encoded: &Bytes, entries: &[FeedEntry], in_order: bool) {
         let Ok(mut gate) = self.feed.lock() else {
             return;
         };
@@ -121,7 +122,7 @@ impl Peer {
             // Sent under the gate's lock, so it cannot overtake the catch-up's last page.
             let upto = gate.sent_upto;
             let last = entries.iter().map(|e| e.seq).max().unwrap_or(0);
-            if entries.iter().all(|e| e.seq > upto) {
+            if !in_order || entries.iter().all(|e| e.seq > upto) {
                 self.send_encoded(encoded.clone());
             } else {
                 let fresh: Vec<FeedEntry> =
@@ -212,13 +213,13 @@ mod tests {
     fn live_entries_wait_for_the_catch_up() {
         let (p, mut rx) = peer();
         let (bytes, entries) = feed(vec![entry(7), entry(4)]);
-        p.offer_feed(&bytes, &entries);
+        p.offer_feed(&bytes, &entries, true);
         assert!(seqs(&mut rx).is_empty(), "held while catching up");
         // The catch-up read the store up to 5 (4 came with its pages): only 7 is new.
         assert!(p.go_live(5));
         assert_eq!(seqs(&mut rx), vec![vec![7]]);
         let (bytes, entries) = feed(vec![entry(8)]);
-        p.offer_feed(&bytes, &entries);
+        p.offer_feed(&bytes, &entries, true);
         assert_eq!(seqs(&mut rx), vec![vec![8]], "live now");
     }
 
@@ -229,13 +230,13 @@ mod tests {
         let (p, mut rx) = peer();
         assert!(p.go_live(6));
         let (bytes, entries) = feed(vec![entry(5), entry(6), entry(7)]);
-        p.offer_feed(&bytes, &entries);
+        p.offer_feed(&bytes, &entries, true);
         assert_eq!(seqs(&mut rx), vec![vec![7]]);
         let (bytes, entries) = feed(vec![entry(7)]);
-        p.offer_feed(&bytes, &entries);
+        p.offer_feed(&bytes, &entries, true);
         assert!(seqs(&mut rx).is_empty(), "7 was sent already");
         let (bytes, entries) = feed(vec![entry(8), entry(9)]);
-        p.offer_feed(&bytes, &entries);
+        p.offer_feed(&bytes, &entries, true);
         assert_eq!(seqs(&mut rx), vec![vec![8, 9]]);
     }
 
@@ -245,7 +246,7 @@ mod tests {
         let (p, mut rx) = peer();
         let many: Vec<FeedEntry> = (1..=FEED_HELD as u64 + 1).map(entry).collect();
         let (bytes, entries) = feed(many);
-        p.offer_feed(&bytes, &entries);
+        p.offer_feed(&bytes, &entries, true);
         assert!(!p.go_live(0), "read the store again");
         assert!(p.go_live(FEED_HELD as u64 + 1));
         assert!(seqs(&mut rx).is_empty());

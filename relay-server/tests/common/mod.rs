@@ -289,12 +289,16 @@ impl Client {
                     order.refresh().unwrap();
                     self.push(order).await;
                 }
-                RelayFrame::Changes { order: o, changes } if o == order.id().to_string() => {
+                RelayFrame::Changes {
+                    order: o, changes, ..
+                } if o == order.id().to_string() => {
                     if apply_forwarded(order, &changes) {
                         self.push(order).await;
                     }
                 }
-                RelayFrame::Receipt { order: o, heads } if o == order.id().to_string() => {
+                RelayFrame::Receipt {
+                    order: o, heads, ..
+                } if o == order.id().to_string() => {
                     let heads = heads_from_wire(&heads).unwrap();
                     // Covered: none of our changes is missing from the receipted heads.
                     let mine = order.doc().get_changes(&heads);
@@ -348,8 +352,12 @@ impl Client {
                 ord.refresh().unwrap();
                 self.push(ord).await;
             }
-            if let (RelayFrame::Changes { order: o, changes }, Some(ord)) =
-                (&frame, order.as_deref_mut())
+            if let (
+                RelayFrame::Changes {
+                    order: o, changes, ..
+                },
+                Some(ord),
+            ) = (&frame, order.as_deref_mut())
                 && *o == ord.id().to_string()
                 && apply_forwarded(ord, changes)
             {
@@ -382,7 +390,9 @@ impl Client {
                     order.refresh().unwrap();
                     self.push(order).await;
                 }
-                RelayFrame::Changes { order: o, changes } if o == order.id().to_string() => {
+                RelayFrame::Changes {
+                    order: o, changes, ..
+                } if o == order.id().to_string() => {
                     if apply_forwarded(order, &changes) {
                         self.push(order).await;
                     }
@@ -660,7 +670,7 @@ pub mod terminal {
                     }
                     self.push(id).await?;
                 }
-                RelayFrame::Changes { order, changes } => {
+                RelayFrame::Changes { order, changes, .. } => {
                     // Committed changes forwarded as they are (protocol 2): applied; a gap
                     // (a missing dependency) is filled by a sync round.
                     let id: OrderId = order.parse().expect("relay sent a bad order id");
@@ -682,7 +692,7 @@ pub mod terminal {
                         }
                     }
                 }
-                RelayFrame::Receipt { order, heads } => {
+                RelayFrame::Receipt { order, heads, .. } => {
                     let id: OrderId = order.parse().expect("relay sent a bad order id");
                     let heads = heads_from_wire(&heads).expect("receipt heads are hashes");
                     self.receipts.lock().unwrap().push(Receipted {

@@ -387,7 +387,7 @@ impl Device {
                 }
                 self.sync_own().await?;
             }
-            RelayFrame::Changes { order, changes } => {
+            RelayFrame::Changes { order, changes, .. } => {
                 let decoded: Vec<Change> = changes
                     .iter()
                     .filter_map(|c| Change::from_bytes(c.to_vec()).ok())
@@ -441,7 +441,7 @@ impl Device {
                 self.partner_arrivals(at, shared);
                 self.push_partner().await?;
             }
-            RelayFrame::Receipt { order, heads } if order == mine => {
+            RelayFrame::Receipt { order, heads, .. } if order == mine => {
                 let heads = heads_from_wire(&heads)?;
                 let doc = self.order.doc();
                 let covered_upto = if heads.iter().all(|h| doc.get_change_by_hash(h).is_some()) {

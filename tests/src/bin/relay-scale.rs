@@ -474,7 +474,9 @@ async fn create_order(ws: &mut Ws, store: StoreId, device: DeviceId) -> Result<D
                     send(ws, &f).await?;
                 }
             }
-            RelayFrame::Receipt { order: o, heads } if o == order.id().to_string() => {
+            RelayFrame::Receipt {
+                order: o, heads, ..
+            } if o == order.id().to_string() => {
                 let heads = heads_from_wire(&heads)?;
                 if covers(order.doc(), &heads, &mine) {
                     return Ok(t0.elapsed());
