@@ -45,6 +45,14 @@ pub struct SimOptions {
     /// Run against a relay that is already running (its address and an admin token) instead
     /// of an embedded one. Relay restarts are then not injected.
     pub relay: Option<(std::net::SocketAddr, String)>,
+    /// Keep the records in this PostgreSQL database (a fresh schema, dropped at the end) and
+    /// run [`SimOptions::relays`] relay processes on it ([`SimOptions::relay_bin`]); the fault
+    /// injector SIGKILLs them and starts them again, and every till knows every relay.
+    pub store: Option<String>,
+    /// Relay processes (with `store`).
+    pub relays: usize,
+    /// The `relay-proc` binary (with `store`).
+    pub relay_bin: Option<std::path::PathBuf>,
     /// Print progress.
     pub verbose: bool,
 }
@@ -59,6 +67,9 @@ impl Default for SimOptions {
             fault_rate: 0.3,
             pace_ms: 40,
             relay: None,
+            store: None,
+            relays: 1,
+            relay_bin: None,
             verbose: true,
         }
     }
@@ -153,7 +164,8 @@ impl Report {
 struct Till {
     /// The app; `None` for the instant of an app restart.
     rep: Mutex<Option<Replicator>>,
-    proxy: Proxy,
+    /// One proxy per relay (one relay unless a fleet runs), in the till's order of relays.
+    proxies: Vec<Proxy>,
     store: StoreId,
     path: std::path::PathBuf,
     identity: Identity,
@@ -162,6 +174,27 @@ struct Till {
 }
 
 impl Till {
+    /// Cuts every connection of the till.
+    fn cut_all(&self) {
+        for p in &self.proxies {
+            p.cut_all();
+        }
+    }
+
+    /// The relay applies what it got, the answer is lost.
+    fn cut_after(&self, bytes: u64) {
+        for p in &self.proxies {
+            p.cut_after(Direction::Down, bytes);
+        }
+    }
+
+    /// The till's network goes away (`true`) or comes back.
+    fn set_blackhole(&self, on: bool) {
+        for p in &self.proxies {
+            p.set_blackhole(on);
+        }
+    }
+
     /// A handle to the running app (cheap clone). Hold it only briefly: a restart waits for
     /// every handle to be dropped.
     async fn rep(&self) -> Result<Replicator> {
@@ -367,6 +400,7 @@ async fn cashier(
 async fn faults(
     tills: Vec<Arc<Till>>,
     relay: Option<Arc<Mutex<EmbeddedRelay>>>,
+    fleet: Option<Arc<Mutex<Fleet>>>,
     rate: f64,
     seed: u64,
     stop: Arc<AtomicU64>,
@@ -382,28 +416,41 @@ async fn faults(
         let till = &tills[(rng.next_u64() as usize) % tills.len()];
         let kind = match rng.next_u64() % 10 {
             0..=3 => {
-                till.proxy.cut_all();
+                till.cut_all();
                 "cut_connection"
             }
             4..=5 => {
                 // The relay applies what it got, the answer is lost.
-                till.proxy
-                    .cut_after(Direction::Down, 1 + rng.next_u64() % 200);
+                till.cut_after(1 + rng.next_u64() % 200);
                 "answer_lost"
             }
-            6..=8 => {
-                till.proxy.set_blackhole(true);
+            6..=7 => {
+                till.set_blackhole(true);
                 tokio::time::sleep(Duration::from_millis(200 + rng.next_u64() % 600)).await;
-                till.proxy.set_blackhole(false);
+                till.set_blackhole(false);
                 "offline_period"
             }
-            _ => match &relay {
-                Some(r) => {
+            8 if fleet.is_none() => {
+                till.set_blackhole(true);
+                tokio::time::sleep(Duration::from_millis(200 + rng.next_u64() % 600)).await;
+                till.set_blackhole(false);
+                "offline_period"
+            }
+            _ => match (&relay, &fleet) {
+                (_, Some(f)) => {
+                    // SIGKILL one relay; its tills move to another; it comes back later.
+                    let k = (rng.next_u64() as usize) % f.lock().await.len();
+                    f.lock().await.kill(k);
+                    tokio::time::sleep(Duration::from_millis(200 + rng.next_u64() % 600)).await;
+                    f.lock().await.launch(k).await?;
+                    "relay_sigkill"
+                }
+                (Some(r), None) => {
                     r.lock().await.restart().await?;
                     "relay_restart"
                 }
-                None => {
-                    till.proxy.cut_all();
+                (None, None) => {
+                    till.cut_all();
                     "cut_connection"
                 }
             },
@@ -417,9 +464,20 @@ async fn faults(
 pub async fn run(opts: SimOptions) -> Result<Report> {
     let started = Instant::now();
     let dir = tempfile::tempdir()?;
-    let (relay, addr, admin) = match &opts.relay {
-        Some((addr, admin)) => (None, *addr, admin.clone()),
-        None => {
+    let mut fleet = None;
+    let (relay, addr, admin) = match (&opts.relay, &opts.store) {
+        (Some((addr, admin)), _) => (None, *addr, admin.clone()),
+        (None, Some(url)) => {
+            let bin = opts
+                .relay_bin
+                .clone()
+                .context("relay processes need the relay-proc binary")?;
+            let f = Fleet::open(url, opts.relays.max(1), bin).await?;
+            let (addr, admin) = (f.addr(0), f.admin.clone());
+            fleet = Some(f);
+            (None, addr, admin)
+        }
+        (None, None) => {
             let r = EmbeddedRelay::start(&dir.path().join("relay"), 0).await?;
             let (addr, admin) = (r.addr, r.admin.clone());
             (Some(r), addr, admin)
@@ -446,13 +504,29 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
                 Some(r) => r.provision(&store, &name)?,
                 None => provision(addr, &admin, &store, &name).await?,
             };
-            let proxy = Proxy::start(addr).await?;
+            // One proxy per relay; tills are spread over the relays (each starts with a
+            // different one and knows the others).
+            let targets: Vec<std::net::SocketAddr> = match &fleet {
+                Some(f) => {
+                    let n = f.len();
+                    (0..n).map(|k| f.addr((t + k) % n)).collect()
+                }
+                None => vec![addr],
+            };
+            let mut proxies = Vec::new();
+            for target in targets {
+                proxies.push(Proxy::start(target).await?);
+            }
+            let urls: Vec<String> = proxies
+                .iter()
+                .map(|p| format!("ws://{}/v1/sync", p.addr))
+                .collect();
             let identity = Identity {
                 device,
                 store: store.clone(),
                 epoch: 1,
-                relay_url: format!("ws://{}/v1/sync", proxy.addr),
-                fallback_urls: Vec::new(),
+                relay_url: urls[0].clone(),
+                fallback_urls: urls[1..].to_vec(),
                 token,
             };
             let config = Config {
@@ -469,7 +543,7 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
                 Replicator::open(&path, identity.clone(), config.clone(), terminal.clone()).await?;
             tills.push(Arc::new(Till {
                 rep: Mutex::new(Some(rep)),
-                proxy,
+                proxies,
                 store: store.clone(),
                 path,
                 identity,
@@ -479,12 +553,14 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
         }
     }
     let relay = relay.map(|r| Arc::new(Mutex::new(r)));
+    let fleet = fleet.map(|f| Arc::new(Mutex::new(f)));
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(AtomicU64::new(0));
     let fault_counts = Arc::new(Mutex::new(BTreeMap::new()));
     let injector = tokio::spawn(faults(
         tills.clone(),
         relay.clone(),
+        fleet.clone(),
         opts.fault_rate,
         opts.seed,
         Arc::clone(&stop),
@@ -521,7 +597,7 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
     injector.await??;
     // Heal: every proxy passes traffic again; wait for every terminal to be synced.
     for t in &tills {
-        t.proxy.set_blackhole(false);
+        t.set_blackhole(false);
     }
     if opts.verbose {
         eprintln!("pos-sim: network healed, waiting for convergence");
@@ -534,9 +610,21 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
         faults: fault_counts.lock().await.clone(),
         refused_ops: ledger.lock().await.refused,
         stores,
-        relay: match &relay {
-            Some(_) => format!("{addr} (embedded, temporary data)"),
-            None => addr.to_string(),
+        relay: match (&relay, &fleet) {
+            (Some(_), _) => format!("{addr} (embedded, temporary data)"),
+            (None, Some(f)) => {
+                let f = f.lock().await;
+                format!(
+                    "{} relay processes on PostgreSQL (schema {}, dropped at the end): {}",
+                    f.len(),
+                    f.schema.name,
+                    (0..f.len())
+                        .map(|k| f.addr(k).to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+            (None, None) => addr.to_string(),
         },
         ..Report::default()
     };
@@ -558,6 +646,9 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
         &mut report,
     )
     .await?;
+    if let Some(f) = &fleet {
+        f.lock().await.verify_relays(&mut report).await?;
+    }
     for t in &tills {
         if let Ok(r) = t.rep().await {
             r.close().await;
@@ -566,8 +657,148 @@ pub async fn run(opts: SimOptions) -> Result<Report> {
     if let Some(r) = &relay {
         r.lock().await.stop().await?;
     }
+    if let Some(f) = &fleet {
+        f.lock().await.stop().await?;
+    }
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Relay processes (`relay-proc`) on one PostgreSQL schema.
+struct Fleet {
+    schema: crate::pgdb::TestSchema,
+    /// This process's handle on the schema (provisioning, the database's view of orders).
+    pg: Arc<relay_server::pg::PgStore>,
+    bin: std::path::PathBuf,
+    ports: Vec<u16>,
+    children: Vec<Option<std::process::Child>>,
+    admin: String,
+}
+
+impl Fleet {
+    /// A fresh schema of `url` and `n` relay processes on it.
+    async fn open(url: &str, n: usize, bin: std::path::PathBuf) -> Result<Self> {
+        let schema = crate::pgdb::TestSchema::new(url, "pos_sim");
+        let pg = schema.connect(4).await?;
+        let admin = pg.add_admin_token(None, "pos-sim", 0).await?;
+        let mut ports = Vec::new();
+        for _ in 0..n {
+            ports.push(
+                std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port(),
+            );
+        }
+        let mut me = Self {
+            schema,
+            pg,
+            bin,
+            children: (0..n).map(|_| None).collect(),
+            ports,
+            admin,
+        };
+        for k in 0..n {
+            me.launch(k).await?;
+        }
+        Ok(me)
+    }
+
+    fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    fn addr(&self, k: usize) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.ports[k]))
+    }
+
+    /// Starts relay `k` (again) on its port and waits until it accepts connections.
+    async fn launch(&mut self, k: usize) -> Result<()> {
+        let child = std::process::Command::new(&self.bin)
+            .args([
+                "--listen",
+                &self.addr(k).to_string(),
+                "--store",
+                &self.schema.url,
+                "--pg-schema",
+                &self.schema.name,
+            ])
+            .env("RUST_LOG", "error")
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.children[k] = Some(child);
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(self.addr(k)).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::bail!("relay {k} did not start")
+    }
+
+    /// SIGKILLs relay `k`.
+    fn kill(&mut self, k: usize) {
+        if let Some(mut c) = self.children[k].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The check only several relays have: every relay answers for every order exactly what
+    /// the database holds.
+    async fn verify_relays(&self, report: &mut Report) -> Result<()> {
+        let mut differ = Vec::new();
+        let mut compared = 0;
+        for s in &report.stores {
+            let store = StoreId::new(s.as_str())?;
+            let metas = self
+                .pg
+                .list_orders(
+                    &store,
+                    relay_server::store::StatusFilter::Any,
+                    0,
+                    usize::MAX,
+                )
+                .await?;
+            for m in metas {
+                let stored = self
+                    .pg
+                    .load_order(m.order)
+                    .await?
+                    .context("listed order not stored")?;
+                let doc = stored.to_doc()?;
+                let want = crdt_model::view_of(&doc)?;
+                for k in 0..self.len() {
+                    let got: OrderView = get_json(
+                        self.addr(k),
+                        &format!("/v1/orders/{}", m.order),
+                        &self.admin,
+                    )
+                    .await?;
+                    compared += 1;
+                    if got != want {
+                        differ.push(format!("relay {k} answers otherwise for order {}", m.order));
+                    }
+                }
+            }
+        }
+        report.checks.push(Check {
+            name: "every relay's view of every order equals the database's",
+            passed: differ.is_empty(),
+            detail: differ
+                .first()
+                .cloned()
+                .unwrap_or_else(|| format!("{compared} answers compared ({} relays)", self.len())),
+        });
+        Ok(())
+    }
+
+    /// Stops every relay and drops the schema.
+    async fn stop(&mut self) -> Result<()> {
+        for k in 0..self.len() {
+            self.kill(k);
+        }
+        self.schema.drop_schema(&self.pg).await
+    }
 }
 
 /// Provisions a device through a running relay's admin API.

@@ -37,9 +37,22 @@ struct Args {
     /// Admin token of the relay given with --relay (printed by its first start).
     #[arg(long, env = "RELAY_ADMIN_TOKEN")]
     admin_token: Option<String>,
+    /// Keep the records in this PostgreSQL database (postgres://...; a fresh schema, dropped
+    /// at the end) and run --relays relay processes on it; the fault injector SIGKILLs them.
+    #[arg(long, conflicts_with = "relay")]
+    store: Option<String>,
+    /// Relay processes on the --store database (every till knows them all).
+    #[arg(long, default_value_t = 1, requires = "store")]
+    relays: usize,
     /// Only print the report.
     #[arg(long)]
     quiet: bool,
+}
+
+/// The `relay-proc` binary next to this one (the relay processes of `--store`).
+fn relay_proc() -> Result<Option<std::path::PathBuf>> {
+    let bin = std::env::current_exe()?.with_file_name("relay-proc");
+    Ok(bin.exists().then_some(bin))
 }
 
 fn main() -> Result<()> {
@@ -62,12 +75,29 @@ fn main() -> Result<()> {
         fault_rate: args.fault_rate,
         pace_ms: args.pace_ms,
         relay: args.relay.zip(args.admin_token),
+        store: args.store.clone(),
+        relays: args.relays,
+        relay_bin: relay_proc()?,
         verbose: !args.quiet,
     };
+    if opts.store.is_some() && opts.relay_bin.is_none() {
+        anyhow::bail!(
+            "--store runs the relays as processes: build them first with \
+             `cargo build --release -p e2e --bin relay-proc` (next to pos-sim)"
+        );
+    }
     if !args.quiet {
         eprintln!(
-            "pos-sim: {} store(s) x {} terminals, {} orders each, seed {}, fault rate {}",
-            opts.stores, opts.terminals, opts.orders, opts.seed, opts.fault_rate
+            "pos-sim: {} store(s) x {} terminals, {} orders each, seed {}, fault rate {}{}",
+            opts.stores,
+            opts.terminals,
+            opts.orders,
+            opts.seed,
+            opts.fault_rate,
+            match &opts.store {
+                Some(_) => format!(", {} relay processes on PostgreSQL", opts.relays),
+                None => String::new(),
+            }
         );
     }
     let report = runtime.block_on(run(opts))?;
