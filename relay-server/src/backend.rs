@@ -1,6 +1,6 @@
 //! [`Backend`]: where the relay keeps its records, chosen at start: the embedded redb file
 //! ([`RelayStore`], the default: one process, nothing to install) or a PostgreSQL database
-//! shared by several relay processes ([`PgStore`](crate::pg::PgStore), feature `postgres`).
+//! shared by several relay processes ([`PgStore`], feature `postgres`).
 //!
 //! The hub, the HTTP handlers and the connections use the records only through this type, with
 //! the same meaning whichever store it is (the redb store's semantics are the specification;
