@@ -210,8 +210,19 @@ pub struct Metrics {
     pub receipts_pending: Level,
     /// Write transactions committed.
     pub commits: Count,
-    /// Commit failures.
+    /// Commit failures (a write refused because another relay wrote its order first is not
+    /// one: see `commit_conflicts`).
     pub commit_errors: Count,
+    /// Writes refused because another relay wrote their order first (several relays on one
+    /// database): the order is read again and the write retried.
+    pub commit_conflicts: Count,
+    /// Orders read again from the store because another relay changed them.
+    pub orders_reread: Count,
+    /// Reads of a store's feed from the shared database (several relays).
+    pub feed_reads: Count,
+    /// Failed reads of the shared feed or its heads (retried; a growing count means this relay
+    /// falls behind the others' commits).
+    pub feed_read_errors: Count,
     /// Frames received.
     pub frames_in: Count,
     /// Frames sent.
@@ -263,6 +274,10 @@ impl Metrics {
             receipts_pending: Level::new("relay_receipts_pending"),
             commits: Count::default(),
             commit_errors: Count::default(),
+            commit_conflicts: Count::default(),
+            orders_reread: Count::default(),
+            feed_reads: Count::default(),
+            feed_read_errors: Count::default(),
             frames_in: Count::default(),
             frames_out: Count::default(),
             protocol_errors: Count::default(),
@@ -332,6 +347,26 @@ impl Metrics {
                 "relay_commit_errors",
                 "Failed write transactions",
                 &self.commit_errors,
+            ),
+            (
+                "relay_commit_conflicts",
+                "Writes refused because another relay wrote their order first (retried)",
+                &self.commit_conflicts,
+            ),
+            (
+                "relay_orders_reread",
+                "Orders read again because another relay changed them",
+                &self.orders_reread,
+            ),
+            (
+                "relay_feed_reads",
+                "Reads of a store feed from the shared database",
+                &self.feed_reads,
+            ),
+            (
+                "relay_feed_read_errors",
+                "Failed reads of the shared feed (retried)",
+                &self.feed_read_errors,
             ),
             ("relay_frames_in", "Frames received", &self.frames_in),
             ("relay_frames_out", "Frames sent", &self.frames_out),

@@ -645,6 +645,7 @@ impl RelayCore {
             return;
         }
         d.refreshing = true;
+        self.metrics.orders_reread.inc();
         self.outputs.push_back(Output::Load { order });
     }
 

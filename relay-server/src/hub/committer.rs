@@ -182,12 +182,13 @@ fn report(
             }
         }
         Err(e) => {
-            metrics.commit_errors.inc();
             // A conflict is another relay's commit of the same order: routine with several
             // relays, and the order is read again and its write retried.
             if matches!(e, RelayError::Conflict(_)) {
+                metrics.commit_conflicts.inc();
                 tracing::debug!(error = %e, writes = jobs.len(), "group commit refused");
             } else {
+                metrics.commit_errors.inc();
                 tracing::error!(error = %e, writes = jobs.len(), "group commit failed");
             }
             let shared = Arc::new(e);

@@ -106,6 +106,10 @@ pub(crate) async fn run(
                 dirty.extend(registry.take_committed_here());
             }
             _ = sweep.tick() => match pg.feed_heads().await {
+                Err(e) => {
+                    metrics.feed_read_errors.inc();
+                    tracing::warn!(error = %e, "cannot read the store feed heads");
+                }
                 Ok(heads) => {
                     for (store, head) in heads {
                         if head > seen.get(&store).copied().unwrap_or(0) {
@@ -113,7 +117,6 @@ pub(crate) async fn run(
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot read the store feed heads"),
             },
         }
         if dirty.is_empty() {
@@ -131,12 +134,12 @@ pub(crate) async fn run(
         dirty.extend(registry.take_committed_here());
         for store in std::mem::take(&mut dirty) {
             let from = seen.get(&store).copied().unwrap_or(0);
-            match read_store(&pg, &store, from, &registry, &workers, &seal).await {
+            match read_store(&pg, &store, from, &registry, &workers, &seal, &metrics).await {
                 Ok(upto) => {
                     seen.insert(store, upto);
                 }
                 Err(e) => {
-                    metrics.commit_errors.inc();
+                    metrics.feed_read_errors.inc();
                     tracing::warn!(%store, error = %e, "cannot read the store feed; retrying");
                     // Read again from the same position at the next sweep.
                 }
@@ -154,8 +157,10 @@ async fn read_store(
     registry: &Registry,
     workers: &[mpsc::Sender<WorkerMsg>],
     seal: &crdt_model::SealKey,
+    metrics: &Metrics,
 ) -> Result<u64, crate::RelayError> {
     loop {
+        metrics.feed_reads.inc();
         let records = pg.feed_since(store, from, PAGE).await?;
         let full = records.len() == PAGE;
         let Some(last) = records.last().map(|r| r.seq) else {
