@@ -263,6 +263,8 @@ impl RelayCore {
         if !self.config.shared || self.docs.get(&order).is_some_and(|d| d.numbering) {
             self.ensure_number(now, order);
         }
+        // Another relay's commit may have been announced while this write was in flight.
+        self.refresh(now, order);
     }
 
     /// Sends every connection of `order` what `changes` (just made durable, taking the
