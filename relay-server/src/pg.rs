@@ -4,8 +4,9 @@
 //! It keeps what [`RelayStore`](crate::store::RelayStore) keeps, with the same meaning, and
 //! exchanges the same records ([`OrderWrite`], [`CommitOutcome`], [`OrderMeta`],
 //! [`StoredOrder`], [`FeedRecord`]); the redb store's semantics are its specification. The hub
-//! does not use it yet: plugging it in (a store trait, `serve --store postgres://...`,
-//! cross-relay fan-out) is the next step, see `docs/operations.md`.
+//! uses it through [`Backend`](crate::backend::Backend) (`relay-server serve --store
+//! postgres://...`); every commit announces its stores' new feed heads on a `LISTEN/NOTIFY`
+//! channel ([`PgStore::listen`], [`FeedNotice`]) that the other relays follow (`hub::shared`).
 //!
 //! # Driver
 //! [`tokio_postgres`] with a [`deadpool_postgres`] pool. tokio-postgres is the tokio-native

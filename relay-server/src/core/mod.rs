@@ -7,8 +7,13 @@
 //! closed, a back-office request, an order loaded, a commit finished or failed), passing the
 //! time in, and drain what it wants done with [`RelayCore::poll_output`]: frames to send,
 //! connections to close, orders to load, writes to commit, feed entries to publish, requests to
-//! answer. The tokio server with its redb committer is one driver; the simulation in
-//! `tests/tests/relay_sim.rs` is another.
+//! answer. The tokio server with its committer (redb or PostgreSQL) is one driver; the
+//! simulation in `tests/tests/relay_sim.rs` is another (one relay, or two relays on one store).
+//!
+//! With several relays on one store ([`CoreConfig::shared`]) the driver also tells the core
+//! what the others committed ([`RelayCore::handle_changed_elsewhere`]): an order in memory that
+//! lacks those heads is read again ("refresh"), its new changes go to its connections, and a
+//! write refused because another relay moved the order (`Conflict`) is written again on top.
 //!
 //! The promises it keeps:
 //!
