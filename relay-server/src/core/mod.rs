@@ -503,7 +503,12 @@ impl RelayCore {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(%order, error = %e, "cannot load order");
-                self.changed_while_loading.remove(&order);
+                // Connections here following an order another relay changed meanwhile still
+                // wait for that change: they get it once a later load succeeds.
+                let changed = self.changed_while_loading.remove(&order).is_some();
+                if changed && self.followers.get(&order).is_some_and(|f| !f.is_empty()) {
+                    self.announce.insert(order);
+                }
                 if self.announce.contains(&order) {
                     // Followers here wait for another relay's change: try again later.
                     self.touch_retry.insert(order, now + TOUCH_RETRY_MS);
