@@ -950,11 +950,19 @@ impl Relays {
         }
     }
 
-    /// The counters of the (first) relay.
+    /// The relays' counters, summed over the relays.
     async fn counters(&self) -> Result<HashMap<String, f64>> {
         match self {
             Self::Embedded(r) => relay_counters(r.addr, &r.admin).await,
-            Self::Postgres { running, admin, .. } => relay_counters(running[0].addr, admin).await,
+            Self::Postgres { running, admin, .. } => {
+                let mut sum: HashMap<String, f64> = HashMap::new();
+                for r in running {
+                    for (k, v) in relay_counters(r.addr, admin).await? {
+                        *sum.entry(k).or_default() += v;
+                    }
+                }
+                Ok(sum)
+            }
         }
     }
 
