@@ -208,6 +208,11 @@ pub struct RelayCore {
     /// Orders loaded because another relay changed them while connections here follow them:
     /// the followers get a sync round once the load is in.
     announce: HashSet<OrderId>,
+    /// Shared: messages the policy refused on a copy that may be stale, judged again once
+    /// their order has been read again.
+    after_refresh: HashMap<OrderId, Vec<(Origin, Incoming)>>,
+    /// Set while those are judged again (a second refusal is final).
+    retrying: bool,
     outputs: VecDeque<Output>,
     writer: Writer,
     relay_author: Author,
@@ -253,6 +258,8 @@ impl RelayCore {
             touch_retry: std::collections::BTreeMap::new(),
             changed_while_loading: HashMap::new(),
             announce: HashSet::new(),
+            after_refresh: HashMap::new(),
+            retrying: false,
             outputs: VecDeque::new(),
             writer: Writer::new(relay, epoch).with_seal(seal.clone()),
             seal: RelaySeal { relay, key: seal },
@@ -478,6 +485,7 @@ impl RelayCore {
                 tracing::error!(%order, panic = %why, "reading an order again panicked; it is reloaded on next use");
                 self.forget(order);
             }
+            self.judge_again(now, order);
             return;
         }
         let parked = self.loading.remove(&order).unwrap_or_default();
@@ -779,6 +787,21 @@ impl RelayCore {
         // Still behind (yet another commit came meanwhile): read again.
         self.refresh(now, order);
         self.dispatch(now, order);
+    }
+
+    /// Messages refused on a possibly stale copy of `order` are judged again, now that it was
+    /// read again (a second refusal is sent to the device).
+    fn judge_again(&mut self, now: i64, order: OrderId) {
+        let Some(waiting) = self.after_refresh.remove(&order) else {
+            return;
+        };
+        self.retrying = true;
+        for (origin, msg) in waiting {
+            if self.conns.contains_key(&origin.conn) {
+                self.handle_incoming(now, origin, order, msg);
+            }
+        }
+        self.retrying = false;
     }
 
     /// An order that cannot be read again: everyone waiting on its accepted changes is told

@@ -16,7 +16,7 @@ use super::doc::{
 use super::{Origin, Output, RelayCore};
 
 /// What a device sent for an order.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Incoming {
     /// An Automerge sync message (catch-up: a fetch, a reconnect, a follower that missed
     /// something).
@@ -72,6 +72,11 @@ impl RelayCore {
 
     fn apply_sync(&mut self, now: i64, origin: &Origin, order: OrderId, msg: Incoming) {
         let conn = origin.conn;
+        // With several relays a refusal may come from this relay's stale copy (the device
+        // forwards another till's change that another relay stored and this one has not read
+        // yet): the message is kept to be judged again once the order is read again.
+        let spare =
+            (self.config.shared && !self.retrying && msg.has_changes()).then(|| msg.clone());
         let Some(d) = self.docs.get(&order) else {
             return;
         };
@@ -329,6 +334,17 @@ impl RelayCore {
                         order: order.to_string(),
                     },
                 );
+                return;
+            }
+            if let Some(m) = spare {
+                self.after_refresh
+                    .entry(order)
+                    .or_default()
+                    .push((origin.clone(), m));
+                if let Some(d) = self.docs.get_mut(&order) {
+                    d.mark_stale(Vec::new());
+                }
+                self.refresh(now, order);
                 return;
             }
             let hashes: Vec<ChangeHash> = new_changes.iter().map(Change::hash).collect();
