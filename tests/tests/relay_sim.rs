@@ -2299,3 +2299,20 @@ fn a_seed_replays_exactly() {
         assert_eq!(first, trace(seed), "seed {seed} ran differently twice");
     }
 }
+
+/// Regression (found by the 10,000-seed run of `relays_on_one_store_converge`): relay 0 is
+/// killed just after an order's first commit lands (its number stored, not yet in its
+/// document); the relay that starts in its place touches the order to write the number, the
+/// touch's load fails (injected), and the order is loaded by a device's message and read again
+/// after the other relay's commits instead. The touch was forgotten on the failed load (and its
+/// retry timer taken over by a refresh's), so the document kept lacking its number. Fixed: an
+/// order stays touched until a load of it succeeds, whichever load that is.
+#[test]
+fn a_touched_order_keeps_its_number_job_across_failed_loads_and_refreshes() {
+    run_world(
+        World::new_with(16_559_413_595_592_076_854, true),
+        Resend::Never,
+        true,
+        0,
+    );
+}

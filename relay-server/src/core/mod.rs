@@ -489,7 +489,9 @@ impl RelayCore {
             return;
         }
         let parked = self.loading.remove(&order).unwrap_or_default();
-        let touched = self.touching.remove(&order);
+        // A touched order stays touched until a load succeeds (whichever load it is), so the
+        // number it may lack is written even if the touch's own load failed.
+        let touched = self.touching.contains(&order);
         let state = loaded.and_then(|stored| match stored {
             None => Ok(DocState::empty()),
             Some(stored) => {
@@ -579,6 +581,7 @@ impl RelayCore {
         if let Some(heads) = self.changed_while_loading.remove(&order) {
             self.handle_changed_elsewhere(now, order, heads);
         }
+        self.touching.remove(&order);
         if touched || !self.config.shared {
             self.ensure_number(now, order);
         }
@@ -784,6 +787,9 @@ impl RelayCore {
         }
         tracing::debug!(%order, changes = fresh.len(), "read again after another relay's commit");
         self.fan_out(order, &before, &fresh);
+        if self.touching.remove(&order) {
+            self.ensure_number(now, order);
+        }
         // Still behind (yet another commit came meanwhile): read again.
         self.refresh(now, order);
         self.dispatch(now, order);
