@@ -485,7 +485,11 @@ impl RelayCore {
                 tracing::error!(%order, panic = %why, "reading an order again panicked; it is reloaded on next use");
                 self.forget(order);
             }
-            self.judge_again(now, order);
+            // Judged again once the order is up to date (a failed read is retried first), or
+            // once it left memory (it is then loaded for them).
+            if !self.docs.get(&order).is_some_and(DocState::is_stale) {
+                self.judge_again(now, order);
+            }
             return;
         }
         let parked = self.loading.remove(&order).unwrap_or_default();
