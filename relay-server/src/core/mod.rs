@@ -590,6 +590,9 @@ impl RelayCore {
             self.ensure_number(now, order);
         }
         self.dispatch(now, order);
+        // Messages refused on an earlier, stale copy (which then left memory) are judged on
+        // this one, just read.
+        self.judge_again(now, order);
         for p in parked {
             match p {
                 Parked::Sync { origin, msg } => {
