@@ -772,7 +772,11 @@ impl RelayCore {
         let mut freed = Vec::new();
         for (conn, pd) in &mut d.peers {
             if !pd.queued.is_empty() {
+                // As after a failed write: a fresh state that keeps what the peer can do (a
+                // reset needs it), marked so that the device forgets what it counted as sent.
+                let caps = pd.state.their_capabilities.take();
                 freed.push((*conn, pd.reset()));
+                pd.state.their_capabilities = caps;
                 pd.push_mode = false;
                 pd.sent.clear();
                 pd.state.needs_reset = true;
