@@ -64,7 +64,7 @@ use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{Automerge, Change, ChangeHash};
+use automerge::{Automerge, Change, ChangeHash, ReadDoc};
 
 use crate::error::ModelError;
 
@@ -292,8 +292,30 @@ pub fn receive_sync_message(
     };
     if outcome.is_err() {
         *state = before;
+    } else {
+        resend_what_peer_needs(doc, state);
     }
     outcome
+}
+
+/// Makes the next sync message carry again every change the peer asks for by hash (its
+/// `need`) that `doc` holds, even if it was sent before. Automerge never sends a change twice
+/// on one sync state: a change that was sent but never applied (the peer dropped it, or
+/// refused it and later could take it) would otherwise be asked for forever, each side
+/// repeating the same message. A peer that names a change in `need` does not have it, so
+/// sending it again is always right. Returns whether anything is to be sent again.
+pub fn resend_what_peer_needs(doc: &Automerge, state: &mut sync::State) -> bool {
+    let Some(need) = &state.their_need else {
+        return false;
+    };
+    let mut again = false;
+    for h in need {
+        if state.sent_hashes.contains(h) && doc.get_change_by_hash(h).is_some() {
+            state.sent_hashes.remove(h);
+            again = true;
+        }
+    }
+    again
 }
 
 /// Generates the next sync message for the peer of `state`. The document is only read; if
@@ -319,5 +341,52 @@ mod tests {
         let r: Result<(), String> = contain(|| panic!("boom {}", 7));
         assert_eq!(r, Err("boom 7".to_owned()));
         assert_eq!(contain(|| 5), Ok(5));
+    }
+
+    /// A peer that dropped a change it was sent and asks for it by hash gets it again; bare
+    /// Automerge would answer with the same empty message forever.
+    #[test]
+    fn a_change_asked_for_again_is_sent_again() {
+        use automerge::transaction::Transactable;
+        let mut a = Automerge::new();
+        let mut tx = a.transaction();
+        tx.put(automerge::ROOT, "k", 1).unwrap();
+        tx.commit();
+        let mut b = Automerge::new();
+        let (mut sa, mut sb) = (sync::State::new(), sync::State::new());
+        // One full round so both know each other, then `a` edits and sends the change.
+        for _ in 0..4 {
+            if let Some(m) = generate_sync_message(&a, &mut sa).unwrap() {
+                receive_sync_message(&mut b, &mut sb, m).unwrap();
+            }
+            if let Some(m) = generate_sync_message(&b, &mut sb).unwrap() {
+                receive_sync_message(&mut a, &mut sa, m).unwrap();
+            }
+        }
+        let mut tx = a.transaction();
+        tx.put(automerge::ROOT, "k", 2).unwrap();
+        tx.commit();
+        let lost = a.get_heads()[0];
+        let sent = generate_sync_message(&a, &mut sa).unwrap().unwrap();
+        assert_eq!(sent.changes.len(), 1);
+        // `b` never gets it. It learns `a`'s heads from a message without changes and asks.
+        let mut announce = sent.clone();
+        announce.changes = Vec::<Vec<u8>>::new().into();
+        receive_sync_message(&mut b, &mut sb, announce).unwrap();
+        let ask = generate_sync_message(&b, &mut sb).unwrap().unwrap();
+        assert_eq!(ask.need, vec![lost]);
+
+        // Bare Automerge, on a copy of `a`'s state: nothing is sent again.
+        let mut bare = sa.clone();
+        a.receive_sync_message(&mut bare, ask.clone()).unwrap();
+        let again = a.generate_sync_message(&mut bare);
+        assert!(again.is_none_or(|m| m.changes.is_empty()));
+
+        // Through the guard the change travels again and `b` catches up.
+        receive_sync_message(&mut a, &mut sa, ask).unwrap();
+        let again = generate_sync_message(&a, &mut sa).unwrap().unwrap();
+        assert_eq!(again.changes.len(), 1);
+        receive_sync_message(&mut b, &mut sb, again).unwrap();
+        assert_eq!(b.get_heads(), a.get_heads());
     }
 }

@@ -2317,18 +2317,16 @@ fn a_touched_order_keeps_its_number_job_across_failed_loads_and_refreshes() {
     );
 }
 
-/// Open (found by the 10,000-seed run of `relays_on_one_store_converge`, not fixed yet): a till
-/// on a relay whose copy of an order is stale (its reads of the order fail, injected) pushes a
+/// Regression (found by the 10,000-seed run of `relays_on_one_store_converge`): a till on a
+/// relay whose copy of an order is stale (its reads of the order fail, injected) pushes a
 /// change built on another till's change that only the other relay has stored; the stale relay
-/// queues it waiting for the dependency, asks for the dependency, and once its read finally
-/// succeeds the till and the relay loop on one sync round: the till announces a head whose
-/// change it counts as sent, the relay asks for it, and nothing moves (the same shape as known
-/// bug 1, here through the refresh path, which already resets the peer's sync state with
-/// `needs_reset`). Nothing is lost: the change is on the till, the order is not Synced there.
-/// One seed in 10,000; run it with `cargo test -p e2e --test relay_sim -- --ignored`.
+/// queues it waiting for the dependency and, once its read finally succeeds, asks the till for
+/// the change by hash. The till had sent it on that sync state already, and Automerge never
+/// sends a change twice on one state: the two looped on one sync round forever. Fixed in
+/// `crdt_model::guard::receive_sync_message`: a change the peer names in its `need` is sent
+/// again.
 #[test]
-#[ignore = "open bug, see the doc comment"]
-fn known_open_shared_sync_loop_after_failed_refreshes() {
+fn a_change_the_relay_asks_for_again_is_sent_again() {
     run_world(
         World::new_with(11_788_964_530_557_765_291, true),
         Resend::Never,
