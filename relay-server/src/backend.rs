@@ -19,7 +19,7 @@ use crdt_model::{DeviceId, OrderId, SealKey, StoreId};
 use crate::error::RelayError;
 #[cfg(feature = "postgres")]
 use crate::pg::PgStore;
-use crate::records::{CommitOutcome, FeedRecord, OrderMeta, OrderWrite, StoredOrder};
+use crate::records::{CommitOutcome, FeedRecord, OrderMeta, OrderWrite, StoredOrder, StoredTail};
 use crate::store::{
     DeviceRecord, Principal, RecoveryRecord, RelayIdentity, RelayStore, StatusFilter,
 };
@@ -140,6 +140,19 @@ impl Backend {
             Self::Redb(s) => blocking(s, move |s| s.load_order(order)).await,
             #[cfg(feature = "postgres")]
             Self::Postgres(s) => s.load_order(order).await,
+        }
+    }
+
+    /// The order's metadata and its tail changes from position `from` on, if stored.
+    pub async fn load_tail(
+        &self,
+        order: OrderId,
+        from: u32,
+    ) -> Result<Option<StoredTail>, RelayError> {
+        match self {
+            Self::Redb(s) => blocking(s, move |s| s.load_tail(order, from)).await,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(s) => s.load_tail(order, from).await,
         }
     }
 

@@ -218,6 +218,9 @@ pub struct Metrics {
     pub commit_conflicts: Count,
     /// Orders read again from the store because another relay changed them.
     pub orders_reread: Count,
+    /// Of those, the ones that read the whole order: the changes stored after what the relay
+    /// held did not complete it (a compaction had started the stored tail over).
+    pub orders_reread_whole: Count,
     /// Reads of a store's feed from the shared database (several relays).
     pub feed_reads: Count,
     /// Failed reads of the shared feed or its heads (retried; a growing count means this relay
@@ -276,6 +279,7 @@ impl Metrics {
             commit_errors: Count::default(),
             commit_conflicts: Count::default(),
             orders_reread: Count::default(),
+            orders_reread_whole: Count::default(),
             feed_reads: Count::default(),
             feed_read_errors: Count::default(),
             frames_in: Count::default(),
@@ -357,6 +361,11 @@ impl Metrics {
                 "relay_orders_reread",
                 "Orders read again because another relay changed them",
                 &self.orders_reread,
+            ),
+            (
+                "relay_orders_reread_whole",
+                "Orders read again whole: the tail stored after this relay's copy did not complete it",
+                &self.orders_reread_whole,
             ),
             (
                 "relay_feed_reads",

@@ -50,7 +50,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 use crate::error::RelayError;
-pub use crate::records::{CommitOutcome, FeedRecord, OrderMeta, OrderWrite, StoredOrder};
+pub use crate::records::{
+    CommitOutcome, FeedRecord, OrderMeta, OrderWrite, StoredOrder, StoredTail,
+};
 use crate::store::{RelayIdentity, codec};
 
 /// Keys of `relay_meta`.

@@ -40,6 +40,21 @@ impl StoredOrder {
     }
 }
 
+/// The end of an order's stored tail: its metadata and the raw changes stored at tail
+/// positions `from` and after, in commit order. What a relay that holds the order up to tail
+/// position `from` reads to catch up with another relay's commits, instead of the whole order.
+/// After a compaction the positions start over: the reader checks that the changes complete
+/// what it holds up to `meta.heads`, and reads the whole order otherwise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredTail {
+    /// The order's metadata.
+    pub meta: OrderMeta,
+    /// The first tail position read.
+    pub from: u32,
+    /// The raw changes at positions `from..meta.tail_len`.
+    pub changes: Vec<Vec<u8>>,
+}
+
 /// What the relay keeps about an order beside its document.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderMeta {

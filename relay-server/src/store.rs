@@ -43,7 +43,9 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use crate::records::{CommitOutcome, FeedRecord, OrderMeta, OrderWrite, StoredOrder};
+pub use crate::records::{
+    CommitOutcome, FeedRecord, OrderMeta, OrderWrite, StoredOrder, StoredTail,
+};
 pub use check::CheckReport;
 pub use recovery::{RecoveryRecord, RestoreReport};
 

@@ -425,11 +425,31 @@ async fn run(scenario: Vec<Vec<Op>>) {
         numbers.push(stored.meta.number.0);
         for t in &terminals {
             if let Some(mine) = t.orders.get(id) {
+                // Which changes differ, by whom, and what they say, for the failure message.
+                let lacking: Vec<String> = relay_order
+                    .doc()
+                    .get_changes(&[])
+                    .iter()
+                    .filter(|c| mine.doc().get_change_by_hash(&c.hash()).is_none())
+                    .map(|c| {
+                        format!(
+                            "{} by {:?} at {} seq {} ({} ops, deps {:?})",
+                            c.hash(),
+                            device_of_actor(c.actor_id()),
+                            c.timestamp(),
+                            c.seq(),
+                            c.len(),
+                            c.deps()
+                        )
+                    })
+                    .collect();
                 assert_eq!(
                     sorted(mine.heads()),
                     sorted(relay_order.heads()),
-                    "order {id}: terminal {} is not at the relay's heads",
-                    t.device
+                    "order {id}: terminal {} is not at the relay's heads; it lacks {lacking:?}; \
+                     terminals: {:?}",
+                    t.device,
+                    terminals.iter().map(|t| t.device).collect::<Vec<_>>()
                 );
                 assert_eq!(mine.view().unwrap(), view, "order {id}: views differ");
             }

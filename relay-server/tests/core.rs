@@ -115,6 +115,14 @@ impl Rig {
                         };
                         self.core.handle_loaded(self.now, order, loaded);
                     }
+                    Output::ReadTail { order, from } => {
+                        let read = if self.fail_loads {
+                            Err(RelayError::Internal("the disk refuses reads".into()))
+                        } else {
+                            self.store.load_tail(order, from)
+                        };
+                        self.core.handle_tail_read(self.now, order, read);
+                    }
                     Output::Commit { write } => self.commits.push_back(*write),
                     Output::Publish { .. } | Output::Reply { .. } => {}
                 }

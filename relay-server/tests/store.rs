@@ -299,6 +299,15 @@ fn compaction_replaces_snapshot_and_tail() {
     let before = store.load_order(o.id()).unwrap().unwrap();
     assert_eq!(before.tail.len(), 5);
     assert_eq!(before.meta.tail_len, 5);
+    // A tail read from a position gives the changes stored there and after, in order.
+    for from in [0, 2, 5, 9] {
+        let tail = store.load_tail(o.id(), from).unwrap().unwrap();
+        assert_eq!(tail.meta, before.meta);
+        assert_eq!(tail.from, from);
+        assert_eq!(tail.changes, before.tail[(from as usize).min(5)..].to_vec());
+    }
+    let absent = OrderId::generate(Timestamp(T0), &mut m.rng);
+    assert!(store.load_tail(absent, 0).unwrap().is_none());
 
     let out = commit_one(&store, compact(&o, &o.heads(), T0 + 20));
     assert_eq!(out.meta.tail_len, 0);
@@ -313,6 +322,11 @@ fn compaction_replaces_snapshot_and_tail() {
     commit_one(&store, write(&o, &seen, T0 + 30));
     let again = store.load_order(o.id()).unwrap().unwrap();
     assert_eq!(again.tail.len(), 1);
+    // Positions started over at the compaction: a reader that held 5 tail changes gets none,
+    // and the stored heads tell it that it lacks the rest (it then reads the whole order).
+    let stale = store.load_tail(o.id(), 5).unwrap().unwrap();
+    assert!(stale.changes.is_empty());
+    assert_eq!(stale.meta.tail_len, 1);
     assert_eq!(doc_of(&again).heads(), o.heads());
     let mut w = compact(&o, &o.heads(), T0 + 40);
     w.changes = vec![b"ignored".to_vec()];

@@ -49,7 +49,7 @@ use serde_bytes::ByteBuf;
 
 use crate::error::RelayError;
 use crate::metrics::Metrics;
-use crate::records::{CommitOutcome, OrderMeta, OrderWrite, StoredOrder};
+use crate::records::{CommitOutcome, OrderMeta, OrderWrite, StoredOrder, StoredTail};
 use crate::screen::Limits;
 use doc::DocState;
 pub use sync_in::Incoming;
@@ -120,6 +120,15 @@ pub enum Output {
     Load {
         /// The order.
         order: OrderId,
+    },
+    /// Read an order's metadata and the tail changes stored from position `from` on, and
+    /// report with [`RelayCore::handle_tail_read`] (a relay catching up with another relay's
+    /// commits to an order it holds).
+    ReadTail {
+        /// The order.
+        order: OrderId,
+        /// The first tail position to read: the stored tail length the relay holds.
+        from: u32,
     },
     /// Commit a write durably and report with [`RelayCore::handle_committed`].
     Commit {
@@ -477,19 +486,7 @@ impl RelayCore {
     ) {
         if !self.loading.contains_key(&order) && self.docs.get(&order).is_some_and(|d| d.refreshing)
         {
-            let outcome = crdt_model::guard::contain(|| self.refreshed(now, order, loaded));
-            if let Err(why) = outcome {
-                self.metrics
-                    .frame_panics
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(%order, panic = %why, "reading an order again panicked; it is reloaded on next use");
-                self.forget(order);
-            }
-            // Judged again once the order is up to date (a failed read is retried first), or
-            // once it left memory (it is then loaded for them).
-            if !self.docs.get(&order).is_some_and(DocState::is_stale) {
-                self.judge_again(now, order);
-            }
+            self.refresh_step(now, order, |core| core.refreshed(now, order, loaded));
             return;
         }
         let parked = self.loading.remove(&order).unwrap_or_default();
@@ -674,7 +671,108 @@ impl RelayCore {
         }
         d.refreshing = true;
         self.metrics.orders_reread.inc();
-        self.outputs.push_back(Output::Load { order });
+        if d.committed.get_heads().is_empty() {
+            self.outputs.push_back(Output::Load { order });
+        } else {
+            // Only what was stored after what this relay holds; the whole order if that
+            // does not complete it (a compaction started the tail over).
+            let from = d.tail_len;
+            self.outputs.push_back(Output::ReadTail { order, from });
+        }
+    }
+
+    /// The store's answer to [`Output::ReadTail`]: the changes stored after what this relay
+    /// holds of `order`. If they take the committed document exactly to the stored heads,
+    /// they are what the refresh adds; otherwise (a compaction started the tail over, or the
+    /// read raced one) the whole order is read instead. Errors and a vanished order go the
+    /// way of a failed whole read.
+    pub fn handle_tail_read(
+        &mut self,
+        now: i64,
+        order: OrderId,
+        read: Result<Option<StoredTail>, RelayError>,
+    ) {
+        if self.loading.contains_key(&order) || !self.docs.get(&order).is_some_and(|d| d.refreshing)
+        {
+            // The order left memory (or is being loaded afresh) meanwhile: nothing to add to.
+            return;
+        }
+        self.refresh_step(now, order, |core| match read {
+            Ok(Some(tail)) => match core.tail_completes(order, tail) {
+                Some((meta, fresh)) => core.caught_up(now, order, meta, fresh),
+                None => {
+                    core.metrics.orders_reread_whole.inc();
+                    core.outputs.push_back(Output::Load { order });
+                }
+            },
+            Ok(None) => core.refreshed(now, order, Ok(None)),
+            Err(e) => core.refreshed(now, order, Err(e)),
+        });
+    }
+
+    /// One step of a refresh of `order`, with a panic contained (the order leaves memory and
+    /// is loaded afresh on next use). Messages refused on the stale copy are judged again
+    /// once the order is up to date (a failed read is retried first), or once it left memory
+    /// (it is then loaded for them).
+    fn refresh_step(&mut self, now: i64, order: OrderId, step: impl FnOnce(&mut Self)) {
+        if let Err(why) = crdt_model::guard::contain(|| step(self)) {
+            self.metrics
+                .frame_panics
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(%order, panic = %why, "reading an order again panicked; it is reloaded on next use");
+            self.forget(order);
+        }
+        if !self
+            .docs
+            .get(&order)
+            .is_some_and(|d| d.refreshing || d.is_stale())
+        {
+            self.judge_again(now, order);
+        }
+    }
+
+    /// The changes of `tail` that `order`'s committed document lacks, if they are exactly
+    /// what takes it to the stored heads (decoded through the guard; every dependency either
+    /// held or among them). `None` sends the refresh to a whole read.
+    fn tail_completes(
+        &self,
+        order: OrderId,
+        tail: StoredTail,
+    ) -> Option<(OrderMeta, Vec<automerge::Change>)> {
+        let d = self.docs.get(&order)?;
+        if tail.meta.tail_len < tail.from
+            || tail.changes.len() != (tail.meta.tail_len - tail.from) as usize
+        {
+            return None;
+        }
+        let mut fresh = Vec::with_capacity(tail.changes.len());
+        for bytes in &tail.changes {
+            let change = crdt_model::guard::decode_change(bytes).ok()?;
+            if !doc::holds(&d.committed, &change.hash()) {
+                fresh.push(change);
+            }
+        }
+        // The heads the committed document would have: its own and the new changes', less
+        // every hash a new change depends on; each dependency must be held or new.
+        let new: HashSet<automerge::ChangeHash> = fresh.iter().map(|c| c.hash()).collect();
+        let mut heads: std::collections::BTreeSet<automerge::ChangeHash> =
+            d.committed.get_heads().into_iter().collect();
+        heads.extend(new.iter().copied());
+        for c in &fresh {
+            for dep in c.deps() {
+                if !new.contains(dep) && !doc::holds(&d.committed, dep) {
+                    return None;
+                }
+                heads.remove(dep);
+            }
+        }
+        let stored: std::collections::BTreeSet<automerge::ChangeHash> = tail
+            .meta
+            .heads
+            .iter()
+            .map(|h| automerge::ChangeHash(*h))
+            .collect();
+        (heads == stored).then_some((tail.meta, fresh))
     }
 
     /// The answer to a refresh's load: the stored changes `committed` lacks are added to the
@@ -734,7 +832,26 @@ impl RelayCore {
             return;
         }
         let fresh: Vec<automerge::Change> = doc.get_changes(&before);
-        if let Err(e) = d.committed.apply_changes(fresh.iter().cloned()) {
+        self.caught_up(now, order, stored.meta, fresh);
+    }
+
+    /// The end of a refresh: `fresh`, the stored changes the committed document lacked (up to
+    /// the stored `meta`), are added to the committed and working documents and sent to the
+    /// order's connections, then the waiting write (built again on the stored heads) goes out.
+    fn caught_up(
+        &mut self,
+        now: i64,
+        order: OrderId,
+        meta: OrderMeta,
+        fresh: Vec<automerge::Change>,
+    ) {
+        let Some(d) = self.docs.get_mut(&order) else {
+            return;
+        };
+        d.refreshing = false;
+        let before = d.committed.get_heads();
+        // Through the guard: changes read from the store are bytes from outside.
+        if let Err(e) = crdt_model::guard::apply_changes(&mut d.committed, fresh.clone()) {
             self.give_up(now, order, format!("stored changes do not apply: {e}"));
             return;
         }
@@ -744,10 +861,10 @@ impl RelayCore {
             d.pending.snapshot = Some(d.working.clone());
         }
         d.facts = crdt_model::OrderFacts::default();
-        d.tail_len = stored.meta.tail_len;
-        let store = stored.meta.store.clone();
+        d.tail_len = meta.tail_len;
+        let store = meta.store.clone();
         d.store = Some(store.clone());
-        d.meta = Some(stored.meta);
+        d.meta = Some(meta);
         // Connections of another store that asked for the order while it was unknown here
         // (it was being read again) learn nothing of it: answered as an absent order.
         let foreign: Vec<ConnId> = d

@@ -16,7 +16,7 @@ use crate::backend::Backend;
 use crate::clock::now_ms;
 use crate::core::{ConnId, Incoming, Origin, Output, RelayCore, RequestId};
 use crate::error::RelayError;
-use crate::store::{CommitOutcome, StoredOrder};
+use crate::store::{CommitOutcome, StoredOrder, StoredTail};
 
 pub(crate) type ViewReply = oneshot::Sender<Result<OrderView, RelayError>>;
 
@@ -67,6 +67,10 @@ pub(crate) enum Event {
     Loaded {
         order: OrderId,
         result: Result<Option<StoredOrder>, RelayError>,
+    },
+    TailRead {
+        order: OrderId,
+        result: Result<Option<StoredTail>, RelayError>,
     },
 }
 
@@ -176,6 +180,7 @@ impl Worker {
         let now = now_ms();
         match event {
             Event::Committed { order, result } => self.core.handle_committed(now, order, result),
+            Event::TailRead { order, result } => self.core.handle_tail_read(now, order, result),
             Event::Loaded { order, result } => {
                 self.core.handle_loaded(now, order, result);
                 self.parked.remove(&order);
@@ -215,6 +220,14 @@ impl Worker {
                     tokio::spawn(async move {
                         let result = store.load_order(order).await;
                         let _ = events.send(Event::Loaded { order, result });
+                    });
+                }
+                Output::ReadTail { order, from } => {
+                    let store = self.store.clone();
+                    let events = self.events.clone();
+                    tokio::spawn(async move {
+                        let result = store.load_tail(order, from).await;
+                        let _ = events.send(Event::TailRead { order, result });
                     });
                 }
                 Output::Commit { write } => {

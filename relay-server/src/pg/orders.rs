@@ -18,8 +18,8 @@ use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
 use super::{
-    CommitOutcome, FeedRecord, OrderMeta, OrderWrite, PgStore, StoredOrder, decode_heads,
-    encode_heads, limit_of, number_of, status_of, store_of, to_i64, to_u64,
+    CommitOutcome, FeedRecord, OrderMeta, OrderWrite, PgStore, StoredOrder, StoredTail,
+    decode_heads, encode_heads, limit_of, number_of, status_of, store_of, to_i64, to_u64,
 };
 use crate::error::RelayError;
 use crate::store::StatusFilter;
@@ -152,6 +152,41 @@ impl PgStore {
             meta,
             snapshot,
             tail,
+        }))
+    }
+
+    /// The order's metadata and the tail changes stored at positions `from` and after, if
+    /// stored (one statement: one consistent state). What a relay reads to catch up with
+    /// another relay's commits.
+    pub async fn load_tail(
+        &self,
+        order: OrderId,
+        from: u32,
+    ) -> Result<Option<StoredTail>, RelayError> {
+        let client = self.client().await?;
+        let from_pos = i32::try_from(from).unwrap_or(i32::MAX);
+        let row = client
+            .query_opt(
+                &client
+                    .prepare_cached(&format!(
+                        "SELECT {META_COLUMNS}, \
+                     array(SELECT bytes FROM changes c WHERE c.order_id = o.order_id \
+                           AND c.pos >= $2 ORDER BY pos) \
+                     FROM orders o WHERE order_id = $1"
+                    ))
+                    .await?,
+                &[&order.0, &from_pos],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let meta = meta_from_row(&row)?;
+        let changes: Vec<Vec<u8>> = row.try_get(9)?;
+        Ok(Some(StoredTail {
+            meta,
+            from,
+            changes,
         }))
     }
 

@@ -11,7 +11,8 @@ use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use super::codec::{self, decode_meta, encode_meta};
 use super::tables::{FEED, NUMBERS, ORDERS, SNAPSHOTS, STORES, TAIL, UNNUMBERED};
 use super::{
-    CommitOutcome, OrderMeta, OrderWrite, RelayStore, StatusFilter, StoredOrder, set_immediate,
+    CommitOutcome, OrderMeta, OrderWrite, RelayStore, StatusFilter, StoredOrder, StoredTail,
+    set_immediate,
 };
 use crate::error::RelayError;
 
@@ -183,16 +184,31 @@ impl RelayStore {
         Ok(out)
     }
 
-    /// The order's metadata, snapshot and tail, if stored.
+    /// The order's metadata and the tail changes stored at positions `from` and after, if
+    /// stored (one read transaction).
+    pub fn load_tail(&self, order: OrderId, from: u32) -> Result<Option<StoredTail>, RelayError> {
+        let txn = self.read()?;
+        let key = *order.as_bytes();
+        let Some(meta) = stored_meta(&txn, key)? else {
+            return Ok(None);
+        };
+        let mut changes = Vec::new();
+        for entry in txn.open_table(TAIL)?.range((key, from)..=(key, u32::MAX))? {
+            let (_, v) = entry?;
+            changes.push(v.value().to_vec());
+        }
+        Ok(Some(StoredTail {
+            meta,
+            from,
+            changes,
+        }))
+    }
+
+    /// The order's metadata, snapshot and tail, if stored (one read transaction).
     pub fn load_order(&self, order: OrderId) -> Result<Option<StoredOrder>, RelayError> {
         let txn = self.read()?;
         let key = *order.as_bytes();
-        let Some(meta) = txn
-            .open_table(ORDERS)?
-            .get(key)?
-            .map(|g| decode_meta(g.value()))
-            .transpose()?
-        else {
+        let Some(meta) = stored_meta(&txn, key)? else {
             return Ok(None);
         };
         let snapshot = txn
@@ -293,6 +309,17 @@ impl RelayStore {
 /// `true` when `a` and `b` hold the same heads, in any order.
 fn same_heads(a: &[[u8; 32]], b: &[[u8; 32]]) -> bool {
     a.iter().collect::<BTreeSet<_>>() == b.iter().collect::<BTreeSet<_>>()
+}
+
+/// An order's stored metadata, read in `txn`.
+fn stored_meta(
+    txn: &redb::ReadTransaction,
+    key: [u8; 16],
+) -> Result<Option<OrderMeta>, RelayError> {
+    txn.open_table(ORDERS)?
+        .get(key)?
+        .map(|g| decode_meta(g.value()))
+        .transpose()
 }
 
 #[cfg(test)]

@@ -785,7 +785,12 @@ pub mod terminal {
                     && doc.get_changes(r).is_empty())
         }
 
-        /// Our heads are exactly the last receipted heads: the relay and we hold the same.
+        /// The relay and we hold the same: our heads are exactly the last receipted heads (the
+        /// relay holds all we hold), and the heads the relay last announced on this
+        /// connection's sync are ours too (we hold all it holds). A receipt alone says only
+        /// the first: a change the relay holds and we lack may still be on its way (Automerge
+        /// leaves out a change the peer's Bloom filter claims, about 1 in 100, until the peer
+        /// asks for it by hash in a later round).
         pub fn in_step(&self, id: OrderId) -> bool {
             let (Some(o), Some(r)) = (self.orders.get(&id), self.last_receipt.get(&id)) else {
                 return false;
@@ -794,7 +799,15 @@ pub mod terminal {
             let mut theirs = r.clone();
             mine.sort_unstable();
             theirs.sort_unstable();
-            mine == theirs
+            let announced = self
+                .states
+                .get(&id)
+                .and_then(|s| s.their_heads.clone())
+                .map(|mut h| {
+                    h.sort_unstable();
+                    h
+                });
+            mine == theirs && announced.is_none_or(|h| h == mine)
         }
 
         /// Pushes `id` and applies frames until all of it is receipted.
