@@ -223,6 +223,8 @@ pub struct Metrics {
     pub orders_reread_whole: Count,
     /// Reads of a store's feed from the shared database (several relays).
     pub feed_reads: Count,
+    /// Commit notifications whose feed entries were taken as they came (no read of the feed).
+    pub feed_notices_applied: Count,
     /// Failed reads of the shared feed or its heads (retried; a growing count means this relay
     /// falls behind the others' commits).
     pub feed_read_errors: Count,
@@ -281,6 +283,7 @@ impl Metrics {
             orders_reread: Count::default(),
             orders_reread_whole: Count::default(),
             feed_reads: Count::default(),
+            feed_notices_applied: Count::default(),
             feed_read_errors: Count::default(),
             frames_in: Count::default(),
             frames_out: Count::default(),
@@ -371,6 +374,11 @@ impl Metrics {
                 "relay_feed_reads",
                 "Reads of a store feed from the shared database",
                 &self.feed_reads,
+            ),
+            (
+                "relay_feed_notices_applied",
+                "Commit notifications whose feed entries were taken without reading the feed",
+                &self.feed_notices_applied,
             ),
             (
                 "relay_feed_read_errors",

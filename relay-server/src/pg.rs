@@ -144,27 +144,49 @@ impl FeedListener {
     }
 }
 
-/// One commit's announcement: a store's feed reached `seq`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One commit's announcement: a store's feed reached `seq`, and, when they fit in one
+/// notification, the feed entries the commit added.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FeedNotice {
     /// The store.
     pub store: StoreId,
     /// Its new feed position.
     pub seq: u64,
+    /// The entries the commit added, when they fit: the feed position before the commit
+    /// and each written order's metadata (its new position is `meta.feed_seq`; positions
+    /// between `since` and `seq` that no entry names were taken and given up again within
+    /// the commit). A relay that has read the feed up to `since` needs no read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added: Option<(u64, Vec<OrderMeta>)>,
 }
 
+/// The largest `NOTIFY` payload sent with its entries (PostgreSQL refuses 8,000 bytes and
+/// more); a longer one goes without them, and the listeners read the feed.
+pub const NOTICE_MAX: usize = 7_900;
+
 impl FeedNotice {
-    /// The `NOTIFY` payload: `<seq> <store>`.
+    /// The `NOTIFY` payload: `<seq> <store>`, or, with the entries, the notice as JSON when
+    /// that fits in [`NOTICE_MAX`] bytes.
     pub fn payload(&self) -> String {
+        if self.added.is_some()
+            && let Ok(json) = serde_json::to_string(self)
+            && json.len() <= NOTICE_MAX
+        {
+            return json;
+        }
         format!("{} {}", self.seq, self.store)
     }
 
     /// Reads a payload; `None` if it is not one.
     pub fn parse(payload: &str) -> Option<Self> {
+        if payload.starts_with('{') {
+            return serde_json::from_str(payload).ok();
+        }
         let (seq, store) = payload.split_once(' ')?;
         Some(Self {
             seq: seq.parse().ok()?,
             store: StoreId::new(store).ok()?,
+            added: None,
         })
     }
 }
@@ -489,5 +511,49 @@ mod tests {
             decode_heads(&[0; 33]),
             Err(RelayError::Corrupt(_))
         ));
+    }
+
+    fn meta(n: u8, seq: u64) -> OrderMeta {
+        OrderMeta {
+            order: crdt_model::OrderId(uuid::Uuid::from_bytes([n; 16])),
+            store: StoreId::new("s1").unwrap(),
+            number: OrderNumber(u64::from(n)),
+            status: OrderStatus::InProgress,
+            heads: vec![[n; 32]],
+            created_at: 1,
+            updated_at: 2,
+            feed_seq: seq,
+            tail_len: 3,
+        }
+    }
+
+    #[test]
+    fn notices_carry_their_entries_when_they_fit_and_the_short_form_otherwise() {
+        let short = FeedNotice {
+            store: StoreId::new("s1").unwrap(),
+            seq: 12,
+            added: None,
+        };
+        assert_eq!(short.payload(), "12 s1");
+        assert_eq!(FeedNotice::parse("12 s1"), Some(short.clone()));
+
+        let full = FeedNotice {
+            added: Some((10, vec![meta(1, 11), meta(2, 12)])),
+            ..short.clone()
+        };
+        let payload = full.payload();
+        assert!(payload.starts_with('{') && payload.len() <= NOTICE_MAX);
+        assert_eq!(FeedNotice::parse(&payload), Some(full));
+
+        // Too many entries for one notification: only the position goes, the listeners read.
+        let many = FeedNotice {
+            added: Some((0, (1..=60).map(|i| meta(i, u64::from(i))).collect())),
+            ..short.clone()
+        };
+        assert_eq!(many.payload(), "12 s1");
+
+        for junk in ["", "x", "12", "{", "{\"store\":\"s1\"}", "12 bad store!"] {
+            assert_eq!(FeedNotice::parse(junk), None, "{junk:?}");
+        }
     }
 }

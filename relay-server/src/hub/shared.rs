@@ -1,20 +1,24 @@
 //! Several relays on one PostgreSQL database: learning what the others committed.
 //!
 //! Every commit announces, in its own transaction, each store's new feed head on the
-//! database's `LISTEN`/`NOTIFY` channel ([`crate::pg::FeedNotice`]); PostgreSQL delivers the
-//! announcement to every listening relay when the transaction commits, never before, in
-//! commit order. This task keeps one listening connection and, per store, the last feed
-//! position it has read (`seen`). A store whose head moved (announced by another relay, by
-//! this one's own commits, or found by the periodic sweep) is read from the database, from
-//! `seen` on, in feed order:
+//! database's `LISTEN`/`NOTIFY` channel ([`crate::pg::FeedNotice`]), with the feed entries
+//! it added when they fit in one notification (almost always: a few hundred bytes per
+//! order); PostgreSQL delivers the announcement to every listening relay when the
+//! transaction commits, never before, in commit order. This task keeps one listening
+//! connection and, per store, the last feed position it has read (`seen`). A notification
+//! whose entries start exactly at `seen` is taken as it is (no query). A store whose head
+//! moved otherwise (a notification without entries, one that shows a gap, or a head found
+//! by the periodic sweep) is read from the database, from `seen` on, in feed order. Either
+//! way, in feed order:
 //!
 //! * each entry goes to the worker owning its order
 //!   ([`RelayCore::handle_changed_elsewhere`](crate::core::RelayCore::handle_changed_elsewhere)),
 //!   which reads the order again if its copy in memory lacks the entry's heads and sends the
 //!   new changes to the order's connections here;
 //! * the entries go to this relay's connections of the store, as the live feed. Positions are
-//!   assigned by the database across every relay, so the feed is sent as read back from it
-//!   (in order, no gaps), this relay's own commits included.
+//!   assigned by the database across every relay, so the feed is sent as the database
+//!   announces it (in order, no gaps), this relay's own commits included: they come back as
+//!   notifications like everyone's (read at once only while no connection listens).
 //!
 //! Nothing depends on a notification arriving: the payload only says where to read. A relay
 //! that misses some (its listening connection dropped, or it was busy) finds the moved heads
@@ -34,7 +38,8 @@ use super::shard_of;
 use super::worker::WorkerMsg;
 use crate::core::feed_entry;
 use crate::metrics::Metrics;
-use crate::pg::{FeedListener, PgStore};
+use crate::pg::{FeedListener, FeedNotice, PgStore};
+use crate::records::OrderMeta;
 
 /// How often every store's feed head is compared with what this relay has read (and a lost
 /// listening connection is opened again).
@@ -93,8 +98,12 @@ pub(crate) async fn run(
                 }
             } => match notice {
                 Some(n) => {
-                    if n.seq > seen.get(&n.store).copied().unwrap_or(0) {
-                        dirty.insert(n.store);
+                    if let Err(e) =
+                        take_notice(n, &mut seen, &mut dirty, &registry, &workers, &seal, &metrics)
+                            .await
+                    {
+                        tracing::warn!(error = %e, "stopping: the relay's workers are gone");
+                        return;
                     }
                 }
                 None => {
@@ -103,7 +112,12 @@ pub(crate) async fn run(
                 }
             },
             () = registry.wake.notified() => {
-                dirty.extend(registry.take_committed_here());
+                // This relay's own commits come back as notifications like everyone's; only
+                // without a listening connection are they read at once.
+                let here = registry.take_committed_here();
+                if listener.is_none() {
+                    dirty.extend(here);
+                }
             }
             _ = sweep.tick() => match pg.feed_heads().await {
                 Err(e) => {
@@ -131,7 +145,10 @@ pub(crate) async fn run(
                 }
             }
         }
-        dirty.extend(registry.take_committed_here());
+        let here = registry.take_committed_here();
+        if listener.is_none() {
+            dirty.extend(here);
+        }
         for store in std::mem::take(&mut dirty) {
             let from = seen.get(&store).copied().unwrap_or(0);
             match read_store(&pg, &store, from, &registry, &workers, &seal, &metrics).await {
@@ -146,6 +163,71 @@ pub(crate) async fn run(
             }
         }
     }
+}
+
+/// A notification: its entries are delivered at once if they follow exactly what this relay
+/// has read of the store's feed; otherwise (some were missed, or it came without entries)
+/// the store is marked to be read from the database. Errs only when the workers are gone.
+async fn take_notice(
+    n: FeedNotice,
+    seen: &mut HashMap<StoreId, u64>,
+    dirty: &mut HashSet<StoreId>,
+    registry: &Registry,
+    workers: &[mpsc::Sender<WorkerMsg>],
+    seal: &crdt_model::SealKey,
+    metrics: &Metrics,
+) -> Result<(), crate::RelayError> {
+    let at = seen.get(&n.store).copied().unwrap_or(0);
+    if n.seq <= at {
+        return Ok(());
+    }
+    match n.added {
+        Some((since, metas)) if since == at && !dirty.contains(&n.store) => {
+            metrics.feed_notices_applied.inc();
+            deliver(&n.store, metas.iter(), registry, workers, seal).await?;
+            seen.insert(n.store, n.seq);
+        }
+        _ => {
+            dirty.insert(n.store);
+        }
+    }
+    Ok(())
+}
+
+/// Hands feed entries, in feed order, to the workers owning their orders and to this relay's
+/// connections of `store`.
+async fn deliver<'a>(
+    store: &StoreId,
+    metas: impl Iterator<Item = &'a OrderMeta>,
+    registry: &Registry,
+    workers: &[mpsc::Sender<WorkerMsg>],
+    seal: &crdt_model::SealKey,
+) -> Result<(), crate::RelayError> {
+    let live = registry.has_conns(store);
+    let mut entries: Vec<FeedEntry> = Vec::new();
+    for meta in metas {
+        let heads = meta
+            .heads
+            .iter()
+            .map(|h| automerge::ChangeHash(*h))
+            .collect();
+        let worker = &workers[shard_of(&meta.order, workers.len())];
+        if worker
+            .send(WorkerMsg::ChangedElsewhere {
+                order: meta.order,
+                heads,
+            })
+            .await
+            .is_err()
+        {
+            return Err(crate::RelayError::ShuttingDown);
+        }
+        if live {
+            entries.push(feed_entry(meta, seal));
+        }
+    }
+    registry.send_entries(store, entries);
+    Ok(())
 }
 
 /// Reads `store`'s feed after `from` to its end: each entry to its order's worker, and to
@@ -166,31 +248,14 @@ async fn read_store(
         let Some(last) = records.last().map(|r| r.seq) else {
             return Ok(from);
         };
-        let mut entries: Vec<FeedEntry> = Vec::new();
-        let live = registry.has_conns(store);
-        for r in &records {
-            let heads = r
-                .meta
-                .heads
-                .iter()
-                .map(|h| automerge::ChangeHash(*h))
-                .collect();
-            let worker = &workers[shard_of(&r.meta.order, workers.len())];
-            if worker
-                .send(WorkerMsg::ChangedElsewhere {
-                    order: r.meta.order,
-                    heads,
-                })
-                .await
-                .is_err()
-            {
-                return Err(crate::RelayError::ShuttingDown);
-            }
-            if live {
-                entries.push(feed_entry(&r.meta, seal));
-            }
-        }
-        registry.send_entries(store, entries);
+        deliver(
+            store,
+            records.iter().map(|r| &r.meta),
+            registry,
+            workers,
+            seal,
+        )
+        .await?;
         from = last;
         if !full {
             return Ok(from);

@@ -18,7 +18,7 @@ use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
 use super::{
-    CommitOutcome, FeedRecord, OrderMeta, OrderWrite, PgStore, StoredOrder, StoredTail,
+    CommitOutcome, FeedNotice, FeedRecord, OrderMeta, OrderWrite, PgStore, StoredOrder, StoredTail,
     decode_heads, encode_heads, limit_of, number_of, status_of, store_of, to_i64, to_u64,
 };
 use crate::error::RelayError;
@@ -368,6 +368,11 @@ async fn apply(
     channel: &str,
 ) -> Result<Vec<CommitOutcome>, RelayError> {
     let mut stores = lock_stores(txn, writes).await?;
+    // Each store's feed position before this commit, for the announcement.
+    let since: HashMap<String, u64> = stores
+        .iter()
+        .map(|(name, (_, head))| (name.clone(), *head))
+        .collect();
 
     let ids: BTreeSet<Uuid> = writes.iter().map(|w| w.order.0).collect();
     let ids: Vec<Uuid> = ids.into_iter().collect();
@@ -575,11 +580,23 @@ async fn apply(
         &[&names, &lasts, &heads],
     )
     .await?;
-    // Announced to every relay listening when (and only if) the transaction commits.
-    let notices: Vec<String> = stores
-        .iter()
-        .map(|(name, (_, head))| format!("{head} {name}"))
-        .collect();
+    // Announced to every relay listening when (and only if) the transaction commits, with
+    // the entries added (an order written twice in the batch keeps its last position only).
+    let mut notices: Vec<String> = Vec::with_capacity(stores.len());
+    for (name, (_, head)) in &stores {
+        let mut latest: HashMap<OrderId, &OrderMeta> = HashMap::new();
+        for o in out.iter().filter(|o| o.meta.store.as_str() == name) {
+            latest.insert(o.order, &o.meta);
+        }
+        let mut metas: Vec<OrderMeta> = latest.into_values().cloned().collect();
+        metas.sort_by_key(|m| m.feed_seq);
+        let notice = FeedNotice {
+            store: StoreId::new(name.as_str())?,
+            seq: *head,
+            added: Some((since.get(name).copied().unwrap_or(0), metas)),
+        };
+        notices.push(notice.payload());
+    }
     txn.execute(
         &txn.prepare_cached("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
             .await?,

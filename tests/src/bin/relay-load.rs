@@ -1227,7 +1227,7 @@ fn main() -> Result<()> {
                 c.get("relay_commits_total").copied().unwrap_or(0.0)
             );
             println!(
-                "| mean group commit (one redb write transaction, fsync included) | {:.2} ms |",
+                "| mean group commit (one write transaction, fsync included) | {:.2} ms |",
                 c.get("relay_commit_seconds_sum").copied().unwrap_or(0.0)
                     / c.get("relay_commit_seconds_count")
                         .copied()
@@ -1240,6 +1240,16 @@ fn main() -> Result<()> {
                 per("relay_frames_in_total"),
                 per("relay_frames_out_total")
             );
+            if c.contains_key("relay_orders_reread_total") {
+                let n = |k: &str| c.get(k).copied().unwrap_or(0.0);
+                println!(
+                    "| several relays: commit conflicts / orders read again (of which whole) / feed reads | {:.0} / {:.0} ({:.0}) / {:.0} |",
+                    n("relay_commit_conflicts_total"),
+                    n("relay_orders_reread_total"),
+                    n("relay_orders_reread_whole_total"),
+                    n("relay_feed_reads_total")
+                );
+            }
             println!(
                 "| relay_receipts_pending after the drain (a gauge: 0 once every write is answered) | {:.0} |",
                 c.get("relay_receipts_pending").copied().unwrap_or(f64::NAN)
