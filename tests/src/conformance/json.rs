@@ -7,7 +7,8 @@
 use crdt_model::{Conflict, LateEdit, LateEditKind, LineView, OrderView, PaymentView};
 use serde_json::{Value, json};
 
-fn kind_name(k: LateEditKind) -> &'static str {
+/// The name of a late edit kind in the view JSON.
+pub fn view_json_kind(k: LateEditKind) -> &'static str {
     match k {
         LateEditKind::LineAdded => "line_added",
         LateEditKind::LineChanged => "line_changed",
@@ -63,7 +64,7 @@ fn payment(p: &PaymentView) -> Value {
 fn late_edit(e: &LateEdit) -> Value {
     json!({
         "id": e.id,
-        "kind": kind_name(e.kind),
+        "kind": view_json_kind(e.kind),
         "message": e.message,
         "acknowledged": e.acknowledged,
         "acknowledged_by": e.acknowledged_by.map(|d| d.to_string()),

@@ -770,6 +770,16 @@ fn late(
     s.push(b, relay)?;
     s.send(relay, a)?;
     s.send(relay, b)?;
+    // The vector shows what it is named for.
+    let shown = s.view(a).map(|v| {
+        v.late_edits
+            .iter()
+            .map(|e| super::json::view_json_kind(e.kind))
+            .collect::<Vec<_>>()
+    });
+    if what != "several" && !shown.as_ref().is_some_and(|k| k.contains(&kind)) {
+        anyhow::bail!("late/{close}/{what}: no {kind} late edit in {shown:?}");
+    }
     s.finish()
 }
 
