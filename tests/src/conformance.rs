@@ -6,7 +6,7 @@
 //! by the relay's policy) with what each step gave, and ends with what every replica holds: its
 //! saved document, its heads and the view derived from it as canonical JSON.
 //!
-//! * [`format`]: the vector's types, as they are written to JSON.
+//! * [`format`](mod@format): the vector's types, as they are written to JSON.
 //! * [`json`]: the view as canonical JSON, independent of how `OrderView` serialises itself.
 //! * [`sim`]: the executor: runs steps on the real model and records (or checks) what they gave.
 //! * [`scenarios`], [`forged`], [`generated`]: the vectors shipped in `tests/conformance/vectors`.
