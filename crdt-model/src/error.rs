@@ -200,6 +200,27 @@ pub enum PolicyViolation {
 }
 
 impl PolicyViolation {
+    /// Every code [`Self::code`] can return, so clients and conformance vectors can enumerate
+    /// them (`tests/conformance` has at least one vector per code).
+    pub const CODES: [&'static str; 16] = [
+        "not_an_order",
+        "immutable_field",
+        "number_written_by_device",
+        "number_reassigned",
+        "status_rewritten",
+        "edit_after_close",
+        "entry_rewritten",
+        "payment_backwards",
+        "invalid_amount",
+        "invalid_currency",
+        "card_number_in_reference",
+        "card_number_in_text",
+        "wrong_type",
+        "unknown_field",
+        "not_found",
+        "foreign_actor",
+    ];
+
     /// A stable, machine-readable reason code.
     pub fn code(&self) -> &'static str {
         match self {
@@ -220,5 +241,70 @@ impl PolicyViolation {
             Self::ForeignStore => "not_found",
             Self::ForeignActor(_) => "foreign_actor",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One violation of every variant. The match has no wildcard, so a new variant does not
+    /// compile until it is listed here, and the test then asks for its code in `CODES`.
+    fn one_of_each() -> Vec<PolicyViolation> {
+        let all = vec![
+            PolicyViolation::NotAnOrder(String::new()),
+            PolicyViolation::ImmutableField(String::new()),
+            PolicyViolation::NumberWrittenByDevice,
+            PolicyViolation::NumberReassigned,
+            PolicyViolation::StatusRewritten(String::new()),
+            PolicyViolation::EditAfterClose {
+                status: OrderStatus::Done,
+                what: String::new(),
+            },
+            PolicyViolation::EntryRewritten(String::new()),
+            PolicyViolation::PaymentBackwards {
+                payment: String::new(),
+                from: PaymentState::Captured,
+                to: PaymentState::Pending,
+            },
+            PolicyViolation::InvalidAmount(String::new()),
+            PolicyViolation::InvalidCurrency(String::new()),
+            PolicyViolation::CardNumberInReference(String::new()),
+            PolicyViolation::CardNumberInText(String::new()),
+            PolicyViolation::WrongType {
+                path: String::new(),
+                expected: "",
+            },
+            PolicyViolation::UnknownField(String::new()),
+            PolicyViolation::ForeignStore,
+            PolicyViolation::ForeignActor(String::new()),
+        ];
+        for v in &all {
+            match v {
+                PolicyViolation::NotAnOrder(_)
+                | PolicyViolation::ImmutableField(_)
+                | PolicyViolation::NumberWrittenByDevice
+                | PolicyViolation::NumberReassigned
+                | PolicyViolation::StatusRewritten(_)
+                | PolicyViolation::EditAfterClose { .. }
+                | PolicyViolation::EntryRewritten(_)
+                | PolicyViolation::PaymentBackwards { .. }
+                | PolicyViolation::InvalidAmount(_)
+                | PolicyViolation::InvalidCurrency(_)
+                | PolicyViolation::CardNumberInReference(_)
+                | PolicyViolation::CardNumberInText(_)
+                | PolicyViolation::WrongType { .. }
+                | PolicyViolation::UnknownField(_)
+                | PolicyViolation::ForeignStore
+                | PolicyViolation::ForeignActor(_) => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn codes_lists_every_code_once() {
+        let codes: Vec<&str> = one_of_each().iter().map(PolicyViolation::code).collect();
+        assert_eq!(codes, PolicyViolation::CODES);
     }
 }

@@ -11,76 +11,11 @@ use std::collections::BTreeMap;
 
 use crdt_model::automerge::Change;
 use crdt_model::*;
+// The operation alphabet and its strategy are shared with the generated conformance vectors.
+use e2e::conformance::generated::{GenOp as Op, scenario};
 use proptest::prelude::*;
 
 const T0: i64 = 1_700_000_000_000;
-
-#[derive(Clone, Debug)]
-enum Op {
-    AddLine {
-        price: i64,
-        qty: i64,
-    },
-    ChangeQty {
-        line: usize,
-        delta: i64,
-    },
-    SetPrice {
-        line: usize,
-        price: i64,
-    },
-    RemoveLine {
-        line: usize,
-    },
-    SetStatus(ActiveStatus),
-    Pay {
-        kind: u8,
-        amount: i64,
-        state: PaymentState,
-    },
-    Advance {
-        payment: usize,
-        to: PaymentState,
-    },
-    CompleteSale,
-    Delete,
-    Acknowledge {
-        edit: usize,
-    },
-    /// Merge everything replica `from` has.
-    Merge {
-        from: usize,
-    },
-    /// Apply a shuffled, possibly incomplete subset of `from`'s new changes, twice.
-    Partial {
-        from: usize,
-        seed: u64,
-        take: usize,
-    },
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    let active = prop::sample::select(vec![
-        ActiveStatus::InProgress,
-        ActiveStatus::InDelivery,
-        ActiveStatus::Delayed,
-    ]);
-    let state = prop::sample::select(PaymentState::ALL.to_vec());
-    prop_oneof![
-        4 => (1i64..2_000, 1i64..4).prop_map(|(price, qty)| Op::AddLine { price, qty }),
-        2 => (any::<usize>(), -2i64..3).prop_map(|(line, delta)| Op::ChangeQty { line, delta }),
-        1 => (any::<usize>(), 0i64..3_000).prop_map(|(line, price)| Op::SetPrice { line, price }),
-        1 => any::<usize>().prop_map(|line| Op::RemoveLine { line }),
-        1 => active.prop_map(Op::SetStatus),
-        3 => (0u8..4, 1i64..3_000, state.clone()).prop_map(|(kind, amount, state)| Op::Pay { kind, amount, state }),
-        2 => (any::<usize>(), state).prop_map(|(payment, to)| Op::Advance { payment, to }),
-        2 => Just(Op::CompleteSale),
-        1 => Just(Op::Delete),
-        1 => any::<usize>().prop_map(|edit| Op::Acknowledge { edit }),
-        3 => any::<usize>().prop_map(|from| Op::Merge { from }),
-        3 => (any::<usize>(), any::<u64>(), 0usize..8).prop_map(|(from, seed, take)| Op::Partial { from, seed, take }),
-    ]
-}
 
 struct Replica {
     order: Order,
@@ -280,17 +215,9 @@ impl World {
     }
 }
 
-fn scenario() -> impl Strategy<Value = (usize, u64, Vec<(usize, Op)>)> {
-    (
-        2usize..=5,
-        any::<u64>(),
-        prop::collection::vec((any::<usize>(), op()), 1..40),
-    )
-}
-
 proptest! {
     #[test]
-    fn replicas_converge_and_money_is_never_lost((n, seed, ops) in scenario()) {
+    fn replicas_converge_and_money_is_never_lost((n, seed, ops) in scenario(40)) {
         let mut w = World::new(n, seed);
         for (who, op) in &ops {
             w.apply(who % n, op);
