@@ -48,6 +48,27 @@ fn comes_up(listen: &str) -> bool {
     false
 }
 
+/// Whether the relay at `listen` answers HTTP (plain) within 5 s: its start went through,
+/// past everything it prints first (the socket accepts connections a little earlier, while
+/// the start may still print the admin token).
+fn answers_http(listen: &str) -> bool {
+    use std::io::{Read, Write};
+    for _ in 0..100 {
+        if let Ok(mut s) = std::net::TcpStream::connect(listen) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut reply = Vec::new();
+            if s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").is_ok()
+                && s.read_to_end(&mut reply).is_ok()
+                && reply.starts_with(b"HTTP/1.")
+            {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 /// A local address no one listens on (yet).
 fn free_listen() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -298,7 +319,7 @@ fn the_first_admin_token_comes_from_a_start_that_succeeds() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let up = comes_up(&listen);
+    let up = answers_http(&listen);
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(up, "the relay did not come up");
