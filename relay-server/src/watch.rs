@@ -1,9 +1,9 @@
 //! What the relay's drivers tell observers inside the process (the back-office board,
-//! [`crate::board`]): which stores had orders committed, which changes the policy refused, and
+//! `board`): which stores had orders committed, which changes the policy refused, and
 //! when each till connected and left.
 //!
 //! Nothing here is durable or replicated: it is the relay's memory since it started. A commit
-//! is announced only once it is on disk (the hub calls [`Watch::committed`] when it publishes
+//! is announced only once it is on disk (the hub announces it when it publishes
 //! the store feed entry, which the core emits after the store's answer), so an observer that
 //! reads the store after the announcement finds the commit there.
 
@@ -88,7 +88,7 @@ impl Watch {
     }
 
     /// Stores with new commits, as they are announced. A receiver that falls behind by more
-    /// than [`ANNOUNCEMENTS`] gets `Lagged`: it should read its store again.
+    /// than 1,024 announcements gets `Lagged`: it should read its store again.
     pub fn subscribe(&self) -> broadcast::Receiver<StoreId> {
         self.committed.subscribe()
     }
