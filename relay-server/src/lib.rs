@@ -23,6 +23,10 @@
 //!   decodes it. Panics in one frame's work are contained with `crdt_model::guard::contain`.
 //! * [`tls`]: rustls for `wss://` when a certificate is configured.
 //! * [`client`]: the command line's HTTP(S) client for a running relay's admin API.
+//! * [`watch`]: what the drivers tell observers in the process: durable commits per store,
+//!   policy refusals, till connections.
+//! * `board`: the back-office board at `/board`: server-rendered pages (maud), live updates
+//!   through server-sent events, status changes and acknowledgements of late edits.
 //!
 //! It depends on [`crdt_model`] only; the protocol is `crdt_model::wire` (see `docs/protocol.md`).
 
@@ -40,6 +44,8 @@ pub mod admission;
 #[cfg(feature = "server")]
 pub mod backend;
 #[cfg(feature = "server")]
+mod board;
+#[cfg(feature = "server")]
 pub mod client;
 #[cfg(feature = "server")]
 pub mod clock;
@@ -55,6 +61,8 @@ pub mod server;
 pub mod store;
 #[cfg(feature = "server")]
 pub mod tls;
+#[cfg(feature = "server")]
+pub mod watch;
 
 pub use error::RelayError;
 #[cfg(feature = "server")]

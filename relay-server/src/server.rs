@@ -1,5 +1,5 @@
-//! The HTTP side: the router (WebSocket upgrade at `/v1/sync`, the back-office API, health and
-//! metrics), authentication (always before a request body is read), admission (see
+//! The HTTP side: the router (WebSocket upgrade at `/v1/sync`, the back-office API, the
+//! back-office board at `/board`, health and metrics), authentication (always before a request body is read), admission (see
 //! [`crate::admission`]), revocation of live connections and bounded graceful shutdown.
 
 use std::collections::BTreeMap;
@@ -89,7 +89,9 @@ pub(crate) struct AppState {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: Arc<RelayConfig>,
     admission: Arc<Admission>,
-    shutdown: watch::Receiver<bool>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    /// The back-office board's own state.
+    pub(crate) board: Arc<crate::board::Board>,
 }
 
 /// A JSON error with a stable code.
@@ -224,7 +226,11 @@ async fn ws_upgrade(
         .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |ws| async move {
             peer.handshake.disarm();
+            let watch = Arc::clone(state.hub.watch());
+            watch.connection(device, &store, true);
+            let of = store.clone();
             crate::conn::serve(ws, device, store, state, shutdown, &slot.ticket, hello_by).await;
+            watch.connection(device, &of, false);
             drop(slot);
         }))
 }
@@ -582,6 +588,11 @@ async fn http_deadline(
     if request.uri().path() == "/v1/sync" {
         return next.run(request).await;
     }
+    if request.uri().path() == crate::board::EVENTS_PATH {
+        // A live stream: no idle deadline while it runs (its end sets one again).
+        peer.handshake.disarm();
+        return next.run(request).await;
+    }
     peer.handshake.disarm();
     let response = next.run(request).await;
     peer.handshake.arm(state.config.handshake_timeout);
@@ -623,6 +634,7 @@ fn router(state: AppState) -> Router {
             "/v1/admin/stores/{store}/recovery/release",
             post(release_recovery),
         )
+        .merge(crate::board::routes())
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(
@@ -719,6 +731,7 @@ pub async fn serve_store(
         admission: Arc::new(Admission::new(limits)),
         config: Arc::new(config),
         shutdown: stop_rx,
+        board: Arc::default(),
     };
     let acceptor = Acceptor::new(listener, &limits, metrics);
     let addr = acceptor.local_addr()?;

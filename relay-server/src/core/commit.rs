@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering;
 
 use automerge::{Change, ChangeHash};
 use crdt_model::wire::{RelayFrame, codes};
-use crdt_model::{Order, OrderId, OrderNumber, OrderStatus, StoreId, Timestamp, validate};
+use crdt_model::{Order, OrderId, OrderNumber, StoreId, Timestamp, validate};
 use serde_bytes::ByteBuf;
 
 use super::doc::Batch;
-use super::{COMPACT_EVERY, ConnId, Output, RelayCore, RequestId};
+use super::{BackOfficeOp, COMPACT_EVERY, ConnId, Output, RelayCore, RequestId};
 use crate::error::RelayError;
 use crate::records::{CommitOutcome, OrderWrite};
 
@@ -415,7 +415,7 @@ impl RelayCore {
         request: RequestId,
         order: OrderId,
         store: Option<StoreId>,
-        status: OrderStatus,
+        op: BackOfficeOp,
     ) {
         let writer = self.writer.clone();
         let mut author = self.relay_author.clone();
@@ -438,7 +438,15 @@ impl RelayCore {
             }
         };
         let before = o.heads();
-        if let Err(e) = o.set_status_any(Timestamp(now), &mut *self.rng, status) {
+        let written = match op {
+            BackOfficeOp::Status(status) => {
+                o.set_status_any(Timestamp(now), &mut *self.rng, status)
+            }
+            BackOfficeOp::Acknowledge { edit, note } => {
+                o.acknowledge_late_edit(Timestamp(now), &mut *self.rng, &edit, &note)
+            }
+        };
+        if let Err(e) = written {
             self.answer(request, Err(e.into()));
             return;
         }

@@ -174,6 +174,20 @@ impl Default for CoreConfig {
     }
 }
 
+/// A back-office write, authored by the relay and held to the policy like a device's change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackOfficeOp {
+    /// Set a status through the lattice (an active status is refused on a closed order).
+    Status(OrderStatus),
+    /// Acknowledge a late edit (allowed on a closed order).
+    Acknowledge {
+        /// The late edit's id (`LateEdit::id`).
+        edit: String,
+        /// Who acknowledged it and why, kept in the acknowledgement.
+        note: String,
+    },
+}
+
 /// An input that waits for its order to be loaded.
 #[derive(Debug)]
 enum Parked {
@@ -184,7 +198,7 @@ enum Parked {
     BackOffice {
         request: RequestId,
         store: Option<StoreId>,
-        status: OrderStatus,
+        op: BackOfficeOp,
     },
 }
 
@@ -402,17 +416,23 @@ impl RelayCore {
         store: Option<StoreId>,
         status: OrderStatus,
     ) {
+        self.handle_back_office_op(now, request, order, store, BackOfficeOp::Status(status));
+    }
+
+    /// A back-office write `op` for `order` (of `store` only, when given), authored by the
+    /// relay; answered with [`Output::Reply`] once committed.
+    pub fn handle_back_office_op(
+        &mut self,
+        now: i64,
+        request: RequestId,
+        order: OrderId,
+        store: Option<StoreId>,
+        op: BackOfficeOp,
+    ) {
         if self.loaded(order) {
-            self.back_office_loaded(now, request, order, store, status);
+            self.back_office_loaded(now, request, order, store, op);
         } else {
-            self.park(
-                order,
-                Parked::BackOffice {
-                    request,
-                    store,
-                    status,
-                },
-            );
+            self.park(order, Parked::BackOffice { request, store, op });
         }
     }
 
@@ -597,11 +617,9 @@ impl RelayCore {
                         self.sync_loaded(now, &origin, order, msg);
                     }
                 }
-                Parked::BackOffice {
-                    request,
-                    store,
-                    status,
-                } => self.back_office_loaded(now, request, order, store, status),
+                Parked::BackOffice { request, store, op } => {
+                    self.back_office_loaded(now, request, order, store, op);
+                }
             }
         }
     }

@@ -35,6 +35,8 @@ pub(crate) struct Registry {
     shared: bool,
     /// Shared store: stores this relay committed to since the feed was last read.
     committed_here: Mutex<std::collections::HashSet<StoreId>>,
+    /// Told of every durable commit and every refusal (the back-office board listens).
+    pub(crate) watch: Arc<crate::watch::Watch>,
 }
 
 impl Registry {
@@ -54,18 +56,24 @@ impl Registry {
             .unwrap_or_default()
     }
 
-    /// Whether any connection of `store` is here.
+    /// Whether any connection of `store` is here (or someone watches the feed).
     pub(crate) fn has_conns(&self, store: &StoreId) -> bool {
-        self.by_store
-            .read()
-            .map(|m| m.contains_key(store))
-            .unwrap_or(false)
+        self.watch.is_watched()
+            || self
+                .by_store
+                .read()
+                .map(|m| m.contains_key(store))
+                .unwrap_or(false)
     }
 
     /// Sends feed entries (in feed order) to every connection of `store`, at once.
     pub(crate) fn send_entries(&self, store: &StoreId, entries: Vec<FeedEntry>) {
         if entries.is_empty() {
             return;
+        }
+        if self.shared {
+            // Read back from the database: another relay's commits too.
+            self.watch.committed(store);
         }
         let Ok(m) = self.by_store.read() else {
             return;
@@ -104,6 +112,7 @@ impl Registry {
 
     /// Queues a committed order's feed entry for the next coalesced broadcast.
     pub(crate) fn publish(&self, store: StoreId, entry: FeedEntry) {
+        self.watch.committed(&store);
         if self.shared {
             let Ok(mut here) = self.committed_here.lock() else {
                 return;

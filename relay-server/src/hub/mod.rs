@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::Backend;
 use crate::clock::OsEntropy;
-use crate::core::{ConnId, CoreConfig, RelayCore};
+use crate::core::{BackOfficeOp, ConnId, CoreConfig, RelayCore};
 use crate::error::RelayError;
 use crate::metrics::Metrics;
 use crate::screen::Limits;
@@ -203,6 +203,11 @@ impl Hub {
             .unwrap_or(false)
     }
 
+    /// What the hub announces to observers in the process (see [`crate::watch`]).
+    pub fn watch(&self) -> &Arc<crate::watch::Watch> {
+        &self.inner.registry.watch
+    }
+
     /// The relay's own device id.
     pub fn relay_id(&self) -> DeviceId {
         self.inner.relay
@@ -297,12 +302,25 @@ impl Hub {
         store: Option<StoreId>,
         status: OrderStatus,
     ) -> Result<OrderView, RelayError> {
+        self.back_office(order, store, BackOfficeOp::Status(status))
+            .await
+    }
+
+    /// A back-office write (a status change, an acknowledgement), authored by the relay,
+    /// checked by the policy and committed before the answer. `store` restricts it to one
+    /// store's orders.
+    pub async fn back_office(
+        &self,
+        order: OrderId,
+        store: Option<StoreId>,
+        op: BackOfficeOp,
+    ) -> Result<OrderView, RelayError> {
         let (reply, rx) = oneshot::channel();
         self.worker(&order)
             .send(WorkerMsg::BackOffice {
                 order,
                 store,
-                status,
+                op,
                 reply,
             })
             .await

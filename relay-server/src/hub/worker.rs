@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crdt_model::{OrderId, OrderStatus, OrderView, StoreId};
+use crdt_model::{OrderId, OrderView, StoreId};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::committer::{CommitJob, CommitReply, Committer};
@@ -14,7 +14,7 @@ use super::feed::Registry;
 use super::peer::Peer;
 use crate::backend::Backend;
 use crate::clock::now_ms;
-use crate::core::{ConnId, Incoming, Origin, Output, RelayCore, RequestId};
+use crate::core::{BackOfficeOp, ConnId, Incoming, Origin, Output, RelayCore, RequestId};
 use crate::error::RelayError;
 use crate::store::{CommitOutcome, StoredOrder, StoredTail};
 
@@ -32,7 +32,7 @@ pub(crate) enum WorkerMsg {
     BackOffice {
         order: OrderId,
         store: Option<StoreId>,
-        status: OrderStatus,
+        op: BackOfficeOp,
         reply: ViewReply,
     },
     Disconnect {
@@ -153,14 +153,14 @@ impl Worker {
             WorkerMsg::BackOffice {
                 order,
                 store,
-                status,
+                op,
                 reply,
             } => {
                 self.next_request += 1;
                 let request = RequestId(self.next_request);
                 self.replies.insert(request, reply);
                 self.core
-                    .handle_back_office(now, request, order, store, status);
+                    .handle_back_office_op(now, request, order, store, op);
             }
             WorkerMsg::Disconnect { conn } => {
                 self.peers.remove(&conn);
@@ -194,6 +194,7 @@ impl Worker {
             match out {
                 Output::Send { conn, frame } => {
                     if let Some(p) = self.peers.get(&conn) {
+                        self.registry.watch.sent(&p.device, &p.store, &frame);
                         p.send(frame);
                     }
                 }
